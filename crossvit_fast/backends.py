@@ -1,0 +1,139 @@
+"""The backend table: (op, backend) -> implementation, and why a backend is (un)available.
+
+Every op the model runs is looked up here, never chosen by `if` chains in the model. A backend is
+a module under `crossvit_fast.ops` that exposes
+
+* ``availability(device_type: str) -> tuple[bool, str]`` — can it run on tensors of this device
+  type ("cuda" or "cpu"), and a one-line reason either way;
+* ``ops() -> dict[str, Callable]`` — its implementations, keyed by the op names in `OPS`, with the
+  signatures of `crossvit_fast.ops.reference` (minus the dropout arguments). Imported lazily, so
+  `import crossvit_fast` never imports Triton or loads a compiled extension.
+
+An op a backend does not (yet) implement falls back to the reference; `OpSet.sources` records
+which backend serves each op, so what ran is never a guess (`CrossViT.extra_repr`, `info`).
+Adding a kernel = adding an entry to that backend's `ops()`; the model does not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+# The ops of the table, in the order the model uses them. Signatures: crossvit_fast.ops.reference.
+OPS = (
+    "patch_embed",  # plain conv stem + CLS + pos embed -> token tensor
+    "token_assemble",  # dagger stem output -> flatten + CLS + pos embed
+    "self_attention",  # ViT block: x + proj(MHSA(LN1(x)))
+    "mlp",  # ViT block: x + fc2(GELU(fc1(LN2(x))))
+    "cls_proj",  # projs / revert_projs: Linear(GELU(LN(cls)))
+    "cross_attention",  # CrossAttentionBlock on the CLS query (K/V-free in fast backends)
+    "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
+    "layer_norm",  # final norms
+)
+
+_BACKEND_MODULES = {
+    "reference": "crossvit_fast.ops.reference",
+    "triton": "crossvit_fast.ops.triton",
+    "cuda": "crossvit_fast.ops.cuda",
+}
+BACKENDS = tuple(_BACKEND_MODULES)
+
+# `backend="auto"`: for each op, the first available backend (in this order) that implements it.
+# On CPU only the reference runs (the Triton interpreter is a test tool, not a fast path).
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("reference",),
+}
+
+
+def _backend_module(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def _check_name(name: str, allow_auto: bool = True) -> None:
+    valid = (*BACKENDS, "auto") if allow_auto else BACKENDS
+    if name not in valid:
+        raise ValueError(f"backend must be one of {valid}, got {name!r}")
+
+
+def backend_availability(name: str, device_type: str) -> tuple[bool, str]:
+    """(available, reason) for running backend `name` on tensors of `device_type`."""
+    _check_name(name, allow_auto=False)
+    try:
+        mod = _backend_module(name)
+    except ImportError as exc:  # a backend package missing entirely
+        return False, f"cannot import {_BACKEND_MODULES[name]}: {exc}"
+    return mod.availability(device_type)
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """name -> (available, reason) on this machine, for its best device (the GPU if there is one).
+
+    >>> available_backends()["reference"]
+    (True, 'pure PyTorch, runs on every device')
+    """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for name in BACKENDS:
+        ok, why = backend_availability(name, device_type)
+        if not ok and device_type == "cuda":  # e.g. interpreter-only setups still run on CPU
+            ok_cpu, why_cpu = backend_availability(name, "cpu")
+            if ok_cpu:
+                ok, why = ok_cpu, why_cpu
+        out[name] = (ok, why)
+    return out
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The implementations one forward pass uses, resolved for one (backend, device type).
+
+    Attribute per op in `OPS`; `sources[op]` names the backend that serves it.
+    """
+
+    backend: str
+    device_type: str
+    impls: dict[str, Callable] = field(repr=False)
+    sources: dict[str, str]
+
+    def __getattr__(self, op: str) -> Callable:
+        try:
+            return self.impls[op]
+        except KeyError:
+            raise AttributeError(op) from None
+
+
+def resolve(backend: str, device_type: str) -> OpSet:
+    """Build the OpSet for `backend` ("auto" or a name in BACKENDS) on `device_type`.
+
+    Raises RuntimeError naming the reason when an explicit backend can't run on that device.
+    """
+    _check_name(backend)
+    order = AUTO_ORDER.get(device_type, ("reference",)) if backend == "auto" else (backend,)
+    reference_ops = _backend_module("reference").ops()
+    impls, sources = {}, {}
+    for name in order:
+        ok, why = backend_availability(name, device_type)
+        if not ok:
+            if backend != "auto":
+                raise RuntimeError(
+                    f"backend {name!r} cannot run on {device_type} tensors: {why}. "
+                    f"Available here: {_available_names(device_type)}"
+                )
+            continue
+        for op, fn in _backend_module(name).ops().items():
+            if op not in OPS:
+                raise KeyError(f"backend {name!r} registers unknown op {op!r}; known: {OPS}")
+            impls.setdefault(op, fn)
+            sources.setdefault(op, name)
+    for op in OPS:  # ops a backend lacks fall back to the reference
+        impls.setdefault(op, reference_ops[op])
+        sources.setdefault(op, "reference")
+    return OpSet(backend, device_type, impls, sources)
+
+
+def _available_names(device_type: str) -> list[str]:
+    return [n for n in BACKENDS if backend_availability(n, device_type)[0]]

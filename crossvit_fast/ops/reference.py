@@ -1,0 +1,223 @@
+"""Pure-PyTorch reference ops: the numerical spec of every op in the backend table.
+
+These follow timm's `crossvit.py` / `vision_transformer.py` op for op (see
+`shared/design/crossvit_reference.md`), so that the whole reference model matches timm to float64
+rounding. Every fast backend is tested against the functions here; tests and benchmarks import
+them, never copy them.
+
+Conventions shared by every backend (the op signatures of the table, see `crossvit_fast.backends`):
+
+* Token tensors are `(B, N, C)`; LayerNorms take `(weight, bias, eps)`; linear weights use the
+  `nn.Linear` layout `(out, in)`; any bias may be `None`.
+* Ops that end in a residual add take `residual: bool`. `residual=True` returns `x + f(x)` (the
+  fused form used in eval / when drop-path is inactive); `residual=False` returns `f(x)` alone so
+  the module can apply per-sample drop-path before adding.
+* The dropout arguments (`attn_drop`, `proj_drop`, `mlp_drop`) exist only here: fast backends are
+  used when dropout is inactive, and the model routes a call with active dropout to this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "cls_proj",
+    "cross_attention",
+    "cross_fusion",
+    "layer_norm",
+    "mlp",
+    "patch_embed",
+    "self_attention",
+    "token_assemble",
+]
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over the last dim. x: (..., C)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _add_residual(x: Tensor, y: Tensor, residual: bool) -> Tensor:
+    return x + y if residual else y
+
+
+def mlp(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    eps: float,
+    residual: bool = True,
+    mlp_drop: float = 0.0,
+) -> Tensor:
+    """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))`.
+
+    x: (B, N, C); fc1: (Hd, C); fc2: (C, Hd). Dropout `mlp_drop` after GELU and after fc2 (timm's
+    Mlp drop1/drop2), only when > 0.
+    """
+    h = F.gelu(F.linear(layer_norm(x, norm_weight, norm_bias, eps), fc1_weight, fc1_bias))
+    if mlp_drop > 0:
+        h = F.dropout(h, mlp_drop)
+    y = F.linear(h, fc2_weight, fc2_bias)
+    if mlp_drop > 0:
+        y = F.dropout(y, mlp_drop)
+    return _add_residual(x, y, residual)
+
+
+def self_attention(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    num_heads: int,
+    eps: float,
+    residual: bool = True,
+    attn_drop: float = 0.0,
+    proj_drop: float = 0.0,
+) -> Tensor:
+    """ViT block attention half: `x + proj(MHSA(LN(x)))` with timm's fused (SDPA) path.
+
+    x: (B, N, C), C % num_heads == 0; qkv_weight: (3C, C) laid out [q | k | v], head-major.
+    """
+    B, N, C = x.shape
+    qkv = F.linear(layer_norm(x, norm_weight, norm_bias, eps), qkv_weight, qkv_bias)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
+    y = F.linear(o.transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
+    if proj_drop > 0:
+        y = F.dropout(y, proj_drop)
+    return _add_residual(x, y, residual)
+
+
+def cls_proj(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """CrossViT `projs` / `revert_projs`: `Linear(GELU_erf(LN(x)))`. x: (..., C_in) -> (..., C_out)."""
+    return F.linear(F.gelu(layer_norm(x, norm_weight, norm_bias, eps)), weight, bias)
+
+
+def cross_attention(
+    cls: Tensor,
+    tokens: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    bk: Tensor | None,
+    wv: Tensor,
+    bv: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    num_heads: int,
+    eps: float,
+    residual: bool = True,
+    attn_drop: float = 0.0,
+    proj_drop: float = 0.0,
+) -> Tensor:
+    """CrossViT `CrossAttentionBlock` (code fusion depth 0): the CLS query attends over itself and
+    the other branch's patch tokens.
+
+    cls: (B, C) projected CLS token; tokens: (B, 1 + N, C), rows 1.. are used (row 0, the other
+    branch's own CLS, is ignored). Returns (B, C): `cls + proj(attn)` (`residual=True`) or the
+    attention output alone. timm's manual path: scale applied *after* q @ k^T.
+    """
+    B, C = cls.shape
+    H, d = num_heads, C // num_heads
+    s = torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)  # (B, 1 + N, C)
+    n = layer_norm(s, norm_weight, norm_bias, eps)
+    q = F.linear(n[:, 0:1], wq, bq).reshape(B, 1, H, d).permute(0, 2, 1, 3)
+    k = F.linear(n, wk, bk).reshape(B, -1, H, d).permute(0, 2, 1, 3)
+    v = F.linear(n, wv, bv).reshape(B, -1, H, d).permute(0, 2, 1, 3)
+    a = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1)
+    if attn_drop > 0:
+        a = F.dropout(a, attn_drop)
+    o = (a @ v).transpose(1, 2).reshape(B, C)
+    y = F.linear(o, proj_weight, proj_bias)
+    if proj_drop > 0:
+        y = F.dropout(y, proj_drop)
+    return _add_residual(cls, y, residual)
+
+
+def cross_fusion(
+    cls: Tensor,
+    tokens: Tensor,
+    proj_norm_weight: Tensor | None,
+    proj_norm_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    attn_norm_weight: Tensor | None,
+    attn_norm_bias: Tensor | None,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    bk: Tensor | None,
+    wv: Tensor,
+    bv: Tensor | None,
+    attn_proj_weight: Tensor,
+    attn_proj_bias: Tensor | None,
+    revert_norm_weight: Tensor | None,
+    revert_norm_bias: Tensor | None,
+    revert_weight: Tensor,
+    revert_bias: Tensor | None,
+    num_heads: int,
+    eps: float,
+) -> Tensor:
+    """One whole fusion step for branch i (fusion depth 0, drop-path inactive):
+    `revert_projs[i](fusion[i](projs[i](cls_i), tokens_j))`.
+
+    cls: (B, C_i) branch i's CLS after its blocks; tokens: (B, 1 + N_j, C_j) branch j's tokens
+    after its blocks. Returns branch i's new CLS (B, C_i). num_heads is branch j's head count.
+    """
+    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
+    f = cross_attention(
+        c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
+        attn_proj_weight, attn_proj_bias, num_heads, eps,
+    )  # fmt: skip
+    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
+
+
+def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
+    """Patch features to the token tensor: `cat(cls_token, flatten(feat)) + pos_embed`.
+
+    feat: (B, D, h, w) (the stem's output); cls_token: (1, 1, D); pos_embed: (1, 1 + h*w, D).
+    Returns (B, 1 + h*w, D), patches in row-major (h, w) order.
+    """
+    t = feat.flatten(2).transpose(1, 2)
+    cls = cls_token.expand(t.shape[0], -1, -1)
+    return torch.cat([cls, t], dim=1) + pos_embed
+
+
+def patch_embed(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor, pos_embed: Tensor
+) -> Tensor:
+    """Plain patch embedding (conv with kernel = stride = p) + CLS + position embedding.
+
+    x: (B, C_in, H, W) with H, W divisible by p; weight: (D, C_in, p, p). Returns (B, 1 + N, D).
+    """
+    p = weight.shape[-1]
+    return token_assemble(F.conv2d(x, weight, bias, stride=p), cls_token, pos_embed)
+
+
+# -- backend-table interface (see crossvit_fast.backends) -----------------------------------------
+
+
+def availability(device_type: str) -> tuple[bool, str]:
+    return True, "pure PyTorch, runs on every device"
+
+
+def ops() -> dict:
+    return {name: globals()[name] for name in __all__}

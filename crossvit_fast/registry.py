@@ -1,0 +1,61 @@
+"""The 11 timm CrossViT variants by name: `create_model`, `list_models`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import CrossViTConfig
+from .model import CrossViT
+
+__all__ = ["create_model", "list_models"]
+
+_240 = dict(img_size=240, img_scale=(1.0, 224 / 240), patch_size=(12, 16), qkv_bias=True)
+_408 = dict(img_size=408, img_scale=(1.0, 384 / 408), patch_size=(12, 16), qkv_bias=True)
+
+
+def _v(base: dict, dims, large_depth, heads, ratio, dagger=False) -> dict:
+    return dict(
+        base,
+        embed_dim=dims,
+        depth=((1, large_depth, 0),) * 3,
+        num_heads=(heads, heads),
+        mlp_ratio=(ratio, ratio, 1.0),
+        multi_conv=dagger,
+    )
+
+
+# timm's registrations (timm/models/crossvit.py), as timm `CrossVit(...)` keyword arguments.
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "crossvit_tiny_240": _v(_240, (96, 192), 4, 3, 4.0),
+    "crossvit_small_240": _v(_240, (192, 384), 4, 6, 4.0),
+    "crossvit_base_240": _v(_240, (384, 768), 4, 12, 4.0),
+    "crossvit_9_240": _v(_240, (128, 256), 3, 4, 3.0),
+    "crossvit_15_240": _v(_240, (192, 384), 5, 6, 3.0),
+    "crossvit_18_240": _v(_240, (224, 448), 6, 7, 3.0),
+    "crossvit_9_dagger_240": _v(_240, (128, 256), 3, 4, 3.0, dagger=True),
+    "crossvit_15_dagger_240": _v(_240, (192, 384), 5, 6, 3.0, dagger=True),
+    "crossvit_18_dagger_240": _v(_240, (224, 448), 6, 7, 3.0, dagger=True),
+    "crossvit_15_dagger_408": _v(_408, (192, 384), 5, 6, 3.0, dagger=True),
+    "crossvit_18_dagger_408": _v(_408, (224, 448), 6, 7, 3.0, dagger=True),
+}
+
+
+def list_models() -> list[str]:
+    """The registered variant names (timm's)."""
+    return list(_VARIANTS)
+
+
+def model_config(name: str, **overrides: Any) -> CrossViTConfig:
+    """The config of a registered variant; `overrides` are CrossViTConfig fields (e.g.
+    num_classes=10, drop_path_rate=0.1)."""
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+    return CrossViTConfig.from_timm(**_VARIANTS[name]).replace(**overrides)
+
+
+def create_model(name: str, backend: str = "auto", **overrides: Any) -> CrossViT:
+    """Build a registered variant (randomly initialised as timm does).
+
+    >>> m = create_model("crossvit_tiny_240", num_classes=10)
+    """
+    return CrossViT(model_config(name, **overrides), backend=backend)
