@@ -33,6 +33,16 @@ def availability(device_type: str) -> tuple[bool, str]:
     )
 
 
+# Kernel modules of this backend; each exports `OPS: dict[op name, functional]`. Ops no module
+# provides fall back to the reference (crossvit_fast.backends).
+_KERNEL_MODULES: tuple[str, ...] = ()
+
+
 def ops() -> dict:
-    """op name -> implementation. Ops not listed fall back to the reference."""
-    return {}
+    """op name -> implementation. Imports Triton (through the kernel modules)."""
+    import importlib
+
+    table = {}
+    for mod in _KERNEL_MODULES:
+        table.update(importlib.import_module(f"{__name__}.{mod}").OPS)
+    return table
