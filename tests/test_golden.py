@@ -1,0 +1,87 @@
+"""Every backend reproduces timm's golden vectors (shared/golden, produced by timm 1.0.31).
+
+* reference, float64: logits within 1e-10 relative, input and parameter gradients within 1e-9.
+* reference, float32: within 2x of the error timm's own float32 run makes (golden/README.md),
+  1e-5 floor.
+* every other available backend (triton runs here in the CPU interpreter), float32: within 2x of
+  the reference backend's own float32 error on the same case, 1e-5 floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crossvit_fast
+
+from . import golden
+
+pytestmark = pytest.mark.skipif(not golden.available(), reason=f"golden vectors not found in {golden.GOLDEN_DIR}")
+
+KINDS = ("logits", "input_grad", "param_grads")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {c: golden.load(c) for c in golden.CASES} if golden.available() else {}
+
+
+@pytest.fixture(scope="module")
+def reference_fp32_errors(cases):
+    return {c: golden.run(g, golden.build(g, "reference", torch.float32), torch.float32) for c, g in cases.items()}
+
+
+@pytest.mark.parametrize("case", golden.CASES)
+def test_reference_float64_matches_timm(cases, case):
+    g = cases[case]
+    err = golden.run(g, golden.build(g, "reference", torch.float64), torch.float64)
+    assert err["logits"] <= 1e-10, err
+    assert err["input_grad"] <= 1e-9, err
+    assert err["param_grads"] <= 1e-9, err
+
+
+@pytest.mark.parametrize("case", golden.CASES)
+def test_reference_float32_within_2x_of_timm(reference_fp32_errors, case):
+    err = reference_fp32_errors[case]
+    for kind, timm_err in zip(KINDS, golden.TIMM_FP32_ERR[case]):
+        assert err[kind] <= max(2 * timm_err, 1e-5), (kind, err[kind], timm_err)
+
+
+def _fast_backends_here() -> list[str]:
+    return [
+        n for n in crossvit_fast.BACKENDS
+        if n != "reference" and crossvit_fast.backends.backend_availability(n, "cuda" if torch.cuda.is_available() else "cpu")[0]
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", golden.CASES)
+def test_backend_float32_within_2x_of_reference(cases, reference_fp32_errors, backend, case):
+    if backend not in _fast_backends_here():
+        reason = crossvit_fast.available_backends()[backend][1]
+        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
+    g = cases[case]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = golden.build(g, backend, torch.float32).to(device)
+    g_dev = {**g, "input": g["input"].to(device), "probe": g["probe"].to(device)}
+    g_dev["logits"], g_dev["input_grad"] = g["logits"].to(device), g["input_grad"].to(device)
+    g_dev["param_grads"] = {k: v.to(device) for k, v in g["param_grads"].items()}
+    err = golden.run(g_dev, model, torch.float32)
+    ref = reference_fp32_errors[case]
+    for kind in KINDS:
+        assert err[kind] <= max(2 * ref[kind], 1e-5), (kind, err[kind], ref[kind])
+
+
+@pytest.mark.timm
+def test_against_installed_timm():
+    """When timm is importable, compare with it directly (CI need not have timm)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    t = timm.create_model("crossvit_9_240", pretrained=False, num_classes=7).eval()
+    ours = crossvit_fast.from_timm(t, backend="reference").eval()
+    assert list(ours.state_dict()) == list(t.state_dict())
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), t(x), atol=1e-5, rtol=1e-5)
+        fo, ft = ours.forward_features(x), t.forward_features(x)
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(fo, ft))
