@@ -79,8 +79,16 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return {

@@ -21,8 +21,12 @@ from .model import CrossViT
 
 
 def _versions() -> list[tuple[str, str]]:
-    rows = [("crossvit_fast", __version__), ("python", platform.python_version()),
-            ("torch", torch.__version__), ("torch CUDA", str(torch.version.cuda))]  # fmt: skip
+    rows = [
+        ("crossvit_fast", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", str(torch.version.cuda)),
+    ]
     try:
         import triton
 
@@ -38,7 +42,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"{'device ' + str(i):14s} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+            print(
+                f"{'device ' + str(i):14s} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
+            )
     else:
         print(f"{'devices':14s} cpu only (no CUDA GPU visible to torch)")
     print("\nbackends (for this machine's best device):")
@@ -46,15 +52,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {why}")
     dt = "cuda" if torch.cuda.is_available() else "cpu"
     ops = backends.resolve("auto", dt)
-    print(f"\nbackend='auto' on {dt}: " + ", ".join(f"{op}={src}" for op, src in ops.sources.items()))
+    print(
+        f"\nbackend='auto' on {dt}: " + ", ".join(f"{op}={src}" for op, src in ops.sources.items())
+    )
     return 0
 
 
 # A small CrossViT that exercises every op (both branches, fusion, heads) in well under a second.
 _CHECK_CONFIG = CrossViTConfig(
-    img_size=(48, 32), patch_size=(12, 16), embed_dim=(32, 64), depth=((1, 2, 0), (1, 1, 0)),
-    num_heads=(2, 4), mlp_ratio=(2.0, 3.0), num_classes=10,
-)  # fmt: skip
+    img_size=(48, 32),
+    patch_size=(12, 16),
+    embed_dim=(32, 64),
+    depth=((1, 2, 0), (1, 1, 0)),
+    num_heads=(2, 4),
+    mlp_ratio=(2.0, 3.0),
+    num_classes=10,
+)
 
 
 def _run_backend(model: CrossViT, x: torch.Tensor, device: str) -> tuple[torch.Tensor, dict, float]:
@@ -80,9 +93,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     ref64 = CrossViT(_CHECK_CONFIG, backend="reference").to(device, torch.float64).train()
     ref64.load_state_dict(ref.state_dict())
     out64, grads64, _ = _run_backend(ref64, x.double(), device)
-    print(f"check on {device}: {_CHECK_CONFIG.embed_dim} widths, batch {args.batch}, fp32, "
-          "forward + backward vs the float64 reference")  # fmt: skip
-    print(f"{'backend':10s} {'ops served':>10s} {'max |d out|':>12s} {'max |d grad|':>13s} {'time (ms)':>10s}")
+    print(
+        f"check on {device}: {_CHECK_CONFIG.embed_dim} widths, batch {args.batch}, fp32, "
+        "forward + backward vs the float64 reference"
+    )
+    print(
+        f"{'backend':10s} {'ops served':>10s} {'max |d out|':>12s} {'max |d grad|':>13s} {'time (ms)':>10s}"
+    )
     failures = 0
     for name in backends.BACKENDS:
         ok, why = backends.backend_availability(name, device)
@@ -101,13 +118,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         own = sum(s == name for s in model.opset(device).sources.values())
         e_out = (out.double() - out64).abs().max().item()
         e_grad = max(
-            ((g.double() - grads64[k]) .abs().max().item() / max(grads64[k].abs().max().item(), 1e-6))
-            for k, g in grads.items() if g is not None
-        )  # fmt: skip
+            (
+                (g.double() - grads64[k]).abs().max().item()
+                / max(grads64[k].abs().max().item(), 1e-6)
+            )
+            for k, g in grads.items()
+            if g is not None
+        )
         bad = not (e_out < 1e-3 and e_grad < 1e-2)
         failures += bad
-        print(f"{name:10s} {own:>4d}/{len(backends.OPS):<5d} {e_out:12.2e} {e_grad:13.2e} {dt * 1e3:10.1f}"
-              + ("  <- too large" if bad else ""))  # fmt: skip
+        print(
+            f"{name:10s} {own:>4d}/{len(backends.OPS):<5d} {e_out:12.2e} {e_grad:13.2e} {dt * 1e3:10.1f}"
+            + ("  <- too large" if bad else "")
+        )
     print("(grad errors are relative to each tensor's largest float64 gradient)")
     return 1 if failures else 0
 
@@ -125,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":  # train owns its own argument parser
         return cmd_train(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m crossvit_fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m crossvit_fast",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends")
     p = sub.add_parser("check", help="every available backend vs the reference, fwd + bwd")

@@ -132,7 +132,9 @@ def resolve(backend: str, device_type: str) -> OpSet:
     for op in OPS:  # ops a backend lacks fall back to the reference
         impls.setdefault(op, reference_ops[op])
         sources.setdefault(op, "reference")
-    return OpSet(backend, device_type, {op: impls[op] for op in OPS}, {op: sources[op] for op in OPS})
+    return OpSet(
+        backend, device_type, {op: impls[op] for op in OPS}, {op: sources[op] for op in OPS}
+    )
 
 
 def _available_names(device_type: str) -> list[str]:

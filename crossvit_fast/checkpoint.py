@@ -19,10 +19,17 @@ __all__ = ["from_timm", "load_checkpoint", "read_safetensors"]
 # header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes). Read here so
 # that the package needs no extra dependency.
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -43,7 +50,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        t = (
+            torch.frombuffer(bytearray(data[start:end]), dtype=dtype)
+            if end > start
+            else torch.empty(0, dtype=dtype)
+        )
         out[name] = t.reshape(info["shape"])
     return out
 
@@ -81,7 +92,9 @@ def load_checkpoint(model: CrossViT, path: str | os.PathLike, strict: bool = Tru
     else:
         raise ValueError(f"{path}: expected a .pth, .pt or .safetensors checkpoint")
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
+        raise ValueError(
+            f"{path}: expected a state_dict (dict of tensors), got {type(sd).__name__}"
+        )
     return model.load_state_dict(_normalise_keys(sd), strict=strict)
 
 
@@ -124,7 +137,7 @@ def from_timm(timm_model: torch.nn.Module, backend: str = "auto") -> CrossViT:
         in_chans=(pe[0].proj[0] if multi_conv else pe[0].proj).in_channels,
         norm_eps=blk0[0].norm1.eps,
     )
-    ref = getattr(timm_model, "cls_token_0")
+    ref = timm_model.cls_token_0
     model = CrossViT(cfg, backend=backend).to(device=ref.device, dtype=ref.dtype)
     model.load_state_dict(timm_model.state_dict(), strict=True)
     return model.train(timm_model.training)

@@ -115,7 +115,12 @@ class CrossViTConfig:
         put("depth", tuple(tuple(int(d) for d in stage) for stage in self.depth))
 
         for i in range(nb):
-            p, (h, w), d, nh = self.patch_size[i], self.img_size[i], self.embed_dim[i], self.num_heads[i]
+            p, (h, w), d, nh = (
+                self.patch_size[i],
+                self.img_size[i],
+                self.embed_dim[i],
+                self.num_heads[i],
+            )
             if p <= 0 or d <= 0 or nh <= 0 or h <= 0 or w <= 0:
                 raise ValueError(
                     f"branch {i}: patch_size, embed_dim, num_heads and img_size must be positive, "
@@ -156,7 +161,13 @@ class CrossViTConfig:
                 raise ValueError(
                     f"depth[{s}]: branch depths must be >= 1 and fusion depth >= 0, got {stage!r}"
                 )
-        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for name in (
+            "drop_rate",
+            "pos_drop_rate",
+            "proj_drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
                 raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
@@ -192,7 +203,9 @@ class CrossViTConfig:
         branch uses slice[j], the fusion blocks use slice[-1].
         """
         total = sum(stage[-2] + stage[-1] for stage in self.depth)
-        dpr = torch.linspace(0, self.drop_path_rate, total).tolist()  # as timm, float32 steps
+        dpr = torch.linspace(
+            0, self.drop_path_rate, total, device="cpu"
+        ).tolist()  # as timm, float32 steps
         out, ptr = [], 0
         for stage in self.depth:
             n = max(stage[:-1]) + stage[-1]
@@ -253,5 +266,7 @@ class CrossViTConfig:
         names = {f.name for f in fields(self)}
         bad = set(overrides) - names
         if bad:
-            raise ValueError(f"unknown CrossViTConfig field(s) {sorted(bad)}; expected {sorted(names)}")
+            raise ValueError(
+                f"unknown CrossViTConfig field(s) {sorted(bad)}; expected {sorted(names)}"
+            )
         return type(self)(**{**self.to_dict(), **overrides})

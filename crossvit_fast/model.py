@@ -51,10 +51,10 @@ def scale_image(x: Tensor, size: tuple[int, int], crop_scale: bool) -> Tensor:
     """timm's per-branch resize: centre-crop (crop_scale, target not larger) or bicubic
     (align_corners=False, no antialias) when (H, W) differs from `size`."""
     H, W = x.shape[-2:]
-    if H == size[0] and W == size[1]:
+    if tuple(size) == (H, W):
         return x
     if crop_scale and size[0] <= H and size[1] <= W:
-        top, left = int(round((H - size[0]) / 2.0)), int(round((W - size[1]) / 2.0))
+        top, left = round((H - size[0]) / 2.0), round((W - size[1]) / 2.0)  # half-to-even, as timm
         return x[:, :, top : top + size[0], left : left + size[1]]
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
@@ -92,7 +92,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Parameter holder with timm's names: qkv (3C x C) and proj (C x C)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -124,11 +126,25 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ops) -> Tensor:
         a, m, t = self.attn, self.mlp, self.training
-        attn_args = (*_ln(self.norm1), a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
-                     a.num_heads, self.eps)  # fmt: skip
+        attn_args = (
+            *_ln(self.norm1),
+            a.qkv.weight,
+            a.qkv.bias,
+            a.proj.weight,
+            a.proj.bias,
+            a.num_heads,
+            self.eps,
+        )
         if t and (a.attn_drop > 0 or a.proj_drop > 0):  # dropout lives in the reference only
-            x = _residual_op(reference.self_attention, x, attn_args, self.drop_path, t,
-                             attn_drop=a.attn_drop, proj_drop=a.proj_drop)  # fmt: skip
+            x = _residual_op(
+                reference.self_attention,
+                x,
+                attn_args,
+                self.drop_path,
+                t,
+                attn_drop=a.attn_drop,
+                proj_drop=a.proj_drop,
+            )
         else:
             x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
         mlp_args = (*_ln(self.norm2), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, self.eps)
@@ -143,7 +159,9 @@ class Block(nn.Module):
 class CrossAttention(nn.Module):
     """Parameter holder with timm's names: wq, wk, wv, proj (C x C each)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.wq = nn.Linear(dim, dim, bias=qkv_bias)
@@ -153,8 +171,16 @@ class CrossAttention(nn.Module):
         self.attn_drop, self.proj_drop = attn_drop, proj_drop
 
     def args(self) -> tuple:
-        return (self.wq.weight, self.wq.bias, self.wk.weight, self.wk.bias,
-                self.wv.weight, self.wv.bias, self.proj.weight, self.proj.bias)  # fmt: skip
+        return (
+            self.wq.weight,
+            self.wq.bias,
+            self.wk.weight,
+            self.wk.bias,
+            self.wv.weight,
+            self.wv.bias,
+            self.proj.weight,
+            self.proj.bias,
+        )
 
 
 class CrossAttentionBlock(nn.Module):
@@ -172,8 +198,15 @@ class CrossAttentionBlock(nn.Module):
         a, t = self.attn, self.training
         args = (tokens, *_ln(self.norm1), *a.args(), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
-            return _residual_op(reference.cross_attention, cls, args, self.drop_path, t,
-                                attn_drop=a.attn_drop, proj_drop=a.proj_drop)  # fmt: skip
+            return _residual_op(
+                reference.cross_attention,
+                cls,
+                args,
+                self.drop_path,
+                t,
+                attn_drop=a.attn_drop,
+                proj_drop=a.proj_drop,
+            )
         return _residual_op(ops.cross_attention, cls, args, self.drop_path, t)
 
     def extra_repr(self) -> str:
@@ -192,29 +225,50 @@ def _cls_proj_args(seq: nn.Sequential) -> tuple:
 class MultiScaleBlock(nn.Module):
     """One stage: per-branch ViT blocks, then one CLS cross-attention fusion per branch."""
 
-    def __init__(self, cfg: CrossViTConfig, stage: int, block_rates: list[float], fusion_rate: float):
+    def __init__(
+        self, cfg: CrossViTConfig, stage: int, block_rates: list[float], fusion_rate: float
+    ):
         super().__init__()
         depth, dims, eps, nb = cfg.depth[stage], cfg.embed_dim, cfg.norm_eps, cfg.num_branches
         self.num_branches, self.fusion_depth, self.eps = nb, depth[-1], eps
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
-            nn.Sequential(*[
-                Block(dims[d], cfg.num_heads[d], cfg.mlp_ratio[d], cfg.qkv_bias, cfg.proj_drop_rate,
-                      cfg.attn_drop_rate, block_rates[i], eps)
-                for i in range(depth[d])
-            ])  # fmt: skip
+            nn.Sequential(
+                *[
+                    Block(
+                        dims[d],
+                        cfg.num_heads[d],
+                        cfg.mlp_ratio[d],
+                        cfg.qkv_bias,
+                        cfg.proj_drop_rate,
+                        cfg.attn_drop_rate,
+                        block_rates[i],
+                        eps,
+                    )
+                    for i in range(depth[d])
+                ]
+            )
             for d in range(nb)
         )
-        self.projs = nn.ModuleList(_cls_proj_module(dims[d], dims[(d + 1) % nb], eps) for d in range(nb))
+        self.projs = nn.ModuleList(
+            _cls_proj_module(dims[d], dims[(d + 1) % nb], eps) for d in range(nb)
+        )
         self.fusion = nn.ModuleList()
         for d in range(nb):
             j = (d + 1) % nb
             make = lambda j=j: CrossAttentionBlock(
-                dims[j], cfg.num_heads[j], cfg.qkv_bias, cfg.proj_drop_rate, cfg.attn_drop_rate,
-                fusion_rate, eps,
-            )  # fmt: skip
+                dims[j],
+                cfg.num_heads[j],
+                cfg.qkv_bias,
+                cfg.proj_drop_rate,
+                cfg.attn_drop_rate,
+                fusion_rate,
+                eps,
+            )
             # Fusion depth 0 is timm's bare block (keys fusion.{d}.*); k >= 1 a Sequential of k.
-            self.fusion.append(make() if depth[-1] == 0 else nn.Sequential(*[make() for _ in range(depth[-1])]))
+            self.fusion.append(
+                make() if depth[-1] == 0 else nn.Sequential(*[make() for _ in range(depth[-1])])
+            )
         self.revert_projs = nn.ModuleList(
             _cls_proj_module(dims[(d + 1) % nb], dims[d], eps) for d in range(nb)
         )
@@ -231,14 +285,22 @@ class MultiScaleBlock(nn.Module):
         """Branch i's new CLS (B, C_i) from its CLS and branch j's tokens."""
         proj, fusion, revert = self.projs[i], self.fusion[i], self.revert_projs[i]
         single = isinstance(fusion, CrossAttentionBlock)
-        if single and not (fusion.training and fusion.drop_path > 0) and not (
-            fusion.training and (fusion.attn.attn_drop > 0 or fusion.attn.proj_drop > 0)
+        if (
+            single
+            and not (fusion.training and fusion.drop_path > 0)
+            and not (fusion.training and (fusion.attn.attn_drop > 0 or fusion.attn.proj_drop > 0))
         ):
             # The whole step as one table op (fused by the fast backends).
             return ops.cross_fusion(
-                y_i[:, 0], y_j, *_cls_proj_args(proj), *_ln(fusion.norm1), *fusion.attn.args(),
-                *_cls_proj_args(revert), fusion.attn.num_heads, self.eps,
-            )  # fmt: skip
+                y_i[:, 0],
+                y_j,
+                *_cls_proj_args(proj),
+                *_ln(fusion.norm1),
+                *fusion.attn.args(),
+                *_cls_proj_args(revert),
+                fusion.attn.num_heads,
+                self.eps,
+            )
         c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps)
         for k, blk in enumerate([fusion] if single else fusion):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
@@ -280,10 +342,16 @@ class CrossViT(nn.Module):
         self.num_features = self.head_hidden_size = cfg.num_features
         # Direct parameters first, in timm's order: pos_embed_0, cls_token_0, pos_embed_1, ...
         for i in range(nb):
-            setattr(self, f"pos_embed_{i}", nn.Parameter(torch.zeros(1, 1 + cfg.num_patches[i], cfg.embed_dim[i])))
+            setattr(
+                self,
+                f"pos_embed_{i}",
+                nn.Parameter(torch.zeros(1, 1 + cfg.num_patches[i], cfg.embed_dim[i])),
+            )
             setattr(self, f"cls_token_{i}", nn.Parameter(torch.zeros(1, 1, cfg.embed_dim[i])))
         self.patch_embed = nn.ModuleList(
-            PatchEmbed(cfg.img_size[i], cfg.patch_size[i], cfg.in_chans, cfg.embed_dim[i], cfg.multi_conv)
+            PatchEmbed(
+                cfg.img_size[i], cfg.patch_size[i], cfg.in_chans, cfg.embed_dim[i], cfg.multi_conv
+            )
             for i in range(nb)
         )
         self.pos_drop = cfg.pos_drop_rate
@@ -291,9 +359,13 @@ class CrossViT(nn.Module):
             MultiScaleBlock(cfg, s, rates, fusion_rate)
             for s, (rates, fusion_rate) in enumerate(cfg.drop_path_rates())
         )
-        self.norm = nn.ModuleList(nn.LayerNorm(cfg.embed_dim[i], eps=cfg.norm_eps) for i in range(nb))
+        self.norm = nn.ModuleList(
+            nn.LayerNorm(cfg.embed_dim[i], eps=cfg.norm_eps) for i in range(nb)
+        )
         self.head_drop = cfg.drop_rate
-        self.head = nn.ModuleList(self._make_head(cfg.embed_dim[i], cfg.num_classes) for i in range(nb))
+        self.head = nn.ModuleList(
+            self._make_head(cfg.embed_dim[i], cfg.num_classes) for i in range(nb)
+        )
         self._init_weights()
         self._backend = "auto"
         self._opsets: dict[str, backends.OpSet] = {}
@@ -398,7 +470,9 @@ class CrossViT(nn.Module):
                 + (" (missing batch dimension? use x.unsqueeze(0))" if x.ndim == 3 else "")
             )
         if x.shape[1] != c:
-            raise ValueError(f"expected {c} input channels (B, {c}, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected {c} input channels (B, {c}, H, W), got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point image batch, got dtype {x.dtype}")
         if x.shape[-2] < 1 or x.shape[-1] < 1:
@@ -419,8 +493,12 @@ class CrossViT(nn.Module):
         cfg = self.config
         xs = []
         for i, pe in enumerate(self.patch_embed):
-            t = pe(scale_image(x, cfg.img_size[i], cfg.crop_scale),
-                   getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}"), ops)  # fmt: skip
+            t = pe(
+                scale_image(x, cfg.img_size[i], cfg.crop_scale),
+                getattr(self, f"cls_token_{i}"),
+                getattr(self, f"pos_embed_{i}"),
+                ops,
+            )
             if self.training and self.pos_drop > 0:
                 t = F.dropout(t, self.pos_drop)
             xs.append(t)
@@ -431,7 +509,11 @@ class CrossViT(nn.Module):
     def forward_head(self, xs: list[Tensor], pre_logits: bool = False) -> Tensor:
         """Pool (CLS or patch mean), head dropout, then the mean of the branch heads (or the
         concatenated pooled features with `pre_logits` / num_classes == 0)."""
-        zs = [x[:, 1:].mean(dim=1) for x in xs] if self.global_pool == "avg" else [x[:, 0] for x in xs]
+        zs = (
+            [x[:, 1:].mean(dim=1) for x in xs]
+            if self.global_pool == "avg"
+            else [x[:, 0] for x in xs]
+        )
         if self.training and self.head_drop > 0:
             zs = [F.dropout(z, self.head_drop) for z in zs]
         if pre_logits or isinstance(self.head[0], nn.Identity):

@@ -11,7 +11,11 @@ from torch.torch_version import TorchVersion
 import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig
 
-GOLDEN_DIR = Path(os.environ.get("CROSSVIT_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
+GOLDEN_DIR = Path(
+    os.environ.get(
+        "CROSSVIT_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+    )
+)
 CASES = ("tiny2b", "dagger", "fusion2", "avgpool", "crossvit_tiny_240")
 
 # timm's own float32 error against the float64 golden values (golden/README.md), per case:
@@ -67,7 +71,9 @@ def run(g: dict, model: CrossViT, dtype=torch.float64) -> dict:
     for k, ref in g["param_grads"].items():
         got = params[k].grad
         assert got is not None, f"no gradient for {k}"
-        pe = max(pe, (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-3 * gmax))
+        pe = max(
+            pe, (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-3 * gmax)
+        )
     return {
         "logits": rel_err(logits, g["logits"]),
         "input_grad": rel_err(x.grad, g["input_grad"]),

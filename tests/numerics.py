@@ -24,8 +24,14 @@ def max_err(a: Tensor, b: Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_2x_rule(ours: Tensor, torch_dt: Tensor, ref64: Tensor, name: str = "output",
-                   factor: float = 2.0, floor: float | None = None) -> None:
+def assert_2x_rule(
+    ours: Tensor,
+    torch_dt: Tensor,
+    ref64: Tensor,
+    name: str = "output",
+    factor: float = 2.0,
+    floor: float | None = None,
+) -> None:
     """ours / torch_dt: results in the tested dtype; ref64: float64 reference result."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     if ref64.numel() == 0:

@@ -16,7 +16,9 @@ import crossvit_fast
 
 from . import golden
 
-pytestmark = pytest.mark.skipif(not golden.available(), reason=f"golden vectors not found in {golden.GOLDEN_DIR}")
+pytestmark = pytest.mark.skipif(
+    not golden.available(), reason=f"golden vectors not found in {golden.GOLDEN_DIR}"
+)
 
 KINDS = ("logits", "input_grad", "param_grads")
 
@@ -28,7 +30,10 @@ def cases():
 
 @pytest.fixture(scope="module")
 def reference_fp32_errors(cases):
-    return {c: golden.run(g, golden.build(g, "reference", torch.float32), torch.float32) for c, g in cases.items()}
+    return {
+        c: golden.run(g, golden.build(g, "reference", torch.float32), torch.float32)
+        for c, g in cases.items()
+    }
 
 
 @pytest.mark.parametrize("case", golden.CASES)
@@ -49,9 +54,13 @@ def test_reference_float32_within_2x_of_timm(reference_fp32_errors, case):
 
 def _fast_backends_here() -> list[str]:
     return [
-        n for n in crossvit_fast.BACKENDS
-        if n != "reference" and crossvit_fast.backends.backend_availability(n, "cuda" if torch.cuda.is_available() else "cpu")[0]
-    ]  # fmt: skip
+        n
+        for n in crossvit_fast.BACKENDS
+        if n != "reference"
+        and crossvit_fast.backends.backend_availability(
+            n, "cuda" if torch.cuda.is_available() else "cpu"
+        )[0]
+    ]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -45,10 +45,11 @@ def check_tensor(
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
-    if shape is not None:
-        if t.ndim != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape)):
-            want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
-            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if shape is not None and (
+        t.ndim != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape))
+    ):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     if dtypes and t.dtype not in dtypes:
         raise ValueError(
             f"{name}: expected dtype in {[str(d).replace('torch.', '') for d in dtypes]}, got {t.dtype}"

@@ -140,8 +140,9 @@ def cross_attention(
     s = torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)  # (B, 1 + N, C)
     n = layer_norm(s, norm_weight, norm_bias, eps)
     q = F.linear(n[:, 0:1], wq, bq).reshape(B, 1, H, d).permute(0, 2, 1, 3)
-    k = F.linear(n, wk, bk).reshape(B, -1, H, d).permute(0, 2, 1, 3)
-    v = F.linear(n, wv, bv).reshape(B, -1, H, d).permute(0, 2, 1, 3)
+    L = s.shape[1]
+    k = F.linear(n, wk, bk).reshape(B, L, H, d).permute(0, 2, 1, 3)
+    v = F.linear(n, wv, bv).reshape(B, L, H, d).permute(0, 2, 1, 3)
     a = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1)
     if attn_drop > 0:
         a = F.dropout(a, attn_drop)
@@ -184,9 +185,21 @@ def cross_fusion(
     """
     c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
     f = cross_attention(
-        c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
-        attn_proj_weight, attn_proj_bias, num_heads, eps,
-    )  # fmt: skip
+        c,
+        tokens,
+        attn_norm_weight,
+        attn_norm_bias,
+        wq,
+        bq,
+        wk,
+        bk,
+        wv,
+        bv,
+        attn_proj_weight,
+        attn_proj_bias,
+        num_heads,
+        eps,
+    )
     return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
 
 

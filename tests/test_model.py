@@ -1,0 +1,311 @@
+"""Public API of the model: timm-compatible names and counts, heads, pooling, resizing, backends,
+checkpoint loading and errors for bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import crossvit_fast
+from crossvit_fast import CrossViT, CrossViTConfig, create_model, list_models
+from crossvit_fast.checkpoint import read_safetensors
+
+from . import golden
+
+# timm's parameter counts (results/benchmark-infer-*.csv, verified by instantiation).
+TIMM_PARAMS = {
+    "crossvit_tiny_240": 7_014_800,
+    "crossvit_small_240": 26_856_272,
+    "crossvit_base_240": 105_025_232,
+    "crossvit_9_240": 8_553_296,
+    "crossvit_15_240": 27_528_464,
+    "crossvit_18_240": 43_271_408,
+    "crossvit_9_dagger_240": 8_776_592,
+    "crossvit_15_dagger_240": 28_209_008,
+    "crossvit_18_dagger_240": 44_266_976,
+    "crossvit_15_dagger_408": 28_500_080,
+    "crossvit_18_dagger_408": 44_606_560,
+}
+
+SMALL = CrossViTConfig(
+    img_size=(48, 32),
+    patch_size=(12, 16),
+    embed_dim=(32, 64),
+    depth=((1, 2, 0),),
+    num_heads=(2, 4),
+    mlp_ratio=(2.0, 3.0),
+    num_classes=5,
+)
+
+
+def small(**kw) -> CrossViT:
+    return CrossViT(SMALL.replace(**kw), backend="reference")
+
+
+def test_list_models_is_timms_eleven():
+    assert sorted(list_models()) == sorted(TIMM_PARAMS)
+
+
+@pytest.mark.parametrize("name", list(TIMM_PARAMS))
+def test_parameter_counts_match_timm(name):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        m = create_model(name)
+    assert sum(p.numel() for p in m.parameters()) == TIMM_PARAMS[name]
+    assert m.config.img_size[0] == ((408, 408) if name.endswith("408") else (240, 240))
+
+
+@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
+@pytest.mark.parametrize("case", golden.CASES)
+def test_state_dict_keys_and_shapes_equal_timms(case):
+    g = golden.load(case)
+    m = golden.build(g)
+    sd = m.state_dict()
+    assert list(sd) == list(g["state_dict"])  # same names, same order
+    assert all(sd[k].shape == v.shape for k, v in g["state_dict"].items())
+
+
+def test_forward_features_and_head():
+    m = small().eval()
+    x = torch.randn(3, 3, 48, 48)
+    feats = m.forward_features(x)
+    assert [tuple(f.shape) for f in feats] == [(3, 17, 32), (3, 5, 64)]
+    assert m(x).shape == (3, 5)
+    assert m.forward_head(feats, pre_logits=True).shape == (3, 96)
+    logits = m.forward_head(feats)
+    expect = (m.head[0](feats[0][:, 0]) + m.head[1](feats[1][:, 0])) / 2
+    torch.testing.assert_close(logits, expect)
+
+
+def test_num_classes_zero_gives_features_and_reset_classifier():
+    m = small(num_classes=0).eval()
+    x = torch.randn(2, 3, 48, 48)
+    assert m(x).shape == (2, 96)
+    m.reset_classifier(11, global_pool="avg")
+    assert m(x).shape == (2, 11) and m.global_pool == "avg"
+    feats = m.forward_features(x)
+    expect = (m.head[0](feats[0][:, 1:].mean(1)) + m.head[1](feats[1][:, 1:].mean(1))) / 2
+    torch.testing.assert_close(m(x), expect)
+    with pytest.raises(ValueError, match="global_pool"):
+        m.reset_classifier(3, global_pool="max")
+
+
+def test_no_weight_decay_names():
+    assert small().no_weight_decay() == {"cls_token_0", "cls_token_1", "pos_embed_0", "pos_embed_1"}
+
+
+def test_three_branch_model_runs_and_names_follow_the_pattern():
+    cfg = CrossViTConfig(
+        img_size=(48, 32, 32),
+        patch_size=(12, 16, 8),
+        embed_dim=(32, 64, 48),
+        depth=((1, 1, 1, 0),),
+        num_heads=(2, 2, 3),
+        mlp_ratio=(2.0, 2.0, 2.0),
+        num_classes=4,
+    )
+    m = CrossViT(cfg)
+    assert {"cls_token_2", "pos_embed_2", "blocks.0.fusion.2.attn.wq.weight"} <= set(m.state_dict())
+    out = m(torch.randn(2, 3, 48, 48))
+    out.sum().backward()
+    assert out.shape == (2, 4) and m.cls_token_2.grad is not None
+
+
+def test_any_input_size_is_resized_as_timm():
+    m = small().eval()
+    x = torch.randn(1, 3, 40, 40)
+    feats = m.forward_features(x)  # both branches resized (bicubic)
+    assert feats[0].shape == (1, 17, 32) and feats[1].shape == (1, 5, 64)
+    crop = small(crop_scale=True).eval()
+    crop.load_state_dict(m.state_dict())
+    big = torch.randn(1, 3, 56, 56)
+    # crop_scale: centre crop (offsets round((56-48)/2)=4, round((56-32)/2)=12), not a resize
+    ref = crop.forward_features(big[:, :, 4:52, 4:52])[0]
+    torch.testing.assert_close(crop.forward_features(big)[0], ref)
+
+
+def test_drop_path_is_stochastic_in_training_only():
+    m = small(drop_path_rate=0.5)
+    x = torch.randn(4, 3, 48, 48)
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(2)
+    b = m(x)
+    assert not torch.allclose(a, b)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+
+
+def test_dropout_rates_are_applied_in_training():
+    m = small(proj_drop_rate=0.5, attn_drop_rate=0.5, pos_drop_rate=0.5, drop_rate=0.5).train()
+    x = torch.randn(2, 3, 48, 48)
+    assert not torch.allclose(m(x), m(x))
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    m = small(depth=((1, 2, 0), (1, 1, 1)))
+    x = torch.randn(2, 3, 48, 48)
+    m(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+# -- backends ------------------------------------------------------------------------------
+
+
+def test_available_backends_reports_reasons():
+    avail = crossvit_fast.available_backends()
+    assert set(avail) == {"reference", "triton", "cuda"}
+    assert avail["reference"][0] is True
+    for ok, why in avail.values():
+        assert isinstance(ok, bool) and isinstance(why, str) and why
+
+
+def test_backend_property_set_backend_and_repr():
+    m = CrossViT(SMALL)
+    assert m.backend == "auto" and "backend='auto'" in repr(m)
+    assert m.set_backend("reference") is m and m.backend == "reference"
+    assert set(m.opset("cpu").sources.values()) == {"reference"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        m.set_backend("fastest")
+
+
+def test_auto_on_cpu_is_the_reference():
+    assert set(CrossViT(SMALL).opset("cpu").sources.values()) == {"reference"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_backend_unavailable_on_cpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        small().set_backend("cuda")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    from crossvit_fast import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = backends.backend_availability("triton", "cpu")
+    assert not ok and "TRITON_INTERPRET=1" in why
+    with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
+        backends.resolve("triton", "cpu")
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x, err, match",
+    [
+        (
+            torch.randn(2, 4, 48, 48),
+            ValueError,
+            r"expected 3 input channels .* got shape \(2, 4, 48, 48\)",
+        ),
+        (torch.randn(3, 48, 48), ValueError, "missing batch dimension"),
+        (
+            torch.randint(0, 255, (2, 3, 48, 48), dtype=torch.uint8),
+            ValueError,
+            "floating-point.*uint8",
+        ),
+        (
+            torch.randn(2, 3, 48, 48, dtype=torch.float64),
+            ValueError,
+            "dtype torch.float64 does not match.*float32",
+        ),
+        ([1, 2], TypeError, "expected a torch.Tensor"),
+    ],
+)
+def test_bad_input_errors(x, err, match):
+    with pytest.raises(err, match=match):
+        small()(x)
+
+
+def test_valid_input_prints_no_warnings():
+    m = small()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(torch.randn(2, 3, 48, 48)).sum().backward()
+        m.eval()(torch.randn(1, 3, 40, 40))
+
+
+def test_batch_zero_and_one():
+    m = small().eval()
+    assert m(torch.randn(0, 3, 48, 48)).shape == (0, 5)
+    assert m(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_autocast_bf16_on_cpu_runs():
+    m = small().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 3, 48, 48))
+    assert out.dtype == torch.bfloat16
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def _write_safetensors(path, sd):
+    import json
+    import struct
+
+    header, blobs, off = {}, [], 0
+    tags = {torch.float32: "F32", torch.float64: "F64"}
+    for k, v in sd.items():
+        b = v.contiguous().numpy().tobytes()
+        header[k] = {
+            "dtype": tags[v.dtype],
+            "shape": list(v.shape),
+            "data_offsets": [off, off + len(b)],
+        }
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_load_checkpoint_pth_ibm_spelling_and_safetensors(tmp_path):
+    src = small()
+    sd = src.state_dict()
+    # IBM's release checkpoints: ParameterList spelling, wrapped in {"model": ...}
+    ibm = {
+        k.replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
+        for k, v in sd.items()
+    }
+    torch.save({"model": ibm}, tmp_path / "ibm.pth")
+    _write_safetensors(tmp_path / "w.safetensors", sd)
+    for name in ("ibm.pth", "w.safetensors"):
+        dst = small()
+        crossvit_fast.load_checkpoint(dst, tmp_path / name)
+        for k, v in dst.state_dict().items():
+            torch.testing.assert_close(v, sd[k], msg=f"{name}: {k}")
+    assert set(read_safetensors(tmp_path / "w.safetensors")) == set(sd)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        crossvit_fast.load_checkpoint(small(), tmp_path / "missing.pth")
+    (tmp_path / "w.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"expected a \.pth"):
+        crossvit_fast.load_checkpoint(small(), tmp_path / "w.txt")
+    torch.save(small(embed_dim=(32, 32)).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        crossvit_fast.load_checkpoint(small(), tmp_path / "other.pth")
+
+
+def test_from_timm_round_trip_on_a_timm_shaped_model():
+    # Our modules carry timm's attribute names, so from_timm reads them like a timm CrossVit.
+    src = small(depth=((1, 2, 0), (1, 1, 2)), qkv_bias=False, global_pool="avg").eval()
+    dst = crossvit_fast.from_timm(src, backend="reference")
+    assert dst.config == src.config and not dst.training
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(dst(x), src(x))
+    with pytest.raises(TypeError, match="expected a timm CrossVit"):
+        crossvit_fast.from_timm(torch.nn.Linear(2, 2))
