@@ -1,0 +1,421 @@
+"""Fused ViT-block MLP in Triton: `x + fc2(GELU_erf(fc1(LN(x))))`, forward and backward.
+
+Ladder: `_fused_linear_kernel` (one GEMM with optional LayerNorm prologue and bias / GELU /
+GELU-gradient / residual / bias-gradient epilogues) -> launcher `fused_linear` -> ops
+`crossvit_fast::mlp` / `crossvit_fast::mlp_backward` (autograd registered on the first) ->
+functional `mlp` (reference signature, minus dropout). `self_attention` reuses `fused_linear`
+for its qkv (LayerNorm prologue) and proj (residual epilogue) GEMMs.
+
+Forward (M = tokens x batch rows, C = width, Hd = hidden):
+  1. LayerNorm row statistics, fp32 (M,) mean / rstd: one read of x (`layer_norm_fwd`).
+  2. fc1: A tiles are read from x and normalised as they are loaded (the LayerNorm output is
+     never written); epilogue + bias, the pre-activation saved for backward (training only),
+     exact-erf GELU, the hidden activation written once in the compute dtype.
+  3. fc2: epilogue + bias + residual (x), written once in the output dtype.
+  Eager PyTorch writes and re-reads LN(x), the pre-activation, GELU's output and fc2's output
+  separately; here the only (M, Hd) traffic is writing the hidden activation (plus the
+  pre-activation when training) and reading it once.
+
+Backward:
+  1. Triton dgrad of fc2: da = (dy @ W2) * GELU'(a) in the epilogue; d(fc2 bias) from the
+     column sums of the dy tiles and d(fc1 bias) from the column sums of da, reduced per
+     M-tile into fp32 partial rows (deterministic, no atomics).
+  2. cuBLAS: dW2 = dy^T @ h, dxhat = da @ W1, dW1 = da^T @ LN(x). These are plain GEMMs
+     without a prologue or epilogue to fuse, and cuBLAS's split-K / stream-K kernels handle the
+     long-K weight-gradient shapes (K = M = 50k-100k rows, output only C x Hd) better than a
+     Triton GEMM would.
+  3. Triton LayerNorm backward (`layer_norm_bwd`) with the residual gradient dy added in, so
+     dx is written once; it re-emits LN(x) in the compute dtype for the dW1 GEMM (cheaper than
+     keeping it alive from forward to backward: it is recomputed from x and the statistics).
+
+Numerics follow the reference's rounding points: the LayerNorm output and the pre-activation
+are rounded to the compute dtype before the GEMM / GELU, accumulation is fp32; fp32 GEMMs use
+IEEE fp32 products unless torch's float32 matmul precision allows TF32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..common import check_tensor
+from . import interpreter_enabled
+from .layer_norm import (
+    as_rows,
+    check_param_dtype,
+    compute_dtype,
+    launch,
+    layer_norm_bwd,
+    layer_norm_fwd,
+    on_device,
+    register_op,
+    round_to,
+)
+from .utils import dot_in_fp32, gelu_erf, gelu_erf_grad, next_pow2
+
+__all__ = ["OPS", "fused_linear", "mlp"]
+
+# GELU modes of the epilogue.
+GELU_NONE, GELU_FWD, GELU_BWD = 0, 1, 2
+
+
+# -- kernel --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fused_linear_kernel(
+    a_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr,
+    mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, asum_ptr, csum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
+    LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
+    A_SUM: tl.constexpr, C_SUM: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """C (M, N) = A (M, K) @ B (K, N), B[k, n] at w_ptr + k * stride_wk + n * stride_wn (so a
+    weight (N, K) is read transposed for forward, (K, N) as is for dgrad); fp32 accumulation.
+
+    Prologue: LN: A[m, k] <- (A - mean[m]) * rstd[m] * lnw[k] + lnb[k] as tiles are loaded.
+    A is rounded to the compute dtype (w's dtype) before the product, as the reference rounds.
+    A_SUM: column sums of A (rounded) for programs with pid_n == 0 -> asum[pid_m, k] (bias
+    gradient of the layer that produced A, when A is an output gradient).
+    Epilogue, in order: + bias[n]; GELU == 1: aux <- pre-activation (STORE_AUX), then
+    GELU_erf; GELU == 2: * GELU_erf'(aux[m, n]); + res[m, n]; store in c's dtype;
+    C_SUM: column sums of the stored tile -> csum[pid_m, n].
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share each B column-tile while it is hot in L2.
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    m64 = offs_m.to(tl.int64)
+    a_rows = a_ptr + m64[:, None] * stride_am
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
+    cdt = w_ptr.dtype.element_ty
+    if LN:
+        mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < K
+        a = tl.load(
+            a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        if LN:
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if LN_W:
+                a = a * tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if LN_B:
+                a = a + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            a = round_to(a, cdt, EMULATE)
+        elif a.dtype != cdt:
+            a = round_to(a.to(tl.float32), cdt, EMULATE)
+        if A_SUM:
+            # Masked store, not a branch: keeps the K loop straight-line for software pipelining.
+            only_first = k_mask & ((ks * 0 + pid_n) == 0)
+            tl.store(asum_ptr + pid_m * K + ks, tl.sum(a.to(tl.float32), axis=0), mask=only_first)
+        w = tl.load(
+            w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        if EMULATE:  # the interpreter's 16-bit dot is wrong; fp32 copies are exact there
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GELU == 1:
+        pre = round_to(acc, cdt, EMULATE)  # the reference's pre-activation, in the compute dtype
+        if STORE_AUX:
+            tl.store(aux_ptr + m64[:, None] * stride_xm + offs_n[None, :], pre, mask=mask)
+        acc = gelu_erf(pre.to(tl.float32))
+    if GELU == 2:
+        pre = tl.load(aux_ptr + m64[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0)
+        pre = pre.to(tl.float32)
+        acc = round_to(acc, cdt, EMULATE).to(tl.float32) * gelu_erf_grad(pre)
+    if HAS_RES:
+        res = tl.load(
+            res_ptr + m64[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0
+        )
+        acc += res.to(tl.float32)
+    c = round_to(acc, c_ptr.dtype.element_ty, EMULATE)
+    tl.store(c_ptr + m64[:, None] * stride_cm + offs_n[None, :], c, mask=mask)
+    if C_SUM:
+        csum = tl.sum(tl.where(mask, c.to(tl.float32), 0.0), axis=0)
+        tl.store(csum_ptr + pid_m * N + offs_n, csum, mask=n_mask)
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+# Hopper: 128x128 / 128x256 tiles with 8 warps (two warpgroups of wgmma), 64-deep K steps and 3-4
+# pipeline stages (<= 192 KB of shared memory at 16 bits). fp32 (IEEE products, no tensor cores
+# for "ieee") gets smaller tiles. The autotuner picks per (N, K, fused variant, dtypes).
+_CONFIGS_16 = [
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4
+    ),
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+    ),
+    triton.Config(
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+    ),
+]
+_CONFIGS_32 = [
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3
+    ),
+]
+# Partial-sum rows are indexed by pid_m: sized for the smallest BLOCK_M any config may use.
+_MIN_BLOCK_M = 64
+
+
+def _prune(configs, named_args, **kwargs):
+    wide = named_args["w_ptr"].element_size() >= 4
+    return [c for c in configs if (c in _CONFIGS_32) == wide]
+
+
+_fused_linear_tuned = triton.autotune(
+    configs=_CONFIGS_16 + _CONFIGS_32,
+    key=["N", "K", "LN", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
+    prune_configs_by={"early_config_prune": _prune},
+    # Autotuning launches every config; the partial-sum buffers are rows per pid_m, so zero them
+    # between trials (a config with bigger tiles leaves rows of a previous trial otherwise).
+    reset_to_zero=["asum_ptr", "csum_ptr"],
+)(_fused_linear_kernel)
+
+
+def _interpreter_meta(M: int, N: int, K: int) -> dict:
+    # Few, large program instances: each instance costs milliseconds in the interpreter.
+    clamp = lambda n, hi: max(16, min(hi, next_pow2(n)))
+    return {"BLOCK_M": clamp(M, 64), "BLOCK_N": clamp(N, 64), "BLOCK_K": clamp(K, 64), "GROUP_M": 4}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow torch's float32 matmul precision (IEEE unless TF32 is allowed)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for 16-bit operands
+
+
+# -- launcher ------------------------------------------------------------------------------------
+
+
+def sum_rows(M: int) -> int:
+    """Rows of a partial column-sum buffer for an M-row GEMM (see `fused_linear`)."""
+    return triton.cdiv(M, 16 if interpreter_enabled() else _MIN_BLOCK_M)
+
+
+def fused_linear(
+    a: Tensor, w: Tensor, out: Tensor, *, transpose_w: bool, bias: Tensor | None = None,
+    res: Tensor | None = None, aux: Tensor | None = None, gelu: int = GELU_NONE,
+    ln: tuple | None = None, a_sum: Tensor | None = None, c_sum: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
+    `_fused_linear_kernel`; returns `out`.
+
+    a: (M, K) any strides / float dtype (cast to w's dtype, the compute dtype). w: (N, K) with
+    transpose_w (nn.Linear forward) or (K, N) (dgrad), any strides. out: (M, N) with unit
+    column stride, any float dtype. bias (N,); res (M, N) any strides; aux (M, N) unit column
+    stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
+    ln = (mean, rstd, ln_weight | None, ln_bias | None): LayerNorm prologue on a.
+    a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N): zero-initialised fp32 buffers receiving
+    per-M-tile column sums of a / out; `.sum(0)` finishes them.
+    """
+    M, K = a.shape
+    N = w.shape[0] if transpose_w else w.shape[1]
+    if M == 0 or N == 0:
+        return out
+    stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
+    mean, rstd, lnw, lnb = ln if ln is not None else (None, None, None, None)
+    args = (
+        a, w, out, bias, res, aux, mean, rstd, lnw, lnb, a_sum, c_sum, M, N, K,
+        a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
+        res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
+        aux.stride(0) if aux is not None else 0,
+    )  # fmt: skip
+    flags = dict(
+        LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None, HAS_BIAS=bias is not None,
+        GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
+        C_SUM=c_sum is not None, EMULATE=dot_in_fp32(), PRECISION=dot_precision(w.dtype),
+    )  # fmt: skip
+    with on_device(a):
+        if interpreter_enabled():
+            meta = _interpreter_meta(M, N, K)
+            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            launch(_fused_linear_kernel, grid, *args, **flags, **meta, num_warps=4)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            launch(_fused_linear_tuned, grid, *args, **flags)
+    return out
+
+
+# -- registered ops ------------------------------------------------------------------------------
+
+
+def _out_dtype(x: Tensor, cdt: torch.dtype, residual: bool) -> torch.dtype:
+    # The reference adds x to fc2's output (compute dtype): type promotion decides.
+    return torch.promote_types(x.dtype, cdt) if residual else cdt
+
+
+@register_op("crossvit_fast::mlp")
+def _mlp_op(
+    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, fc1_weight: Tensor,
+    fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, eps: float,
+    residual: bool, save_act: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(out, mean, rstd, act, hidden). x: (..., C) any float dtype; fc weights / biases in the
+    compute dtype. act: (M, Hd) pre-activation when save_act (for backward), else empty;
+    hidden: (M, Hd) GELU output; mean / rstd: fp32 (M,) LayerNorm statistics."""
+    C = x.shape[-1]
+    Hd = fc1_weight.shape[0]
+    cdt = fc1_weight.dtype
+    x2 = as_rows(x)
+    M = x2.shape[0]
+    _, mean, rstd = layer_norm_fwd(x2, None, None, eps, None)
+    hidden = x.new_empty((M, Hd), dtype=cdt)
+    act = x.new_empty((M, Hd) if save_act else (0,), dtype=cdt)
+    fused_linear(x2, fc1_weight, hidden, transpose_w=True, bias=fc1_bias, gelu=GELU_FWD,
+                 aux=act if save_act else None, ln=(mean, rstd, norm_weight, norm_bias))  # fmt: skip
+    out = x.new_empty(x.shape, dtype=_out_dtype(x, cdt, residual))
+    fused_linear(hidden, fc2_weight, out.view(M, C), transpose_w=True, bias=fc2_bias,
+                 res=x2 if residual else None)  # fmt: skip
+    return out, mean, rstd, act, hidden
+
+
+@register_op("crossvit_fast::mlp_backward")
+def _mlp_backward_op(
+    dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
+    fc1_weight: Tensor, fc2_weight: Tensor, mean: Tensor, rstd: Tensor, act: Tensor,
+    hidden: Tensor, residual: bool, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients (dx, dnorm_weight, dnorm_bias, dfc1_weight, dfc1_bias, dfc2_weight,
+    dfc2_bias); `needs` flags the last six (an unneeded one comes back empty)."""
+    _, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = needs
+    C = x.shape[-1]
+    Hd = fc1_weight.shape[0]
+    cdt = fc1_weight.dtype
+    x2, dy = as_rows(x), as_rows(dout)
+    M = x2.shape[0]
+    empty = lambda: x.new_empty(0)  # a distinct placeholder each time: outputs must not alias
+    # 1. da = (dy @ W2) * GELU'(a); column sums give both bias gradients.
+    da = x.new_empty((M, Hd), dtype=cdt)
+    b2_sum = x.new_zeros((sum_rows(M), C), dtype=torch.float32) if need_b2 else None
+    b1_sum = x.new_zeros((sum_rows(M), Hd), dtype=torch.float32) if need_b1 else None
+    fused_linear(dy, fc2_weight, da, transpose_w=False, aux=act, gelu=GELU_BWD, a_sum=b2_sum,
+                 c_sum=b1_sum)  # fmt: skip
+    # 2. cuBLAS for the plain GEMMs (see the module docstring).
+    dw2 = torch.mm(dy.to(cdt).t(), hidden) if need_w2 else empty()
+    dxhat = torch.mm(da, fc1_weight)
+    # 3. LayerNorm backward + residual gradient; LN(x) re-emitted for dW1.
+    dx, dnw, dnb, ln_out = layer_norm_bwd(
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
+        y_dtype=cdt if need_w1 else None,
+    )  # fmt: skip
+    dw1 = torch.mm(da.t(), ln_out) if need_w1 else empty()
+    return (
+        dx.view(x.shape),
+        dnw if dnw is not None else empty(),
+        dnb if dnb is not None else empty(),
+        dw1,
+        b1_sum.sum(0).to(cdt) if need_b1 else empty(),
+        dw2,
+        b2_sum.sum(0).to(cdt) if need_b2 else empty(),
+    )
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _eps, residual, _ = (
+        inputs
+    )
+    _out, mean, rstd, act, hidden = output
+    ctx.mark_non_differentiable(mean, rstd, act, hidden)
+    ctx.save_for_backward(
+        x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, act, hidden
+    )
+    ctx.residual = residual
+    ctx.has = [True, norm_weight is not None, norm_bias is not None, True, fc1_bias is not None,
+               True, fc2_bias is not None]  # fmt: skip
+
+
+def _mlp_backward(ctx, dout, *_):
+    saved = ctx.saved_tensors
+    needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[:7])]
+    if saved[7].numel() == 0 and saved[0].numel() > 0:
+        raise RuntimeError("crossvit_fast::mlp: backward through a call made with save_act=False")
+    grads = torch.ops.crossvit_fast.mlp_backward(dout, *saved, ctx.residual, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None)
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+# -- functional ----------------------------------------------------------------------------------
+
+
+def mlp(
+    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, fc1_weight: Tensor,
+    fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, eps: float,
+    residual: bool = True,
+) -> Tensor:  # fmt: skip
+    """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))` (`residual=False`: without `x +`).
+
+    x: (B, N, C) (any leading dims), fp32 / fp16 / bf16, any strides; norm: (C,) or None;
+    fc1: (Hd, C), fc2: (C, Hd), biases or None. Without autocast every parameter has x's
+    dtype; under autocast the GEMMs run in the autocast dtype and LayerNorm in fp32, and the
+    output dtype is the reference's (promote(x, autocast dtype) with the residual, else the
+    autocast dtype). Batch 0 returns an empty result.
+    """
+    check_tensor("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x: expected shape (B, N, C), got {tuple(x.shape)}")
+    C = x.shape[-1]
+    check_tensor("fc1_weight", fc1_weight, ndim=2, like=x)
+    Hd = fc1_weight.shape[0]
+    check_tensor("fc1_weight", fc1_weight, shape=(Hd, C))
+    check_tensor("fc2_weight", fc2_weight, shape=(C, Hd), like=x)
+    check_tensor("norm_weight", norm_weight, shape=(C,), like=x, optional=True)
+    check_tensor("norm_bias", norm_bias, shape=(C,), like=x, optional=True)
+    check_tensor("fc1_bias", fc1_bias, shape=(Hd,), like=x, optional=True)
+    check_tensor("fc2_bias", fc2_bias, shape=(C,), like=x, optional=True)
+    check_param_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight,
+                      fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
+    cdt = compute_dtype(x)
+    cast = lambda t: t.to(cdt) if t is not None else None  # what autocast does to F.linear's args
+    params = (
+        norm_weight,
+        norm_bias,
+        cast(fc1_weight),
+        cast(fc1_bias),
+        cast(fc2_weight),
+        cast(fc2_bias),
+    )
+    save_act = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *params)
+    )
+    return torch.ops.crossvit_fast.mlp(x, *params, float(eps), bool(residual), save_act)[0]
+
+
+OPS = {"mlp": mlp}
