@@ -1,0 +1,659 @@
+"""Patch embedding in Triton: the `patch_embed` op (conv with kernel = stride = p, + bias, CLS
+row and position embedding, in one kernel) and the `token_assemble` op (dagger stems: flatten
+the cuDNN stem's output + CLS + position embedding).
+
+Ladders:
+  `_patch_embed_fwd_kernel` / `_patch_embed_bwd_kernel` (weight gradient) /
+  `_patch_embed_bwd_input_kernel` (image gradient) -> launchers -> ops
+  `crossvit_fast::patch_embed` / `crossvit_fast::patch_embed_backward` -> functional `patch_embed`;
+  `_token_assemble_fwd_kernel` / `_token_assemble_bwd_kernel` -> launchers -> ops
+  `crossvit_fast::token_assemble` / `crossvit_fast::token_assemble_backward` -> `token_assemble`.
+
+Patch convolution as an implicit GEMM: with kernel = stride = p the patches do not overlap, so
+out[b, 1 + t, :] = A[m] @ W^T with m = (b, t), t = (ph, pw) and A[m, k], k = (c, i, j), read
+straight from the image at x[b, c, ph*p + i, pw*p + j] — an address that splits into a row part
+(b, ph, pw) and a column part (c, i, j), so no unfold / im2col copy exists. The epilogue adds the
+bias and pos_embed[1 + t] and writes the final token row; the tiles holding a first patch (t = 0)
+also write that image's CLS row, cls_token + pos_embed[0]. One read of the image, one write of
+the token tensor (eager: conv, a transpose copy in cat, then the position add: 3 writes).
+
+Backward: one pass over d_out reduces over the batch into fp32 partial rows: d_pos_embed, and
+from it d_cls (row 0) and d_bias (sum of rows 1..); the weight gradient is an implicit GEMM over
+all patches (split over M for parallelism, fp32 partials, deterministic), reading the image
+directly again; the image gradient (only when the image requires grad) is the transposed
+implicit GEMM scattering straight into the image layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..common import autocast_dtype, check_tensor
+from . import interpreter_enabled
+from .layer_norm import check_param_dtype, launch, on_device, program_slots, register_op, round_to
+from .mlp import dot_precision
+from .utils import dot_in_fp32, next_pow2
+
+__all__ = ["OPS", "patch_embed", "token_assemble"]
+
+
+# -- kernels -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _patch_rows(offs_m, Np, Wp, P, sxb, sxh, sxw):
+    """Row part of the implicit-GEMM address of patch m = (b, t): x[b, :, ph*P, pw*P]; and t."""
+    b = offs_m // Np
+    t = offs_m % Np
+    ph = t // Wp
+    pw = t % Wp
+    return b.to(tl.int64) * sxb + (ph * P).to(tl.int64) * sxh + (pw * P).to(tl.int64) * sxw, b, t
+
+
+@triton.jit
+def _patch_cols(ks, P, sxc, sxh, sxw):
+    """Column part of the implicit-GEMM address of k = (c, i, j): x[:, c, i, j]."""
+    c = ks // (P * P)
+    r = ks % (P * P)
+    return c.to(tl.int64) * sxc + (r // P).to(tl.int64) * sxh + (r % P).to(tl.int64) * sxw
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
+    M, N, K, Np, Wp, P,
+    sxb, sxc, sxh, sxw, swn, swk, spt, spn, sob, sot,
+    HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out[b, 1 + t, n] = sum_k x_patch[m, k] w[n, k] + bias[n] + pos[1 + t, n], m = b*Np + t,
+    and out[b, 0, n] = cls[n] + pos[0, n] (written by the tile holding patch t = 0 of b)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    row_off, b, t = _patch_rows(offs_m, Np, Wp, P, sxb, sxh, sxw)
+    cdt = w_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < K
+        col_off = _patch_cols(ks, P, sxc, sxh, sxw)
+        a = tl.load(
+            x_ptr + row_off[:, None] + col_off[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if a.dtype != cdt:  # e.g. an fp32 image under bf16 autocast: the conv's input cast
+            a = round_to(a.to(tl.float32), cdt, EMULATE)
+        w = tl.load(
+            w_ptr + offs_n[None, :] * swn + ks[:, None] * swk,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        if EMULATE:  # the interpreter's 16-bit dot is wrong; fp32 copies are exact there
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(
+        pos_ptr + (1 + t)[:, None] * spt + offs_n[None, :] * spn, mask=mask, other=0.0
+    ).to(tl.float32)
+    out_rows = out_ptr + b.to(tl.int64)[:, None] * sob
+    out = round_to(acc, out_ptr.dtype.element_ty, EMULATE)
+    tl.store(out_rows + (1 + t)[:, None] * sot + offs_n[None, :], out, mask=mask)
+    # CLS rows: cls + pos[0], broadcast over the tile's rows, stored where t == 0.
+    cls = tl.load(cls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    cls += tl.load(pos_ptr + offs_n * spn, mask=n_mask, other=0.0).to(tl.float32)
+    cls_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cls[None, :]
+    cls_tile = round_to(cls_tile, out_ptr.dtype.element_ty, EMULATE)
+    tl.store(out_rows + offs_n[None, :], cls_tile, mask=mask & (t == 0)[:, None])
+
+
+@triton.jit
+def _patch_embed_bwd_kernel(
+    x_ptr, g_ptr, w_ptr, part_ptr,
+    M, N, K, Np, Wp, P, rows_per_split,
+    sxb, sxc, sxh, sxw, sgb, sgt, sgn,
+    EMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Weight gradient, split over M: part[s, n, k] = sum over the split's patches m of
+    d_out[b, 1 + t, n] * x_patch[m, k], operands rounded to the compute dtype (w's; w is not
+    read otherwise)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_pid_k
+    pid_k = pid % num_pid_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    col_off = _patch_cols(offs_k, P, sxc, sxh, sxw)
+    cdt = w_ptr.dtype.element_ty
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        row_off, b, t = _patch_rows(offs_m, Np, Wp, P, sxb, sxh, sxw)
+        g_ptrs = (
+            g_ptr + b.to(tl.int64)[:, None] * sgb + (1 + t)[:, None] * sgt + offs_n[None, :] * sgn
+        )
+        g = tl.load(g_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(
+            x_ptr + row_off[:, None] + col_off[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        g = round_to(g.to(tl.float32), cdt, EMULATE)
+        a = round_to(a.to(tl.float32), cdt, EMULATE)
+        if EMULATE:
+            acc = tl.dot(tl.trans(g.to(tl.float32)), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(g), a, acc, input_precision=PRECISION)
+    part = part_ptr + split.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(part, acc, mask=n_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_input_kernel(
+    g_ptr, w_ptr, dx_ptr,
+    M, N, K, Np, Wp, P,
+    sgb, sgt, sgn, swn, swk, sdb, sdc, sdh, sdw,
+    EMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Image gradient: dx_patch[m, k] = sum_n d_out[b, 1 + t, n] w[n, k], stored straight into
+    the image layout (patches do not overlap: every pixel is written exactly once)."""
+    pid = tl.program_id(0)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_pid_k
+    pid_k = pid % num_pid_k
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    b = offs_m // Np
+    t = offs_m % Np
+    g_rows = g_ptr + b.to(tl.int64)[:, None] * sgb + (1 + t)[:, None] * sgt
+    cdt = w_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + offs_n
+        n_mask = ns < N
+        g = tl.load(g_rows + ns[None, :] * sgn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        g = round_to(g.to(tl.float32), cdt, EMULATE)
+        w = tl.load(
+            w_ptr + ns[:, None] * swn + offs_k[None, :] * swk,
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if EMULATE:
+            acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+    row_off, _, _ = _patch_rows(offs_m, Np, Wp, P, sdb, sdh, sdw)
+    col_off = _patch_cols(offs_k, P, sdc, sdh, sdw)
+    dx = round_to(acc, dx_ptr.dtype.element_ty, EMULATE)
+    tl.store(
+        dx_ptr + row_off[:, None] + col_off[None, :], dx, mask=m_mask[:, None] & k_mask[None, :]
+    )
+
+
+@triton.jit
+def _token_assemble_fwd_kernel(
+    f_ptr, cls_ptr, pos_ptr, out_ptr,
+    T, D, sfb, sfd, sft, spt, spd, sob, sot,
+    EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """out[b, r, d] = (cls[d] if r == 0 else feat[b, d, r - 1]) + pos[r, d], r < T = 1 + h*w.
+    feat's (h, w) are one flat token axis with stride sft (checked by the launcher)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    mask = (rows < T)[:, None] & d_mask[None, :]
+    is_patch = rows >= 1
+    # The (BLOCK_T, BLOCK_D) tile is read along whichever axis feat is contiguous in (tokens for
+    # NCHW, channels for channels_last) and written along D: Triton transposes through shared
+    # memory in between.
+    f = tl.load(f_ptr + b * sfb + offs_d[None, :] * sfd + (rows - 1)[:, None] * sft,
+                mask=mask & is_patch[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    cls = tl.load(cls_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    val = tl.where(is_patch[:, None], f, cls[None, :])
+    val += tl.load(pos_ptr + rows[:, None] * spt + offs_d[None, :] * spd, mask=mask, other=0.0).to(
+        tl.float32
+    )
+    val = round_to(val, out_ptr.dtype.element_ty, EMULATE)
+    tl.store(out_ptr + b * sob + rows[:, None] * sot + offs_d[None, :], val, mask=mask)
+
+
+@triton.jit
+def _token_assemble_bwd_kernel(
+    g_ptr, df_ptr, part_ptr,
+    B, T, D, batch_per_split, sgb, sgt, sgd, sfb, sfd, sft,
+    HAS_DFEAT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One pass over d_out: part[s, r, d] = sum over the split's images of d_out[b, r, d]
+    (d_pos_embed partials), and with HAS_DFEAT d_feat[b, d, r - 1] = d_out[b, r, d]."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    b_start = split * batch_per_split
+    n_b = tl.minimum(batch_per_split, B - b_start)
+    # int64 image offsets; the loop then steps the pointers one image at a time.
+    g_ptrs = g_ptr + b_start.to(tl.int64) * sgb + rows[:, None] * sgt + offs_d[None, :] * sgd
+    if HAS_DFEAT:
+        df_ptrs = (
+            df_ptr + b_start.to(tl.int64) * sfb + offs_d[None, :] * sfd + (rows - 1)[:, None] * sft
+        )
+    for _ in range(0, n_b):
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += g
+        if HAS_DFEAT:
+            df = round_to(g, df_ptr.dtype.element_ty, EMULATE)
+            tl.store(df_ptrs, df, mask=mask & (rows >= 1)[:, None])
+            df_ptrs += sfb
+        g_ptrs += sgb
+    part = part_ptr + split.to(tl.int64) * T * D + rows[:, None] * D + offs_d[None, :]
+    tl.store(part, acc, mask=mask)
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+_CONFIGS_16 = [
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+    ),
+    triton.Config(
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+    ),
+]
+_CONFIGS_32 = [
+    triton.Config(
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3
+    ),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    wide = named_args["w_ptr"].element_size() >= 4
+    return [c for c in configs if (c in _CONFIGS_32) == wide]
+
+
+_patch_embed_fwd_tuned = triton.autotune(
+    configs=_CONFIGS_16 + _CONFIGS_32,
+    key=["N", "K", "P"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_patch_embed_fwd_kernel)
+
+
+def _clamp_pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, next_pow2(n)))
+
+
+# -- launchers -----------------------------------------------------------------------------------
+
+
+def _token_tile(T: int, D: int) -> tuple[int, int]:
+    if interpreter_enabled():
+        return _clamp_pow2(T, 16, 64), _clamp_pow2(D, 16, 128)
+    return 32, _clamp_pow2(D, 16, 128)
+
+
+def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor,
+                    pos_embed: Tensor, out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """x (B, C_in, H, W) any strides / float dtype; weight (D, C_in, p, p) in the compute dtype.
+    Returns the token tensor (B, 1 + N, D) in out_dtype."""
+    B, Cin, H, W = x.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    Hp, Wp = H // p, W // p
+    Np, K = Hp * Wp, Cin * p * p
+    out = x.new_empty((B, 1 + Np, D), dtype=out_dtype)
+    M = B * Np
+    if B == 0:
+        return out
+    w2 = weight.reshape(D, K)  # a view for the usual contiguous conv weight
+    pos = pos_embed.reshape(1 + Np, D)
+    args = (x, w2, bias, cls_token.reshape(D), pos, out, M, D, K, Np, Wp, p,
+            *x.stride(), w2.stride(0), w2.stride(1), pos.stride(0), pos.stride(1),
+            out.stride(0), out.stride(1))  # fmt: skip
+    flags = dict(
+        HAS_BIAS=bias is not None, EMULATE=dot_in_fp32(), PRECISION=dot_precision(weight.dtype)
+    )
+    with on_device(x):
+        if interpreter_enabled():
+            meta = {"BLOCK_M": _clamp_pow2(M, 16, 64), "BLOCK_N": _clamp_pow2(D, 16, 64),
+                    "BLOCK_K": _clamp_pow2(K, 16, 64), "GROUP_M": 4}  # fmt: skip
+            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+            launch(_patch_embed_fwd_kernel, grid, *args, **flags, **meta, num_warps=4)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+            launch(_patch_embed_fwd_tuned, grid, *args, **flags)
+    return out
+
+
+def token_grads(dout: Tensor, dfeat: Tensor | None) -> Tensor:
+    """d_pos_embed as an fp32 (1 + N, D) sum over the batch of dout (B, 1 + N, D); with dfeat
+    (B, D, h, w), also scatters dout[:, 1:] into it (any memory format with mergeable h, w)."""
+    B, T, D = dout.shape
+    block_t, block_d = _token_tile(T, D)
+    tiles = triton.cdiv(T, block_t) * triton.cdiv(D, block_d)
+    splits = max(1, min(B, program_slots(dout.device) // max(tiles, 1)))
+    per_split = triton.cdiv(max(B, 1), splits)
+    splits = triton.cdiv(B, per_split) if B > 0 else 0
+    part = dout.new_empty((splits, T, D), dtype=torch.float32)  # every split writes its row
+    if splits > 0:
+        fs = (
+            (dfeat.stride(0), dfeat.stride(1), _token_stride(dfeat))
+            if dfeat is not None
+            else (0, 0, 0)
+        )
+        with on_device(dout):
+            launch(
+                _token_assemble_bwd_kernel,
+                (triton.cdiv(T, block_t), triton.cdiv(D, block_d), splits),
+                dout, dfeat, part, B, T, D, per_split, *dout.stride(), *fs,
+                HAS_DFEAT=dfeat is not None, EMULATE=dot_in_fp32(), BLOCK_T=block_t,
+                BLOCK_D=block_d, num_warps=4,
+            )  # fmt: skip
+    return part.sum(0)
+
+
+def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool):
+    """(dx or None, dweight or None, d_pos (fp32 (1 + N, D))) for dout (B, 1 + N, D)."""
+    B, Cin, H, W = x.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    Wp = W // p
+    Np, K = (H // p) * Wp, Cin * p * p
+    M = B * Np
+    cdt = weight.dtype
+    dpos = token_grads(dout, None)
+    dw = dx = None
+    emulate, precision = dot_in_fp32(), dot_precision(cdt)
+    if need_dw:
+        if interpreter_enabled():
+            bn, bk, bm, warps, stages = (
+                _clamp_pow2(D, 16, 64),
+                _clamp_pow2(K, 16, 64),
+                _clamp_pow2(M, 16, 64),
+                4,
+                1,
+            )
+        elif cdt == torch.float32:
+            bn, bk, bm, warps, stages = 64, 64, 32, 4, 3
+        else:  # Hopper: 128x64 output tiles, 64-row K steps, two warpgroups
+            bn, bk, bm, warps, stages = 128, 64, 64, 8, 3
+        tiles = triton.cdiv(D, bn) * triton.cdiv(K, bk)
+        # Split the long reduction over patches: about 2 programs per SM in all.
+        splits = max(1, min(triton.cdiv(max(M, 1), 4 * bm), program_slots(x.device) // (2 * tiles)))
+        rows = bm * triton.cdiv(triton.cdiv(max(M, 1), splits), bm)
+        splits = triton.cdiv(M, rows)
+        part = x.new_empty((splits, D, K), dtype=torch.float32)
+        if M > 0:
+            with on_device(x):
+                launch(
+                    _patch_embed_bwd_kernel, (tiles, splits),
+                    x, dout, weight, part, M, D, K, Np, Wp, p, rows, *x.stride(), *dout.stride(),
+                    EMULATE=emulate, PRECISION=precision,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                )  # fmt: skip
+        dw = part.sum(0).view(weight.shape).to(cdt)
+    if need_dx:
+        dx = torch.empty_like(x)  # keeps x's memory format; fully overwritten
+        w2 = weight.reshape(D, K)
+        if interpreter_enabled():
+            bm, bn, bk, warps = (
+                _clamp_pow2(M, 16, 64),
+                _clamp_pow2(D, 16, 64),
+                _clamp_pow2(K, 16, 64),
+                4,
+            )
+        else:
+            bm, bn, bk, warps = (64, 32, 64, 4) if cdt == torch.float32 else (128, 64, 64, 8)
+        if M > 0:
+            with on_device(x):
+                launch(
+                    _patch_embed_bwd_input_kernel, (triton.cdiv(M, bm) * triton.cdiv(K, bk),),
+                    dout, w2, dx, M, D, K, Np, Wp, p, *dout.stride(), w2.stride(0), w2.stride(1),
+                    *dx.stride(), EMULATE=emulate, PRECISION=precision,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                )  # fmt: skip
+    return dx, dw, dpos
+
+
+def _flat_tokens(feat: Tensor) -> Tensor:
+    """feat with (h, w) mergeable into one token axis (true for NCHW and channels_last);
+    a contiguous copy otherwise."""
+    _, _, h, w = feat.shape
+    if h > 1 and w > 1 and feat.stride(2) != w * feat.stride(3):
+        return feat.contiguous()
+    return feat
+
+
+def _token_stride(feat: Tensor) -> int:
+    # Stride between consecutive (row-major) tokens once (h, w) are merged.
+    return feat.stride(3) if feat.shape[3] > 1 else feat.stride(2)
+
+
+def token_assemble_fwd(
+    feat: Tensor, cls_token: Tensor, pos_embed: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    B, D, h, w = feat.shape
+    T = 1 + h * w
+    out = feat.new_empty((B, T, D), dtype=out_dtype)
+    if B == 0:
+        return out
+    feat = _flat_tokens(feat)
+    pos = pos_embed.reshape(T, D)
+    block_t, block_d = _token_tile(T, D)
+    with on_device(feat):
+        launch(
+            _token_assemble_fwd_kernel, (triton.cdiv(T, block_t), triton.cdiv(D, block_d), B),
+            feat, cls_token.reshape(D), pos, out, T, D, feat.stride(0), feat.stride(1),
+            _token_stride(feat), pos.stride(0), pos.stride(1), out.stride(0), out.stride(1),
+            EMULATE=dot_in_fp32(), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+# -- registered ops ------------------------------------------------------------------------------
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+@register_op("crossvit_fast::patch_embed")
+def _patch_embed_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor, pos_embed: Tensor,
+    out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    return patch_embed_fwd(x, weight, bias, cls_token, pos_embed, out_dtype)
+
+
+@register_op("crossvit_fast::patch_embed_backward")
+def _patch_embed_backward_op(
+    dout: Tensor, x: Tensor, weight: Tensor, needs: list[bool]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dcls (D,), dpos (1 + N, D)) in fp32 for the last three;
+    `needs` = [dx, dweight]; an unneeded gradient comes back empty."""
+    need_dx, need_dw = needs
+    dx, dw, dpos = patch_embed_bwd(dout, x, weight, need_dx, need_dw)
+    return (
+        dx if dx is not None else _empty(x),
+        dw if dw is not None else _empty(x),
+        dpos[1:].sum(0),
+        dpos[0].clone(),
+        dpos,
+    )
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    x, weight, bias, cls_token, pos_embed, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.dtypes = (bias.dtype if bias is not None else None, cls_token.dtype, pos_embed.dtype)
+
+
+def _patch_embed_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db, dcls, dpos = torch.ops.crossvit_fast.patch_embed_backward(
+        dout, x, weight, [need[0], need[1]]
+    )
+    b_dt, c_dt, p_dt = ctx.dtypes
+    return (
+        dx if need[0] else None,
+        dw if need[1] else None,
+        db.to(b_dt) if need[2] and b_dt is not None else None,
+        dcls.view(1, 1, -1).to(c_dt) if need[3] else None,
+        dpos.unsqueeze(0).to(p_dt) if need[4] else None,
+        None,
+    )
+
+
+_patch_embed_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
+
+
+@register_op("crossvit_fast::token_assemble")
+def _token_assemble_op(
+    feat: Tensor, cls_token: Tensor, pos_embed: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    return token_assemble_fwd(feat, cls_token, pos_embed, out_dtype)
+
+
+@register_op("crossvit_fast::token_assemble_backward")
+def _token_assemble_backward_op(
+    dout: Tensor,
+    feat_shape: list[int],
+    feat_dtype: torch.dtype,
+    channels_last: bool,
+    need_dfeat: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dfeat (B, D, h, w) in feat's dtype and memory format, or empty; dpos fp32 (1 + N, D))."""
+    dfeat = None
+    if need_dfeat:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        dfeat = dout.new_empty(feat_shape, dtype=feat_dtype).contiguous(memory_format=fmt)
+    dpos = token_grads(dout, dfeat)
+    return dfeat if dfeat is not None else _empty(dout), dpos
+
+
+def _token_assemble_setup(ctx, inputs, output):
+    feat, cls_token, pos_embed, _ = inputs
+    ctx.feat_shape = list(feat.shape)
+    ctx.feat_dtype = feat.dtype
+    # The stem's output layout (channels_last when the convolutions run channels_last): the
+    # gradient goes back in the same layout, so cuDNN's backward reads it without a copy.
+    ctx.channels_last = (
+        feat.dim() == 4
+        and feat.is_contiguous(memory_format=torch.channels_last)
+        and not feat.is_contiguous()
+    )
+    ctx.dtypes = (cls_token.dtype, pos_embed.dtype)
+
+
+def _token_assemble_backward(ctx, dout):
+    need = ctx.needs_input_grad
+    dfeat, dpos = torch.ops.crossvit_fast.token_assemble_backward(
+        dout, ctx.feat_shape, ctx.feat_dtype, ctx.channels_last, need[0]
+    )
+    c_dt, p_dt = ctx.dtypes
+    return (
+        dfeat if need[0] else None,
+        dpos[0].view(1, 1, -1).to(c_dt) if need[1] else None,
+        dpos.unsqueeze(0).to(p_dt) if need[2] else None,
+        None,
+    )
+
+
+_token_assemble_op.register_autograd(_token_assemble_backward, setup_context=_token_assemble_setup)
+
+
+# -- functionals ---------------------------------------------------------------------------------
+
+
+def _check_tokens(D: int, Np: int, cls_token: Tensor, pos_embed: Tensor, like: Tensor) -> None:
+    check_tensor("cls_token", cls_token, shape=(1, 1, D), like=like)
+    check_tensor("pos_embed", pos_embed, shape=(1, 1 + Np, D), like=like)
+
+
+def patch_embed(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor, pos_embed: Tensor
+) -> Tensor:
+    """Plain patch embedding: conv (kernel = stride = p) + bias, CLS row, position embedding.
+
+    x: (B, C_in, H, W), fp32 / fp16 / bf16, any strides, H and W divisible by p;
+    weight: (D, C_in, p, p); bias: (D,) or None; cls_token: (1, 1, D); pos_embed:
+    (1, 1 + (H/p)(W/p), D). Returns (B, 1 + N, D), patches row-major. Output dtype as the
+    reference: promote(conv dtype, cls, pos), the conv dtype being the autocast dtype under
+    autocast, else x's (weight and bias must then match x)."""
+    check_tensor("x", x, ndim=4)
+    check_tensor("weight", weight, ndim=4, like=x)
+    D, Cin, ph, pw = weight.shape
+    if ph != pw:
+        raise ValueError(
+            f"weight: expected a square patch kernel (D, C_in, p, p), got {tuple(weight.shape)}"
+        )
+    p = pw
+    _, C, H, W = x.shape
+    if Cin != C:
+        raise ValueError(
+            f"x: expected {Cin} channels (weight is {tuple(weight.shape)}), got shape {tuple(x.shape)}"
+        )
+    if H % p or W % p:
+        raise ValueError(f"x: image size ({H}, {W}) is not divisible by the patch size {p}")
+    check_tensor("bias", bias, shape=(D,), like=x, optional=True)
+    _check_tokens(D, (H // p) * (W // p), cls_token, pos_embed, x)
+    check_param_dtype(x, weight=weight, bias=bias)
+    cdt = autocast_dtype(x.device.type) or x.dtype
+    out_dtype = torch.promote_types(torch.promote_types(cdt, cls_token.dtype), pos_embed.dtype)
+    weight, bias = weight.to(cdt), bias.to(cdt) if bias is not None else None  # autocast's cast
+    return torch.ops.crossvit_fast.patch_embed(x, weight, bias, cls_token, pos_embed, out_dtype)
+
+
+def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
+    """`cat(cls_token, flatten(feat)) + pos_embed` in one pass.
+
+    feat: (B, D, h, w), fp32 / fp16 / bf16, any strides (NCHW and channels_last read in place);
+    cls_token: (1, 1, D); pos_embed: (1, 1 + h*w, D). Returns (B, 1 + h*w, D) in
+    promote(feat, cls, pos) (cat and add are not autocast ops)."""
+    check_tensor("feat", feat, ndim=4)
+    _, D, h, w = feat.shape
+    _check_tokens(D, h * w, cls_token, pos_embed, feat)
+    out_dtype = torch.promote_types(
+        torch.promote_types(feat.dtype, cls_token.dtype), pos_embed.dtype
+    )
+    return torch.ops.crossvit_fast.token_assemble(feat, cls_token, pos_embed, out_dtype)
+
+
+OPS = {"patch_embed": patch_embed, "token_assemble": token_assemble}
