@@ -1,0 +1,167 @@
+"""CrossViT's CLS-side fusion ops in Triton: `cls_proj` (projs / revert_projs) and the whole
+fusion step `cross_fusion` = cls_proj -> cross_attention -> cls_proj.
+
+Specs: `crossvit_fast.ops.reference.cls_proj` / `cross_fusion`.
+
+cls_proj = Linear(GELU_erf(LayerNorm(x))) on B CLS rows: one Triton launch for the row-wise
+LayerNorm + GELU (`_cls_norm_fwd_kernel`, statistics in fp32), one cuBLAS GEMM with the bias in
+its epilogue. Backward: two GEMMs (dg, dW) and one Triton launch that does the GELU and
+LayerNorm backward and the per-program partials of dgamma, dbeta and the bias gradient, reduced
+by one deterministic sum.
+
+One fusion step (S = 1, i.e. B >= #SMs; smaller batches add one merge launch forward and one
+reduction backward) then costs 10 launches forward — cls_proj 2, cross_attention 6 (LN(cls),
+q, k~, token pass, o, out-proj), cls_proj 2 — and 19 backward (4 + 11 + 4, plus one memset for
+the exactly-zero db_k), against ~30 / ~60 for the reference in eager mode; see
+tests/test_triton_fusion.py::test_launch_count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from ..common import check_tensor
+from .cross_attention import (
+    cast,
+    cls_norm_bwd,
+    cls_norm_fwd,
+    compute_dtype,
+    cross_attention,
+    register_op,
+)
+
+__all__ = ["OPS", "cls_proj", "cross_fusion"]
+
+
+@register_op("crossvit_fast::cls_proj_fwd")
+def _cls_proj_fwd(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """x: (M, C_in) any strides; weight (C_out, C_in) in the compute dtype. Returns
+    (y (M, C_out), g = GELU(LN(x)) (M, C_in), saved for dW)."""
+    g, _ = cls_norm_fwd(x, norm_weight, norm_bias, eps, weight.dtype, gelu=True)
+    # (M x C_in)(C_in x C_out) with M = batch: cuBLAS (bias fused in its epilogue) is at its
+    # latency floor here; a hand GEMM would not save the launch it costs.
+    y = torch.addmm(bias, g, weight.t()) if bias is not None else g @ weight.t()
+    return y, g
+
+
+@register_op("crossvit_fast::cls_proj_bwd")
+def _cls_proj_bwd(
+    dy: Tensor,
+    x: Tensor,
+    g: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    weight: Tensor,
+    eps: float,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx (M, C_in), dW (C_out, C_in), sums) with sums fp32 = dgamma | dbeta [| db]."""
+    dy = dy.to(weight.dtype)
+    dg = dy @ weight
+    dw = dy.t() @ g
+    dx, sums = cls_norm_bwd(x, dg, norm_weight, norm_bias, eps, gelu=True,
+                            extras=(dy,) if has_bias else ())  # fmt: skip
+    return dx, dw, sums
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, nw, nb, weight, bias, eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, output[1], nw, nb, weight)
+    ctx.eps = eps
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bias))
+
+
+def _backward(ctx, dy, _):
+    if dy is None:
+        return (None,) * 6
+    x, g, nw, nb, weight = ctx.saved_tensors
+    C = x.shape[1]
+    has_bias = ctx.dtypes[2] is not None
+    dx, dw, sums = _cls_proj_bwd(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
+    grads = (sums[:C], sums[C : 2 * C], sums[2 * C :])
+    g_nw, g_nb, g_b = (None if t is None else s.to(t) for s, t in zip(grads, ctx.dtypes))
+    return dx, g_nw, g_nb, dw, g_b, None
+
+
+_cls_proj_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cls_proj(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """CrossViT projs / revert_projs: Linear(GELU_erf(LayerNorm(x))).
+
+    x: (..., C_in) fp32 / fp16 / bf16 (fp64: ValueError), any strides for 2-D x; weight
+    (C_out, C_in); norm params (C_in,), bias (C_out,) or None. Under autocast the GEMM runs in
+    the autocast dtype (LayerNorm + GELU in fp32), as the reference. Returns (..., C_out).
+    """
+    check_tensor("x", x)
+    if x.ndim < 1:
+        raise ValueError(f"x: expected (..., C_in), got shape {tuple(x.shape)}")
+    C_in = x.shape[-1]
+    check_tensor("weight", weight, ndim=2, like=x)
+    C_out = weight.shape[0]
+    check_tensor("weight", weight, shape=(C_out, C_in), like=x)
+    check_tensor("norm_weight", norm_weight, shape=(C_in,), like=x, optional=True)
+    check_tensor("norm_bias", norm_bias, shape=(C_in,), like=x, optional=True)
+    check_tensor("bias", bias, shape=(C_out,), like=x, optional=True)
+    dt = compute_dtype(x, {"norm_weight": norm_weight, "norm_bias": norm_bias, "weight": weight,
+                           "bias": bias})  # fmt: skip
+    x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
+    y = _cls_proj_fwd(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
+    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)
+
+
+def cross_fusion(
+    cls: Tensor,
+    tokens: Tensor,
+    proj_norm_weight: Tensor | None,
+    proj_norm_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    attn_norm_weight: Tensor | None,
+    attn_norm_bias: Tensor | None,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    bk: Tensor | None,
+    wv: Tensor,
+    bv: Tensor | None,
+    attn_proj_weight: Tensor,
+    attn_proj_bias: Tensor | None,
+    revert_norm_weight: Tensor | None,
+    revert_norm_bias: Tensor | None,
+    revert_weight: Tensor,
+    revert_bias: Tensor | None,
+    num_heads: int,
+    eps: float,
+) -> Tensor:
+    """One fusion step for branch i: revert_projs(cross_attention(projs(cls), tokens)).
+
+    cls: (B, C_i); tokens: (B, 1 + N, C_j), read in place (row 0 ignored). Returns (B, C_i).
+    Limits as `cls_proj` and `cross_attention` (num_heads is branch j's head count).
+    """
+    check_tensor("cls", cls, ndim=2)
+    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
+    f = cross_attention(
+        c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
+        attn_proj_weight, attn_proj_bias, num_heads, eps,
+    )  # fmt: skip
+    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
+
+
+OPS = {"cls_proj": cls_proj, "cross_fusion": cross_fusion}
