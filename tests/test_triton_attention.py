@@ -1,0 +1,174 @@
+"""Triton `self_attention` op (LayerNorm fused into the qkv GEMM, torch SDPA, proj GEMM with the
+residual in its epilogue) and its two registered GEMM ops, against the reference.
+
+Interpreter-sized shapes on CPU; the 2x-of-PyTorch rule (tests/numerics.py) for the output and
+every gradient. Head dims 8..128 and 3 / 7 heads on purpose (CrossViT-18 has 7 heads).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossvit_fast.ops import reference
+from crossvit_fast.ops.triton import self_attention as tsa
+
+from .conftest import DEVICE
+from .numerics import assert_2x_rule
+from .test_triton_mlp import check_against_reference
+
+EPS = 1e-6
+
+
+def attn_inputs(B, N, C, *, affine=True, bias=True, device=DEVICE):
+    """float64 (x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b)."""
+    r = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)
+    return [
+        r(B, N, C) * 2 + 0.5,
+        r(C) * 0.3 + 1 if affine else None,
+        r(C) * 0.1 if affine else None,
+        r(3 * C, C) * C**-0.5,
+        r(3 * C) * 0.1 if bias else None,
+        r(C, C) * C**-0.5,
+        r(C) * 0.1 if bias else None,
+    ]
+
+
+def _fn(op, heads, residual=True):
+    return lambda *a: op(*a, heads, EPS, residual)
+
+
+@pytest.mark.parametrize(
+    "B, N, C, heads, residual, affine, bias",
+    [
+        (2, 5, 32, 4, True, True, True),  # head dim 8
+        (1, 7, 96, 3, True, True, False),  # width 96 (32k, not 64k), 3 heads of 32, no qkv bias
+        (1, 2, 56, 7, False, True, True),  # 7 heads of 8, two tokens
+        (1, 1, 128, 1, True, False, True),  # one token, head dim 128, no LayerNorm affine
+        (1, 197, 64, 1, True, True, True),  # 197 tokens, head dim 64
+    ],
+)
+def test_self_attention_fp32(B, N, C, heads, residual, affine, bias):
+    inputs = attn_inputs(B, N, C, affine=affine, bias=bias)
+    check_against_reference(
+        _fn(tsa.self_attention, heads, residual), _fn(reference.self_attention, heads, residual),
+        inputs, torch.float32, name="self_attention",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_self_attention_16bit(dtype):
+    inputs = attn_inputs(2, 5, 96, bias=True)
+    check_against_reference(
+        _fn(tsa.self_attention, 3),
+        _fn(reference.self_attention, 3),
+        inputs,
+        dtype,
+        name="self_attention",
+    )
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_self_attention_autocast_dtype(x_dtype, residual):
+    inputs = attn_inputs(2, 3, 32)
+    x = inputs[0].to(x_dtype)
+    params = [p.float().requires_grad_() for p in inputs[1:]]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        ours = tsa.self_attention(x, *params, 4, EPS, residual)
+        ref = reference.self_attention(x, *params, 4, EPS, residual)
+    assert ours.dtype == ref.dtype
+    ref64 = reference.self_attention(x.double(), *[p.double() for p in params], 4, EPS, residual)
+    assert_2x_rule(ours, ref, ref64, "autocast self_attention")
+    (g,) = torch.autograd.grad(ours.float().sum(), params[2])
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+def test_self_attention_batch0_and_noncontiguous():
+    params = [p.float() for p in attn_inputs(1, 1, 32)[1:]]
+    x0 = torch.randn(0, 5, 32, device=DEVICE, requires_grad=True)
+    out = tsa.self_attention(x0, *params, 4, EPS)
+    assert out.shape == (0, 5, 32)
+    out.sum().backward()
+    assert x0.grad.shape == x0.shape
+    x = torch.randn(5, 2, 32, device=DEVICE).transpose(0, 1)  # (2, 5, 32), non-contiguous
+    torch.testing.assert_close(
+        tsa.self_attention(x, *params, 4, EPS),
+        reference.self_attention(x, *params, 4, EPS),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_self_attention_errors():
+    x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(1, 3, 32)]
+    with pytest.raises(ValueError, match="num_heads"):
+        tsa.self_attention(x, nw, nb, wqkv, bqkv, wp, bp, 5, EPS)
+    with pytest.raises(ValueError, match="qkv_weight: expected shape"):
+        tsa.self_attention(x, nw, nb, wqkv[:32], bqkv, wp, bp, 4, EPS)
+    with pytest.raises(ValueError, match="x: expected 3 dims"):
+        tsa.self_attention(x[0], nw, nb, wqkv, bqkv, wp, bp, 4, EPS)
+    with pytest.raises(ValueError, match="proj_weight: expected dtype"):
+        tsa.self_attention(x, nw, nb, wqkv, bqkv, wp.half(), bp, 4, EPS)
+    with pytest.raises(ValueError, match="proj_bias: expected a tensor on"):
+        tsa.self_attention(x, nw, nb, wqkv, bqkv, wp, bp.to("meta"), 4, EPS)
+
+
+def test_ln_linear_and_linear_residual_opcheck():
+    x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(2, 3, 32)]
+    x.requires_grad_()
+    wqkv.requires_grad_()
+    torch.library.opcheck(torch.ops.crossvit_fast.ln_linear.default, (x, nw, nb, wqkv, bqkv, EPS))
+    _, mean, rstd = torch.ops.crossvit_fast.ln_linear(x, nw, nb, wqkv, bqkv, EPS)
+    args = (torch.randn(2, 3, 96, device=DEVICE), x.detach(), nw, nb, wqkv.detach(), mean.detach(),
+            rstd.detach(), [True] * 4)  # fmt: skip
+    torch.library.opcheck(torch.ops.crossvit_fast.ln_linear_backward.default, args)
+    o = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.linear_residual.default, (o, wp, bp, x, torch.float32)
+    )
+    args = (torch.randn(2, 3, 32, device=DEVICE), o.detach(), wp, [True, True])
+    torch.library.opcheck(torch.ops.crossvit_fast.linear_residual_backward.default, args)
+
+
+def test_self_attention_torch_compile():
+    inputs = [t.float().requires_grad_() for t in attn_inputs(1, 3, 32)]
+    f = lambda *a: tsa.self_attention(*a, 4, EPS)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs)
+    (g,) = torch.autograd.grad(out.sum(), inputs[3])
+    out_e = f(*inputs)
+    (g_e,) = torch.autograd.grad(out_e.sum(), inputs[3])
+    torch.testing.assert_close(out, out_e)
+    torch.testing.assert_close(g, g_e)
+
+
+# -- GPU tier ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "C, heads, N", [(224, 7, 401), (448, 7, 197), (192, 3, 401), (768, 12, 197)]
+)
+def test_self_attention_gpu_real_shapes(dtype, C, heads, N):
+    inputs = attn_inputs(4, N, C, device="cuda")
+    check_against_reference(
+        _fn(tsa.self_attention, heads),
+        _fn(reference.self_attention, heads),
+        inputs,
+        dtype,
+        name="attn",
+    )
+
+
+@pytest.mark.gpu
+def test_self_attention_gpu_inductor():
+    inputs = [t.float().requires_grad_() for t in attn_inputs(4, 197, 448, device="cuda")]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(lambda *a: tsa.self_attention(*a, 7, EPS), fullgraph=True)(*inputs)
+        ref = reference.self_attention(*inputs, 7, EPS)
+    assert out.dtype == ref.dtype
+    ref64 = reference.self_attention(*[t.double() for t in inputs], 7, EPS)
+    assert_2x_rule(out, ref, ref64, "compiled autocast self_attention")
+    out.sum().backward()
+    assert torch.isfinite(inputs[3].grad).all()

@@ -1,0 +1,342 @@
+"""Triton `mlp` and `layer_norm` ops against the reference (crossvit_fast.ops.reference).
+
+Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1):
+shapes stay tiny (each program instance costs milliseconds there) but keep the ones that break
+kernels. fp32 and 16-bit results follow flash-attention's rule (tests/numerics.py): error
+against a float64 reference <= 2x PyTorch's error in the same dtype + a small dtype floor, for
+the output and every gradient. The `gpu` tier repeats this at CrossViT's real widths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossvit_fast.ops import reference
+from crossvit_fast.ops.triton import layer_norm as tln
+from crossvit_fast.ops.triton import mlp as tmlp
+
+from .conftest import DEVICE, HAS_GPU
+from .numerics import assert_2x_rule
+
+EPS = 1e-6
+
+
+# -- shared helper (the attention and patch-embedding tests import it) ---------------------------
+
+
+def check_against_reference(ours, ref, inputs, dtype, *, grads=True, name=""):
+    """Run `ours` and `ref` on `inputs` cast to `dtype` and `ref` in float64; assert the 2x rule
+    on the output and on the gradient of every floating input that is not None.
+
+    inputs: list of float64 tensors / None / other arguments (passed through)."""
+    cast = lambda dt: [
+        t.detach().to(dt).requires_grad_(grads) if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    ]
+    x64, xdt, xours = cast(torch.float64), cast(dtype), cast(dtype)
+    out64, outdt, out = ref(*x64), ref(*xdt), ours(*xours)
+    assert out.dtype == outdt.dtype, f"{name}: dtype {out.dtype} != reference {outdt.dtype}"
+    assert_2x_rule(out, outdt, out64, f"{name} output")
+    if not grads:
+        return out
+    g = torch.randn_like(out64)
+    tensors = lambda xs: [t for t in xs if isinstance(t, torch.Tensor)]
+    gr64 = torch.autograd.grad(out64, tensors(x64), g)
+    grdt = torch.autograd.grad(outdt, tensors(xdt), g.to(outdt.dtype))
+    gours = torch.autograd.grad(out, tensors(xours), g.to(out.dtype))
+    for i, (a, b, c) in enumerate(zip(gours, grdt, gr64)):
+        assert a.dtype == b.dtype, f"{name} grad {i}: dtype {a.dtype} != {b.dtype}"
+        assert_2x_rule(a, b, c, f"{name} grad of input {i}")
+    return out
+
+
+def mlp_inputs(B, N, C, hidden, *, affine=True, bias=True, device=DEVICE):
+    """float64 (x, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b) at timm-like scales."""
+    r = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)
+    return [
+        r(B, N, C) * 2 + 0.5,  # a residual stream with a non-zero mean
+        r(C) * 0.3 + 1 if affine else None,
+        r(C) * 0.1 if affine else None,
+        r(hidden, C) * C**-0.5,
+        r(hidden) * 0.1 if bias else None,
+        r(C, hidden) * hidden**-0.5,
+        r(C) * 0.1 if bias else None,
+    ]
+
+
+def _mlp_fn(op, residual):
+    return lambda *a: op(*a, EPS, residual)
+
+
+# -- mlp -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "B, N, C, ratio, residual, affine, bias",
+    [
+        (2, 5, 32, 4, True, True, True),
+        (1, 7, 96, 3, True, True, True),  # width 96: a multiple of 32, not of 64; ratio 3
+        (2, 3, 224, 1, False, True, True),  # width 224 (crossvit_18 small branch), ratio 1
+        (1, 1, 32, 4, True, False, False),  # one token; no LayerNorm affine, no biases
+        (1, 197, 32, 1, True, True, True),  # 197 tokens: M not a multiple of any tile
+        (1, 401, 32, 1, False, True, False),  # 401 tokens
+    ],
+)
+def test_mlp_fp32(B, N, C, ratio, residual, affine, bias):
+    inputs = mlp_inputs(B, N, C, C * ratio, affine=affine, bias=bias)
+    check_against_reference(
+        _mlp_fn(tmlp.mlp, residual),
+        _mlp_fn(reference.mlp, residual),
+        inputs,
+        torch.float32,
+        name="mlp",
+    )
+
+
+def test_mlp_1157_tokens_forward():
+    # 1157 tokens (crossvit_*_408 small branch): many M tiles, forward only to stay fast.
+    inputs = mlp_inputs(1, 1157, 32, 32)
+    check_against_reference(
+        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, torch.float32, grads=False
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, N, C, ratio", [(2, 5, 32, 4), (1, 3, 96, 3)])
+def test_mlp_16bit(dtype, B, N, C, ratio):
+    inputs = mlp_inputs(B, N, C, C * ratio)
+    check_against_reference(
+        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
+    )
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_mlp_autocast_dtype(x_dtype, residual):
+    """Under autocast the output dtype (and its gradients' dtypes) equal the reference's; values
+    by the 2x rule against the reference run under the same autocast."""
+    inputs = mlp_inputs(2, 3, 32, 64)
+    x = inputs[0].to(x_dtype)
+    params = [p.float().requires_grad_() if p is not None else None for p in inputs[1:]]
+    dev = torch.device(DEVICE).type
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        ours = tmlp.mlp(x, *params, EPS, residual)
+        ref = reference.mlp(x, *params, EPS, residual)
+    assert ours.dtype == ref.dtype
+    ref64 = reference.mlp(x.double(), *[p.double() for p in params], EPS, residual)
+    assert_2x_rule(ours.to(ref.dtype), ref, ref64, "autocast mlp")
+    (g_ours,) = torch.autograd.grad(ours.float().sum(), params[3])
+    (g_ref,) = torch.autograd.grad(ref.float().sum(), params[3])
+    assert g_ours.dtype == g_ref.dtype == torch.float32
+    torch.testing.assert_close(g_ours, g_ref, rtol=0.05, atol=0.05 * g_ref.abs().max().item())
+
+
+def test_mlp_batch0():
+    inputs = [
+        t.float().requires_grad_() if t is not None else None for t in mlp_inputs(0, 5, 32, 64)
+    ]
+    out = tmlp.mlp(*inputs, EPS)
+    assert out.shape == (0, 5, 32)
+    out.sum().backward()
+    assert inputs[0].grad.shape == (0, 5, 32)
+    assert torch.count_nonzero(inputs[3].grad) == 0  # no rows: zero weight gradient, not garbage
+
+
+def test_mlp_noncontiguous():
+    """x as a transposed view (rows not mergeable into one stride) and a strided grad_out."""
+    inputs = mlp_inputs(5, 3, 32, 64)
+    base = inputs[0].transpose(0, 1).contiguous()  # (N, B, C)
+    inputs[0] = base.transpose(0, 1)  # (B, N, C), non-contiguous
+    assert not inputs[0].is_contiguous()
+    check_against_reference(
+        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, torch.float32
+    )
+
+
+def test_mlp_no_grad_skips_saving():
+    inputs = [t.float() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)]
+    with torch.no_grad():
+        out = torch.ops.crossvit_fast.mlp(*inputs, EPS, True, False)
+    assert out[3].numel() == 0  # pre-activation not written in inference
+
+
+def test_mlp_errors():
+    x, nw, nb, w1, b1, w2, b2 = [
+        t.float() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)
+    ]
+    with pytest.raises(ValueError, match="fc2_weight: expected shape"):
+        tmlp.mlp(x, nw, nb, w1, b1, w2.t(), b2, EPS)
+    with pytest.raises(ValueError, match="norm_weight: expected shape"):
+        tmlp.mlp(x, nw[:16], nb, w1, b1, w2, b2, EPS)
+    with pytest.raises(ValueError, match=r"fc1_weight: expected dtype torch\.float32"):
+        tmlp.mlp(x, nw, nb, w1.half(), b1, w2, b2, EPS)  # mixed dtypes without autocast
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        tmlp.mlp(x.long(), nw, nb, w1, b1, w2, b2, EPS)
+    with pytest.raises(ValueError, match="fc1_bias: expected a tensor on"):
+        tmlp.mlp(x, nw, nb, w1, b1.to("meta"), w2, b2, EPS)
+
+
+def test_mlp_opcheck():
+    inputs = [t.float() if t is not None else None for t in mlp_inputs(2, 3, 32, 32)]
+    inputs[0].requires_grad_()
+    inputs[3].requires_grad_()
+    torch.library.opcheck(torch.ops.crossvit_fast.mlp.default, (*inputs, EPS, True, True))
+    out = torch.ops.crossvit_fast.mlp(*inputs, EPS, True, True)
+    saved = [t.detach() for t in out[1:]]
+    args = (torch.randn_like(inputs[0]), inputs[0].detach(), inputs[1], inputs[2], inputs[3].detach(),
+            inputs[5], *saved, True, [True] * 7)  # fmt: skip
+    torch.library.opcheck(torch.ops.crossvit_fast.mlp_backward.default, args)
+
+
+def test_mlp_torch_compile():
+    """fullgraph=True: the op traces without a graph break; results equal eager."""
+    inputs = [
+        t.float().requires_grad_() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)
+    ]
+    compiled = torch.compile(lambda *a: tmlp.mlp(*a, EPS) * 2, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    (g,) = torch.autograd.grad(out.sum(), inputs[3])
+    out_e = tmlp.mlp(*inputs, EPS) * 2
+    (g_e,) = torch.autograd.grad(out_e.sum(), inputs[3])
+    torch.testing.assert_close(out, out_e)
+    torch.testing.assert_close(g, g_e)
+
+
+# -- layer_norm ----------------------------------------------------------------------------------
+
+
+def _ln(op):
+    return lambda x, w, b: op(x, w, b, EPS)
+
+
+@pytest.mark.parametrize(
+    "shape, affine",
+    [((2, 5, 32), True), ((1, 197, 96), True), ((3, 224), False), ((1, 1, 448), True)],
+)
+def test_layer_norm_fp32(shape, affine):
+    C = shape[-1]
+    r = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float64)
+    inputs = [r(*shape) * 3 + 1, r(C) if affine else None, r(C) if affine else None]
+    check_against_reference(
+        _ln(tln.layer_norm), _ln(reference.layer_norm), inputs, torch.float32, name="ln"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_16bit(dtype):
+    r = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float64)
+    inputs = [r(2, 7, 96) * 3 + 1, r(96), r(96)]
+    check_against_reference(
+        _ln(tln.layer_norm), _ln(reference.layer_norm), inputs, dtype, name="ln"
+    )
+
+
+def test_layer_norm_noncontiguous_and_batch0():
+    x = torch.randn(32, 6, device=DEVICE).t()  # (6, 32) with column stride 6
+    w, b = torch.randn(32, device=DEVICE), torch.randn(32, device=DEVICE)
+    torch.testing.assert_close(tln.layer_norm(x, w, b, EPS), reference.layer_norm(x, w, b, EPS))
+    empty = torch.randn(0, 4, 32, device=DEVICE, requires_grad=True)
+    out = tln.layer_norm(empty, w, b, EPS)
+    assert out.shape == (0, 4, 32)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_autocast_dtype(x_dtype):
+    x = torch.randn(2, 3, 32, device=DEVICE, dtype=x_dtype)
+    w = torch.randn(32, device=DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        assert tln.layer_norm(x, w, w, EPS).dtype == reference.layer_norm(x, w, w, EPS).dtype
+
+
+def test_layer_norm_errors():
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        tln.layer_norm(x, torch.randn(16, device=DEVICE), None, EPS)
+    with pytest.raises(ValueError, match=r"bias: expected dtype torch\.float32"):
+        tln.layer_norm(x, None, torch.randn(32, device=DEVICE, dtype=torch.float16), EPS)
+    with pytest.raises(ValueError, match="supports C <="):
+        tln.layer_norm(torch.empty(1, tln.MAX_WIDTH + 1, device=DEVICE), None, None, EPS)
+
+
+def test_layer_norm_opcheck():
+    x = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.layer_norm.default, (x, w, None, EPS, torch.float32)
+    )
+    _, mean, rstd = torch.ops.crossvit_fast.layer_norm(x, w, None, EPS, torch.float32)
+    args = (
+        torch.randn_like(x),
+        x.detach(),
+        w.detach(),
+        None,
+        mean.detach(),
+        rstd.detach(),
+        True,
+        False,
+    )
+    torch.library.opcheck(torch.ops.crossvit_fast.layer_norm_backward.default, args)
+
+
+# -- GPU tier: CrossViT's real widths, compiled with Inductor --------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C, ratio, N", [(224, 3, 401), (448, 3, 197), (384, 4, 197), (96, 4, 401)])
+def test_mlp_gpu_real_shapes(dtype, C, ratio, N):
+    inputs = mlp_inputs(4, N, C, C * ratio, device="cuda")
+    check_against_reference(
+        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_gpu(dtype):
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float64)
+    inputs = [r(8, 401, 448) * 3 + 1, r(448), r(448)]
+    check_against_reference(
+        _ln(tln.layer_norm), _ln(reference.layer_norm), inputs, dtype, name="ln"
+    )
+
+
+@pytest.mark.gpu
+def test_mlp_gpu_autocast_and_inductor():
+    inputs = [
+        t.float().requires_grad_() if t is not None else None
+        for t in mlp_inputs(4, 197, 448, 1344, device="cuda")
+    ]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled = torch.compile(lambda *a: tmlp.mlp(*a, EPS), fullgraph=True)
+        out = compiled(*inputs)
+        ref = reference.mlp(*inputs, EPS)
+    assert out.dtype == ref.dtype == torch.float32
+    ref64 = reference.mlp(*[t.double() if t is not None else None for t in inputs], EPS)
+    assert_2x_rule(out, ref, ref64, "compiled autocast mlp")
+    out.sum().backward()
+    assert inputs[3].grad is not None and torch.isfinite(inputs[3].grad).all()
+
+
+@pytest.mark.gpu
+def test_mlp_gpu_opcheck():
+    inputs = [
+        t.to(torch.bfloat16) if t is not None else None
+        for t in mlp_inputs(2, 197, 96, 384, device="cuda")
+    ]
+    inputs[0].requires_grad_()
+    torch.library.opcheck(torch.ops.crossvit_fast.mlp.default, (*inputs, EPS, True, True))
+
+
+@pytest.mark.skipif(not HAS_GPU or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_mlp_second_gpu():
+    """Kernels launch on the tensors' device, not the current one."""
+    inputs = [
+        t.float() if t is not None else None for t in mlp_inputs(2, 5, 96, 384, device="cuda:1")
+    ]
+    with torch.cuda.device(0):
+        out = tmlp.mlp(*inputs, EPS)
+    torch.testing.assert_close(out, reference.mlp(*inputs, EPS), rtol=1e-4, atol=1e-4)

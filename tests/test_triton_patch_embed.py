@@ -1,0 +1,230 @@
+"""Triton `patch_embed` (implicit-GEMM patch conv + bias + CLS + position embedding) and
+`token_assemble` (dagger stems: flatten + CLS + position embedding) against the reference.
+
+Patch sizes 8 / 12 / 16 (fusion2 / CrossViT small / large branch), widths that are multiples of
+32 but not 64, batch 0 and 1, non-contiguous images, NCHW and channels_last stem outputs. The
+2x-of-PyTorch rule (tests/numerics.py) for the output and every gradient, the image's included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossvit_fast.ops import reference
+from crossvit_fast.ops.triton import patch_embed as tpe
+
+from .conftest import DEVICE
+from .numerics import assert_2x_rule
+from .test_triton_mlp import check_against_reference
+
+
+def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):
+    """float64 (x, weight, bias, cls_token, pos_embed)."""
+    r = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)
+    n = (H // p) * (W // p)
+    return [r(B, C_in, H, W), r(D, C_in, p, p) * (C_in * p * p) ** -0.5, r(D) * 0.1 if bias else None,
+            r(1, 1, D) * 0.02, r(1, 1 + n, D) * 0.02]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "B, C_in, H, W, D, p, bias",
+    [
+        (2, 3, 16, 32, 32, 8, True),  # patch 8, non-square image
+        (1, 3, 24, 24, 96, 12, False),  # patch 12, width 96 (32k, not 64k), no bias
+        (2, 3, 32, 16, 64, 16, True),  # patch 16
+        (1, 2, 16, 16, 32, 16, True),  # a single patch (one token + CLS)
+    ],
+)
+def test_patch_embed_fp32(B, C_in, H, W, D, p, bias):
+    inputs = pe_inputs(B, C_in, H, W, D, p, bias=bias)
+    check_against_reference(
+        tpe.patch_embed, reference.patch_embed, inputs, torch.float32, name="patch_embed"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_patch_embed_16bit(dtype):
+    inputs = pe_inputs(2, 3, 24, 36, 96, 12)
+    check_against_reference(
+        tpe.patch_embed, reference.patch_embed, inputs, dtype, name="patch_embed"
+    )
+
+
+def test_patch_embed_noncontiguous_image_no_image_grad():
+    """A channels_last image and a strided view; the image does not require grad (the usual
+    case: the image gradient kernel must not run, parameters still get theirs)."""
+    x, w, b, cls, pos = [t.float() for t in pe_inputs(2, 3, 16, 16, 32, 8)]
+    x = x.contiguous(memory_format=torch.channels_last)
+    params = [t.requires_grad_() for t in (w, b, cls, pos)]
+    out = tpe.patch_embed(x, *params)
+    ref = reference.patch_embed(x, *params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), params)
+    refs = torch.autograd.grad(ref.sum(), params)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    big = torch.randn(2, 3, 20, 34, device=DEVICE)[
+        :, :, 2:18, 1:33:2
+    ]  # (2, 3, 16, 16) strided view
+    torch.testing.assert_close(tpe.patch_embed(big, w, b, cls, pos), reference.patch_embed(big, w, b, cls, pos),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_patch_embed_batch0():
+    x, w, b, cls, pos = [t.float().requires_grad_() for t in pe_inputs(0, 3, 16, 16, 32, 8)]
+    out = tpe.patch_embed(x, w, b, cls, pos)
+    assert out.shape == (0, 5, 32)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(pos.grad) == 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_patch_embed_autocast_dtype(x_dtype):
+    x, w, b, cls, pos = [t.float() for t in pe_inputs(2, 3, 16, 16, 32, 8)]
+    x = x.to(x_dtype)
+    params = [t.requires_grad_() for t in (w, b, cls, pos)]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        ours = tpe.patch_embed(x, *params)
+        ref = reference.patch_embed(x, *params)
+    assert ours.dtype == ref.dtype
+    ref64 = reference.patch_embed(x.double(), *[t.double() for t in params])
+    assert_2x_rule(ours, ref, ref64, "autocast patch_embed")
+    grads = torch.autograd.grad(ours.float().sum(), params)
+    assert [g.dtype for g in grads] == [torch.float32] * 4
+
+
+def test_patch_embed_errors():
+    x, w, b, cls, pos = [t.float() for t in pe_inputs(1, 3, 16, 16, 32, 8)]
+    with pytest.raises(
+        ValueError, match=r"image size \(16, 20\) is not divisible by the patch size 8"
+    ):
+        tpe.patch_embed(torch.randn(1, 3, 16, 20, device=DEVICE), w, b, cls, pos)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        tpe.patch_embed(torch.randn(1, 4, 16, 16, device=DEVICE), w, b, cls, pos)
+    with pytest.raises(ValueError, match="pos_embed: expected shape"):
+        tpe.patch_embed(x, w, b, cls, pos[:, :4])
+    with pytest.raises(ValueError, match="weight: expected dtype"):
+        tpe.patch_embed(x, w.half(), b, cls, pos)
+    with pytest.raises(ValueError, match="square patch kernel"):
+        tpe.patch_embed(x, w[..., :4], b, cls, pos)
+    with pytest.raises(ValueError, match="cls_token: expected a tensor on"):
+        tpe.patch_embed(x, w, b, cls.to("meta"), pos)
+    with pytest.raises(ValueError, match="x: expected 4 dims"):
+        tpe.patch_embed(x[0], w, b, cls, pos)
+
+
+def test_patch_embed_opcheck():
+    x, w, b, cls, pos = [t.float().requires_grad_() for t in pe_inputs(2, 3, 16, 16, 32, 8)]
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.patch_embed.default, (x, w, b, cls, pos, torch.float32)
+    )
+    args = (torch.randn(2, 5, 32, device=DEVICE), x.detach(), w.detach(), [True, True])
+    torch.library.opcheck(torch.ops.crossvit_fast.patch_embed_backward.default, args)
+
+
+def test_patch_embed_torch_compile():
+    inputs = [t.float().requires_grad_() for t in pe_inputs(1, 3, 16, 16, 32, 8)]
+    out = torch.compile(tpe.patch_embed, fullgraph=True, backend="aot_eager")(*inputs)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    ref = tpe.patch_embed(*inputs)
+    refs = torch.autograd.grad(ref.sum(), inputs)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r)
+
+
+# -- token_assemble ------------------------------------------------------------------------------
+
+
+def ta_inputs(B, D, h, w, device=DEVICE):
+    r = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)
+    return [r(B, D, h, w), r(1, 1, D), r(1, 1 + h * w, D)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B, D, h, w, channels_last",
+    [
+        (2, 32, 3, 4, False),
+        (2, 96, 5, 4, True),  # channels_last stem output (the dagger stem's cuDNN layout)
+        (1, 32, 1, 7, False),  # h == 1
+        (3, 16, 2, 1, True),  # w == 1
+    ],
+)
+def test_token_assemble(dtype, B, D, h, w, channels_last):
+    inputs = ta_inputs(B, D, h, w)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def ours(feat, cls, pos):
+        return tpe.token_assemble(feat.contiguous(memory_format=fmt), cls, pos)
+
+    check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")
+
+
+def test_token_assemble_grad_layout_and_batch0():
+    feat = torch.randn(2, 32, 3, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    feat.requires_grad_()
+    cls, pos = [t.float() for t in ta_inputs(1, 32, 3, 4)[1:]]
+    (g,) = torch.autograd.grad(tpe.token_assemble(feat, cls, pos).sum(), feat)
+    assert g.is_contiguous(memory_format=torch.channels_last)  # handed to cuDNN without a copy
+    f0 = torch.randn(0, 32, 3, 4, device=DEVICE, requires_grad=True)
+    pos0 = pos.clone().requires_grad_()
+    out = tpe.token_assemble(f0, cls, pos0)
+    assert out.shape == (0, 13, 32)
+    out.sum().backward()
+    assert f0.grad.shape == f0.shape and torch.count_nonzero(pos0.grad) == 0
+
+
+def test_token_assemble_dtypes_errors_opcheck():
+    feat, cls, pos = [t.float() for t in ta_inputs(2, 32, 3, 4)]
+    # Mixed dtypes promote as torch.cat / + do (no autocast rule applies to them).
+    out = tpe.token_assemble(feat.bfloat16(), cls, pos)
+    assert out.dtype == reference.token_assemble(feat.bfloat16(), cls, pos).dtype == torch.float32
+    with pytest.raises(ValueError, match="pos_embed: expected shape"):
+        tpe.token_assemble(feat, cls, pos[:, 1:])
+    with pytest.raises(ValueError, match="cls_token: expected shape"):
+        tpe.token_assemble(feat, cls[0], pos)
+    feat.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.token_assemble.default, (feat, cls, pos, torch.float32)
+    )
+    args = (torch.randn(2, 13, 32, device=DEVICE), [2, 32, 3, 4], torch.float32, False, True)
+    torch.library.opcheck(torch.ops.crossvit_fast.token_assemble_backward.default, args)
+
+
+# -- GPU tier ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "img, D, p", [(240, 224, 12), (224, 448, 16), (240, 96, 12), (224, 768, 16)]
+)
+def test_patch_embed_gpu_real_shapes(dtype, img, D, p):
+    inputs = pe_inputs(4, 3, img, img, D, p, device="cuda")
+    check_against_reference(
+        tpe.patch_embed, reference.patch_embed, inputs, dtype, name="patch_embed"
+    )
+
+
+@pytest.mark.gpu
+def test_patch_embed_gpu_inductor_autocast():
+    inputs = [t.float().requires_grad_() for t in pe_inputs(4, 3, 240, 240, 224, 12, device="cuda")]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(tpe.patch_embed, fullgraph=True)(*inputs)
+        ref = reference.patch_embed(*inputs)
+    assert out.dtype == ref.dtype
+    assert_2x_rule(out, ref, reference.patch_embed(*[t.double() for t in inputs]), "patch_embed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_assemble_gpu(dtype):
+    inputs = ta_inputs(8, 448, 14, 14, device="cuda")
+
+    def ours(feat, cls, pos):
+        return tpe.token_assemble(feat.contiguous(memory_format=torch.channels_last), cls, pos)
+
+    check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")
