@@ -221,14 +221,17 @@ def _attend_rows(x, mask_n, mask_c, w, kt, m_i, l_i, acc, C, eps, qk_scale,
 
 
 @triton.jit
-def _store_u_lse(u_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H, C,
-                 HAS_B: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    """u_h = acc_h / l_h + beta -> u (B, H, C); lse (B, BLOCK_H) fp32 in base 2."""
-    u = acc / l_i[:, None]
-    if HAS_B:
-        u = u + beta[None, :]  # sum_n a_hn = 1: beta passes through the average exactly
+def _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H,
+                 C, HAS_B: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """u~_h = acc_h / l_h -> ut (B, H, C) fp32 (for backward's delta); u_h = u~_h + beta -> u
+    (B, H, C) in the GEMM dtype; lse (B, BLOCK_H) fp32 in base 2."""
+    ut = acc / l_i[:, None]
     offs = b * H * C + heads[:, None] * C + cols[None, :]
-    tl.store(u_ptr + offs, u, mask=mask_h[:, None] & mask_c[None, :])
+    mask = mask_h[:, None] & mask_c[None, :]
+    tl.store(ut_ptr + offs, ut, mask=mask)
+    if HAS_B:
+        ut = ut + beta[None, :]  # sum_n a_hn = 1: beta passes through the average exactly
+    tl.store(u_ptr + offs, ut, mask=mask)
     tl.store(lse_ptr + b * BLOCK_H + heads, m_i + tl.log2(l_i))
 
 
@@ -238,7 +241,7 @@ def _cross_attention_fwd_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,  # (B, 1 + N, C): rows 1..N are read in place
     kt_ptr, stride_kh, stride_kb,  # k~ (H, B, C), unit column stride, dot dtype
     w_ptr, b_ptr,  # norm1 affine (C,)
-    u_ptr, lse_ptr,  # SINGLE: u (B, H, C), lse (B, BLOCK_H)
+    u_ptr, ut_ptr, lse_ptr,  # SINGLE: u, u~ (B, H, C), lse (B, BLOCK_H)
     m_ptr, l_ptr, acc_ptr,  # else partials (B, S, BLOCK_H) x2, (B, S, H, C) fp32
     N, C, H, rows_per_split, eps, qk_scale,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -280,8 +283,8 @@ def _cross_attention_fwd_kernel(
                                      HAS_W, IEEE)  # fmt: skip
     if SINGLE:
         beta = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_B else None
-        _store_u_lse(u_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H, C,
-                     HAS_B, BLOCK_H)  # fmt: skip
+        _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c,
+                     H, C, HAS_B, BLOCK_H)  # fmt: skip
     else:
         S = tl.num_programs(1)
         ml = (b * S + s) * BLOCK_H + heads
@@ -293,7 +296,7 @@ def _cross_attention_fwd_kernel(
 
 @triton.jit
 def _cross_attention_merge_kernel(
-    m_ptr, l_ptr, acc_ptr, b_ptr, u_ptr, lse_ptr, S, C, H,
+    m_ptr, l_ptr, acc_ptr, b_ptr, u_ptr, ut_ptr, lse_ptr, S, C, H,
     HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Grid (B,): merge the S (max, sum, acc) partials of one sample in split order."""
@@ -318,8 +321,8 @@ def _cross_attention_merge_kernel(
         acc = acc * alpha[:, None] + acc_s * alpha_s[:, None]
         m_i = m_new
     beta = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_B else None
-    _store_u_lse(u_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H, C, HAS_B,
-                 BLOCK_H)  # fmt: skip
+    _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H, C,
+                 HAS_B, BLOCK_H)  # fmt: skip
 
 
 # -- the token pass: backward -----------------------------------------------------------------------
@@ -327,7 +330,7 @@ def _cross_attention_merge_kernel(
 
 @triton.jit
 def _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C, eps, qk_scale, scale,
-                     HAS_W: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                     HAS_W: tl.constexpr, IEEE: tl.constexpr, ONE_KEY: tl.constexpr):  # fmt: skip
     """Gradient of one block of rows. Returns dn = dL/dLN(x) (BLOCK_N, BLOCK_C) fp32, x^, rstd
     and dkt += dz^T y (times `scale` by the caller)."""
     xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
@@ -338,9 +341,11 @@ def _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C, eps, qk_s
     yt = tl.trans(y)
     p = tl.exp2(_mm(kt, yt, IEEE) * qk_scale - lse[:, None])  # softmax weights, recomputed
     p = tl.where(mask_n[None, :], p, 0.0)
-    dz = p * (_mm(du, yt, IEEE) - delta[:, None])  # a (da - sum_m a da), da_hn = du_h . LN(x_n)
-    dn = _mm(tl.trans(p).to(y.dtype), du, IEEE) + _mm(tl.trans(dz * scale).to(y.dtype), kt, IEEE)
-    dkt += _mm(dz.to(y.dtype), y, IEEE)
+    dn = _mm(tl.trans(p).to(y.dtype), du, IEEE)
+    if not ONE_KEY:  # (one key: a = 1 is constant, dz = 0 exactly, not rounding noise)
+        dz = p * (_mm(du, yt, IEEE) - delta[:, None])  # a (da - sum a da), da_hn = du_h . LN(x_n)
+        dn += _mm(tl.trans(dz * scale).to(y.dtype), kt, IEEE)
+        dkt += _mm(dz.to(y.dtype), y, IEEE)
     return dn, xhat, rstd, dkt
 
 
@@ -350,14 +355,14 @@ def _cross_attention_bwd_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,
     kt_ptr, stride_kh, stride_kb,  # k~ (H, B, C)
     du_ptr, stride_duh, stride_dub,  # dL/du (H, B, C)
-    u_ptr, lse_ptr,  # u (B, H, C), lse (B, BLOCK_H)
-    w_ptr, b_ptr,
+    ut_ptr, lse_ptr,  # u~ = u - beta (B, H, C) fp32, lse (B, BLOCK_H)
+    w_ptr,  # norm1 weight (C,); beta only enters through u~
     dtok_ptr, stride_db, stride_dn,  # (B, 1 + N, C), unit column stride
     dn0_ptr,  # (B, C): the attention part of dL/dLN(cls), written by split 0
     dkt_ptr, stride_dks, stride_dkh, stride_dkb,  # (S, H, B, C) partials of dL/dk~
     part_ptr,  # (B, S, 2, C) fp32 partials of dgamma, dbeta over the token rows
     N, C, H, rows_per_split, eps, qk_scale, scale,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_W: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, ONE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, S), the same row ranges as the forward. One pass over the rows: recompute p from
@@ -379,12 +384,10 @@ def _cross_attention_bwd_kernel(
         kt = kt.to(tl.float32)
         du = du.to(tl.float32)
     lse = tl.load(lse_ptr + b * BLOCK_H + heads)
-    # delta_h = sum_n a_hn da_hn = du_h . u_h; the beta parts of da and u cancel in da - delta
-    u = tl.load(u_ptr + b * H * C + heads[:, None] * C + cols[None, :], mask=mask_hc, other=0.0)
-    u = u.to(tl.float32)
-    if HAS_B:
-        u = u - tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    delta = tl.sum(du.to(tl.float32) * tl.where(mask_hc, u, 0.0), axis=1)
+    # delta_h = sum_n a_hn da_hn = du_h . u_h; the beta parts of da and u cancel in da - delta,
+    # so delta = du_h . u~_h from the fp32 u~ (no rounding of u~ + beta - beta)
+    ut = tl.load(ut_ptr + b * H * C + heads[:, None] * C + cols[None, :], mask=mask_hc, other=0.0)
+    delta = tl.sum(du.to(tl.float32) * ut, axis=1)
 
     dkt = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
     dw = tl.zeros([BLOCK_C], tl.float32)
@@ -396,7 +399,7 @@ def _cross_attention_bwd_kernel(
         x = tl.load(cls_ptr + b * stride_cb + rows[:, None] * 0 + cols[None, :] * stride_cc,
                     mask=mask, other=0.0)  # fmt: skip
         dn, _, _, dkt = _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C, eps,
-                                         qk_scale, scale, HAS_W, IEEE)  # fmt: skip
+                                         qk_scale, scale, HAS_W, IEEE, ONE_KEY)  # fmt: skip
         offs = b * C + rows[:, None] * 0 + cols[None, :]
         tl.store(dn0_ptr + offs, dn, mask=mask)
         # row 0 of tokens (the other branch's own CLS) is not used: zero gradient
@@ -411,7 +414,7 @@ def _cross_attention_bwd_kernel(
         x = tl.load(tok_ptr + b * stride_tb + offs_n[:, None] * stride_tn + cols[None, :] * stride_tc,
                     mask=mask, other=0.0)  # fmt: skip
         dn, xhat, rstd, dkt = _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C,
-                                               eps, qk_scale, scale, HAS_W, IEEE)  # fmt: skip
+                                               eps, qk_scale, scale, HAS_W, IEEE, ONE_KEY)  # fmt: skip
         dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
         tl.store(dtok_ptr + b * stride_db + offs_n[:, None] * stride_dn + cols[None, :], dx,
                  mask=mask)  # fmt: skip
@@ -488,10 +491,10 @@ def _split_plan(B: int, N: int, block_n: int, device: torch.device) -> tuple[int
     2 * #SMs / B programs (flash-decoding), each of at least _MIN_BLOCKS_PER_SPLIT blocks."""
     n_blocks = triton.cdiv(max(N, 1), block_n)
     sms = _sm_count(device)
-    splits = (
-        1 if B >= sms else min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT)
-    )
-    rows = triton.cdiv(n_blocks, max(splits, 1)) * block_n
+    splits = 1
+    if sms > B:
+        splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
+    rows = triton.cdiv(n_blocks, splits) * block_n
     return triton.cdiv(max(N, 1), rows), rows
 
 
@@ -576,7 +579,7 @@ def cls_norm_bwd(
 
 def _head_view(t: Tensor, H: int) -> Tensor:
     """(B, C) -> (H, B, d) view, the batched-GEMM layout of per-head slabs."""
-    return t.view(t.shape[0], H, -1).transpose(0, 1)
+    return t.view(t.shape[0], H, t.shape[1] // H).transpose(0, 1)
 
 
 # -- registered ops ---------------------------------------------------------------------------------
@@ -599,9 +602,9 @@ def _cross_attention_fwd(
     num_heads: int,
     eps: float,
     residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out (B, C), and for backward: LN(cls) (B, C), q (B, C), k~ (H, B, C),
-    u (B, H, C), lse (B, 16) fp32 base 2, o (B, C)). Weights are in the compute dtype `wq.dtype`;
+    u (B, H, C), u~ = u - beta (B, H, C) fp32, lse (B, 16) fp32 base 2, o (B, C)). Weights are in the compute dtype `wq.dtype`;
     cls / tokens / norm params may be any of fp32/fp16/bf16 (autocast: LN math in fp32).
     bk is unused: it cancels in the softmax."""
     B, C = cls.shape
@@ -616,6 +619,7 @@ def _cross_attention_fwd(
     q = torch.addmm(bq, n0, wq.t()) if bq is not None else torch.mm(n0, wq.t())
     kt = torch.bmm(_head_view(q, H), wk.reshape(H, d, C))  # (H, B, C): k~_h = W_k,h^T q_h
     u = cls.new_empty((B, H, C), dtype=dt)
+    ut = cls.new_empty((B, H, C), dtype=torch.float32)
     lse = cls.new_empty((B, _MAX_HEADS), dtype=torch.float32)
     if B > 0:
         block_n, block_c, num_warps = _token_tiles(C)
@@ -633,13 +637,13 @@ def _cross_attention_fwd(
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias,
-            u, lse, part_m, part_l, part_acc, N, C, H, rows, eps, d**-0.5 * _LOG2E,
+            u, ut, lse, part_m, part_l, part_acc, N, C, H, rows, eps, d**-0.5 * _LOG2E,
             SINGLE=single, BLOCK_N=block_n, num_warps=num_warps, **flags, **_dot_flags(dt),
         )  # fmt: skip
         if not single:
             _launch(
                 _cross_attention_merge_kernel, (B,), cls.device,
-                part_m, part_l, part_acc, norm_bias, u, lse, S, C, H,
+                part_m, part_l, part_acc, norm_bias, u, ut, lse, S, C, H,
                 HAS_B=flags["HAS_B"], BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=num_warps,
             )  # fmt: skip
     o = cls.new_empty((B, C), dtype=dt)
@@ -655,7 +659,7 @@ def _cross_attention_fwd(
             else o @ proj_weight.t()
         )
         out = cls + y if residual else y
-    return out, n0, q, kt, u, lse, o
+    return out, n0, q, kt, u, ut, lse, o
 
 
 @register_op("crossvit_fast::cross_attention_bwd")
@@ -673,6 +677,7 @@ def _cross_attention_bwd(
     q: Tensor,
     kt: Tensor,
     u: Tensor,
+    ut: Tensor,
     lse: Tensor,
     o: Tensor,
     num_heads: int,
@@ -703,12 +708,12 @@ def _cross_attention_bwd(
             _cross_attention_bwd_kernel, (B, S), cls.device,
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
-            kt, kt.stride(0), kt.stride(1), du, du.stride(0), du.stride(1), u, lse,
-            norm_weight, norm_bias, dtokens, dtokens.stride(0), dtokens.stride(1), dn0,
+            kt, kt.stride(0), kt.stride(1), du, du.stride(0), du.stride(1), ut, lse,
+            norm_weight, dtokens, dtokens.stride(0), dtokens.stride(1), dn0,
             dkt_part, *dkt_part.stride()[:3], part,
             N, C, H, rows, eps, d**-0.5 * _LOG2E, d**-0.5,
-            HAS_W=norm_weight is not None, HAS_B=norm_bias is not None, BLOCK_N=block_n,
-            BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=num_warps, **_dot_flags(dt),
+            HAS_W=norm_weight is not None, ONE_KEY=N == 0, BLOCK_N=block_n, BLOCK_C=block_c,
+            BLOCK_H=_MAX_HEADS, num_warps=num_warps, **_dot_flags(dt),
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
     dq = cls.new_empty((B, C), dtype=dt)
@@ -724,22 +729,22 @@ def _cross_attention_bwd(
 
 def _setup_context(ctx, inputs, output) -> None:
     cls, tokens, nw, nb, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual = inputs
-    _, n0, q, kt, u, lse, o = output
-    ctx.mark_non_differentiable(n0, q, kt, u, lse, o)
+    _, n0, q, kt, u, ut, lse, o = output
+    ctx.mark_non_differentiable(n0, q, kt, u, ut, lse, o)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, lse, o)
+    ctx.save_for_backward(cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o)
     ctx.args = (num_heads, eps, residual)
     # dtypes of the optional inputs (None: absent, no gradient)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bq, bk, bv, bo))
 
 
 def _backward(ctx, dout, *_):
-    cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, lse, o = ctx.saved_tensors
+    cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o = ctx.saved_tensors
     C = cls.shape[1]
     if dout is None:
         return (None,) * 15
     dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_bwd(
-        dout, cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, lse, o, *ctx.args
+        dout, cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o, *ctx.args
     )
     dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
     dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0

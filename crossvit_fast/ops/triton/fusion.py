@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
 from ..common import check_tensor
 from .cross_attention import (
     cast,
