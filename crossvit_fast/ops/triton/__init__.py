@@ -35,7 +35,14 @@ def availability(device_type: str) -> tuple[bool, str]:
 
 # Kernel modules of this backend; each exports `OPS: dict[op name, functional]`. Ops no module
 # provides fall back to the reference (crossvit_fast.backends).
-_KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "mlp", "self_attention", "patch_embed")
+_KERNEL_MODULES: tuple[str, ...] = (
+    "layer_norm",
+    "mlp",
+    "self_attention",
+    "patch_embed",
+    "cross_attention",
+    "fusion",
+)
 
 
 def ops() -> dict:
