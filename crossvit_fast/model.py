@@ -9,6 +9,8 @@ they contain no math of their own beyond drop-path, dropout routing and resizing
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -407,6 +409,7 @@ class CrossViT(nn.Module):
                 raise RuntimeError(f"backend {name!r} is not available: {why}")
         self._backend = name
         self._opsets = {}
+        self._warm_opset()
         return self
 
     def opset(self, device: torch.device | str) -> backends.OpSet:
@@ -416,6 +419,23 @@ class CrossViT(nn.Module):
         if ops is None:
             ops = self._opsets[dt] = backends.resolve(self._backend, dt)
         return ops
+
+    def _warm_opset(self) -> None:
+        """Resolve the ops for the parameters' device now, outside any forward.
+
+        `torch.compile` cannot trace the resolution (it imports backend modules), so the forward
+        must find the OpSet cached: inputs always share the parameters' device (checked), and this
+        runs at construction, on `set_backend` and after every `.to()` / `.cuda()` (`_apply`). An
+        explicit backend that cannot run on the current device (e.g. "cuda" before `.cuda()`) is
+        not an error yet: the forward raises it, with the reason, if the model runs there.
+        """
+        with contextlib.suppress(RuntimeError):
+            self.opset(self.cls_token_0.device)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._warm_opset()
+        return out
 
     def extra_repr(self) -> str:
         return f"backend={self._backend!r}"
