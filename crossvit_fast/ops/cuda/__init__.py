@@ -1,6 +1,12 @@
-"""CUDA C++ backend: kernels in csrc/, built as `crossvit_fast._C` (prebuilt or JIT).
+"""CUDA C++ backend: hand-written kernels in csrc/, built as `crossvit_fast._C` (prebuilt by
+setup.py, or JIT-built on first use: see `build`).
 
-Importing this package loads nothing; `availability()` and `ops()` do.
+Ops (`functional`): LayerNorm with fused residual add / GELU / output cast, bias + GELU epilogue,
+patch-embedding token assembly, and the K/V-free CLS cross-attention core; GEMMs go through
+cuBLAS. Kernels are registered as torch.library custom ops (`kernels`).
+
+Importing this package loads nothing; `availability("cuda")` loads (possibly builds) the
+extension and says exactly why it is unavailable; `ops()` imports the op definitions only.
 """
 
 from __future__ import annotations
@@ -9,14 +15,22 @@ import torch
 
 
 def availability(device_type: str) -> tuple[bool, str]:
+    if torch.version.cuda is None:
+        return (
+            False,
+            f"torch {torch.__version__} is a CPU-only build (the CUDA kernels need a CUDA build of torch)",
+        )
     if device_type != "cuda":
         return False, f"CUDA kernels need CUDA tensors; got {device_type} tensors"
-    if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU-only build"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU visible to torch"
-    return False, "the CUDA C++ kernels are not built yet (issue: CUDA C++ backend)"
+    from . import build
+
+    return build.status()
 
 
 def ops() -> dict:
-    return {}
+    """op name -> implementation (does not load the extension)."""
+    from .functional import OPS
+
+    return dict(OPS)
