@@ -5,7 +5,9 @@
 //
 // The Python functionals raise ValueError for user mistakes before reaching this file; the
 // TORCH_CHECKs here guard the C++ entry points themselves.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <vector>

@@ -207,7 +207,7 @@ def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor
     """`cat(cls_token, flatten(feat)) + pos_embed` in one kernel. feat: (B, D, h, w) (NCHW or
     channels-last, read through its strides); cls_token: (1, 1, D); pos_embed: (1, 1 + h*w, D)."""
     check_tensor("token_assemble feat", feat, ndim=4)
-    B, D, h, w = feat.shape
+    _, D, h, w = feat.shape
     check_tensor("token_assemble cls_token", cls_token, shape=(1, 1, D), like=feat)
     check_tensor("token_assemble pos_embed", pos_embed, shape=(1, 1 + h * w, D), like=feat)
     out = torch.promote_types(torch.promote_types(feat.dtype, cls_token.dtype), pos_embed.dtype)

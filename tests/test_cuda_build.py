@@ -1,0 +1,383 @@
+"""CPU-runnable tests of the CUDA C++ backend.
+
+* availability and build messages (CPU-only torch here), setup.py without the extension, the
+  JIT build lock (stale lock files, a live holder, torch's stale baton);
+* fake kernels (meta tensors) and the functionals' ValueErrors;
+* `nvcc` marker: every csrc/*.cu compiled with nvcc for sm_80 and sm_90a;
+* the kernels themselves, run by the CPU emulator (csrc/emu: the same source, one host thread
+  per CUDA thread) against the reference, with the check helpers of the GPU tier
+  (tests/test_cuda_ops.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import crossvit_fast
+from crossvit_fast.ops.cuda import build, kernels
+from crossvit_fast.ops.cuda import functional as CF
+
+from . import golden
+from . import test_cuda_ops as T
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CPU_ONLY = torch.version.cuda is None
+
+
+# -- availability, setup.py, JIT lock -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="torch has CUDA here")
+def test_availability_says_cpu_only_torch():
+    ok, why = crossvit_fast.available_backends()["cuda"]
+    assert not ok
+    assert f"torch {torch.__version__} is a CPU-only build" in why
+    ok, why = crossvit_fast.backends.backend_availability("cuda", "cuda")
+    assert not ok and "CPU-only build" in why
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        crossvit_fast.create_model("crossvit_tiny_240", backend="cuda")
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="torch has CUDA here")
+def test_extension_load_reports_cpu_only_and_is_cached():
+    build._reset_for_tests()
+    try:
+        with pytest.raises(RuntimeError, match="CPU-only build"):
+            build.extension()
+        assert "CPU-only" in build._state["error"]
+        assert build.status() == (False, build._state["error"])
+    finally:
+        build._reset_for_tests()
+
+
+def test_import_does_not_load_or_build_the_extension():
+    code = textwrap.dedent("""
+        import sys, crossvit_fast
+        crossvit_fast.available_backends()
+        from crossvit_fast.ops import cuda
+        cuda.ops()
+        assert "crossvit_fast._C" not in sys.modules
+        from crossvit_fast.ops.cuda import build
+        assert build._state["module"] is None
+        print("ok")
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="torch has CUDA here")
+def test_setup_extension_without_cuda_says_why():
+    code = "from crossvit_fast.ops.cuda.build import setup_extension; print(setup_extension())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("crossvit_fast: building without the CUDA extension (torch ")
+    assert "CPU-only build" in lines[0]
+    assert lines[-1] == "([], {})"
+
+
+def test_setup_py_installs_without_torch(tmp_path):
+    """An isolated build env has no torch: setup.py still works and says why in one line."""
+    shim = tmp_path / "sitecustomize.py"  # make `import torch` fail in the child
+    shim.write_text("import sys\nsys.modules['torch'] = None\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    out = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "crossvit_fast: building without the CUDA extension (" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == crossvit_fast.__version__
+
+
+def test_skip_env_knob(monkeypatch, capsys):
+    monkeypatch.setenv("CROSSVIT_FAST_SKIP_CUDA_BUILD", "1")
+    assert build.setup_extension() == ([], {})
+    assert "CROSSVIT_FAST_SKIP_CUDA_BUILD" in capsys.readouterr().out
+
+
+def test_sources_exist_and_are_shipped():
+    assert [Path(p).name for p in build.source_paths()] == list(build.SOURCES)
+    assert "recursive-include csrc" in (ROOT / "MANIFEST.in").read_text()
+
+
+def test_lock_with_stale_file_is_acquired_at_once(tmp_path):
+    lock = tmp_path / "crossvit_fast.build.lock"
+    lock.write_text("12345\n")  # left by a process that was killed mid-build
+    t = time.monotonic()
+    with build.build_lock(lock, timeout=5):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert time.monotonic() - t < 2
+
+
+def test_lock_held_by_a_live_process_times_out_clearly(tmp_path):
+    lock = tmp_path / "crossvit_fast.build.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(build.BuildLockTimeout, match="held by another process"),
+            build.build_lock(lock, timeout=0.5),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with build.build_lock(lock, timeout=5):  # the holder died: its lock went with it
+        pass
+
+
+def test_stale_torch_baton_is_removed(tmp_path):
+    (tmp_path / "lock").write_text("")
+    assert build.remove_stale_torch_baton(tmp_path)
+    assert not (tmp_path / "lock").exists()
+    assert not build.remove_stale_torch_baton(tmp_path)
+
+
+def test_first_error_lines_of_a_compiler_log():
+    log = (
+        "ninja: build stopped\n[1/5] nvcc ...\nfoo.cu(12): error: identifier x is undefined\nmore\n"
+    )
+    assert build._first_error_lines(log).startswith("foo.cu(12): error: identifier x")
+
+
+# -- fake kernels and input validation ------------------------------------------------------------
+
+
+def test_fake_kernels_shapes_on_meta():
+    m = dict(device="meta")
+    x = torch.empty(2, 5, 64, **m)
+    y, s, mean, rstd = kernels.layer_norm(x, x, None, None, 1e-6, True, torch.bfloat16)
+    assert (y.shape, y.dtype, s.shape, mean.shape, rstd.dtype) == (
+        x.shape,
+        torch.bfloat16,
+        x.shape,
+        (10,),
+        torch.float32,
+    )
+    assert kernels.layer_norm(x, None, None, None, 1e-6, False, torch.float32)[1].shape == (0,)
+    assert kernels.bias_gelu(x, None).shape == x.shape
+    out = kernels.token_assemble(
+        torch.empty(2, 9, 64, **m),
+        None,
+        torch.empty(64, **m),
+        torch.empty(10, 64, **m),
+        torch.float32,
+    )
+    assert out.shape == (2, 10, 64)
+    u, lse, mean, rstd = kernels.cross_attention_core(
+        x[:, 0], x, None, None, torch.empty(2, 4, 64, **m), 0.25, 1e-6
+    )
+    assert (u.shape, lse.shape, mean.shape, u.dtype) == ((2, 4, 64), (2, 4), (2, 5), torch.float32)
+    dx, dw, _db = kernels.layer_norm_backward(
+        x, x, mean.flatten(), mean.flatten(), None, None, False
+    )
+    assert dx.shape == x.shape and dw.shape == (64,)
+
+
+def test_functionals_raise_value_errors():
+    cls, tok = torch.randn(2, 64), torch.randn(2, 5, 64)
+    w = [torch.randn(64, 64) for _ in range(4)]
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        CF.cross_attention(
+            cls, tok, None, None, w[0], None, w[1], None, w[2], None, w[3], None, 5, 1e-6
+        )
+    with pytest.raises(ValueError, match=r"tokens: expected shape \(2, 1 \+ N, 64\)"):
+        CF.cross_attention(
+            cls, tok[:, :, :32], None, None, w[0], None, w[1], None, w[2], None, w[3], None, 4, 1e-6
+        )
+    with pytest.raises(ValueError, match=r"wk weight: expected shape \(64, 64\)"):
+        CF.cross_attention(
+            cls, tok, None, None, w[0], None, w[1][:32], None, w[2], None, w[3], None, 4, 1e-6
+        )
+    with pytest.raises(ValueError, match="expected dtype in"):
+        CF.layer_norm(torch.ones(2, 3, dtype=torch.int32), None, None, 1e-6)
+    with pytest.raises(ValueError, match=r"norm weight: expected shape \(8\)"):
+        CF.layer_norm(torch.ones(2, 8), torch.ones(7), None, 1e-6)
+    with pytest.raises(ValueError, match="divisible by the patch size 16"):
+        CF.patch_embed(
+            torch.ones(1, 3, 20, 32),
+            torch.ones(8, 3, 16, 16),
+            None,
+            torch.ones(1, 1, 8),
+            torch.ones(1, 3, 8),
+        )
+    with pytest.raises(ValueError, match=r"pos_embed: expected shape \(1, 5, 8\)"):
+        CF.token_assemble(torch.ones(1, 8, 2, 2), torch.ones(1, 1, 8), torch.ones(1, 4, 8))
+
+
+# -- nvcc compile check ---------------------------------------------------------------------------
+
+NVCC = shutil.which("nvcc")
+ARCHS = ("sm_80", "sm_90a")
+
+
+def _nvcc_cmd(src: Path, arch: str, out: Path) -> list[str]:
+    # -O0 for cicc and ptxas: every front-end, template and PTX-assembly error still shows, in a
+    # fraction of the optimising build's time (CI has 2 cores). The flags mirror torch's build.
+    return [NVCC, "-c", "-std=c++17", f"-arch={arch}", "-Xcicc", "-O0", "-Xptxas", "-O0",
+            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+            "--expt-relaxed-constexpr", "-Werror", "all-warnings", f"-I{CSRC}", str(src), "-o", str(out)]  # fmt: skip
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_every_cu_compiles_with_nvcc(tmp_path):
+    sources = sorted(CSRC.glob("*.cu"))
+    assert {s.name for s in sources} >= {
+        "layer_norm.cu",
+        "bias_gelu.cu",
+        "token_assemble.cu",
+        "cross_attention.cu",
+    }
+    jobs = [(s, a) for s in sources for a in ARCHS]
+
+    def compile_one(job):
+        src, arch = job
+        cmd = _nvcc_cmd(src, arch, tmp_path / f"{src.stem}_{arch}.o")
+        return job, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(compile_one, jobs))
+    failed = [
+        f"{s.name} [{a}]:\n{r.stdout}{r.stderr}" for (s, a), r in results if r.returncode != 0
+    ]
+    assert not failed, "\n\n".join(failed)
+
+
+# -- the kernels, run by the CPU emulator ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The extension built from the same sources for the CPU emulator (csrc/emu), installed as
+    the backend's extension for the tests of this section."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils import cpp_extension
+
+    directory = Path(os.environ.get("CROSSVIT_FAST_EMU_BUILD_DIR", ROOT / "build" / "emu"))
+    directory.mkdir(parents=True, exist_ok=True)
+    mod = cpp_extension.load(
+        name="crossvit_fast_emu",
+        sources=[str(CSRC / "emu" / "emu_build.cpp"), str(CSRC / "bindings.cpp")],
+        extra_cflags=["-DCVF_EMULATE", "-O1", f"-I{sysconfig.get_paths()['include']}"],
+        build_directory=str(directory),
+    )
+    assert mod.emulated
+    with build.use_extension(mod):
+        yield mod
+
+
+CPU = "cpu"
+EMU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize(
+    "shape,noncontig",
+    [((2, 9, 96), False), ((3, 100), False), ((0, 5, 64), False), ((2, 5, 64), True)],
+)
+def test_emu_layer_norm(emu, dtype, shape, noncontig):
+    T.check_layer_norm(CPU, dtype, shape, noncontig)
+
+
+def test_emu_layer_norm_wide_rows_without_affine(emu):
+    T.check_layer_norm(CPU, torch.float32, (2, 1032), affine=False)  # 1032 > 1024: 64-lane groups
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_emu_mlp(emu, dtype, bias):
+    T.check_mlp(CPU, dtype, 2, 5, 96, 136, bias)  # hidden 136: 8-aligned, not a power of two
+
+
+def test_emu_mlp_unaligned_hidden(emu):
+    T.check_mlp(CPU, torch.float32, 1, 3, 32, 50, True)  # hidden 50: scalar bias-GELU path
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+def test_emu_self_attention(emu, dtype):
+    T.check_self_attention(CPU, dtype, 2, 9, 96, 3)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_emu_cls_proj(emu, dtype, strided):
+    T.check_cls_proj(CPU, dtype, 3, 96, 64, strided)
+
+
+@pytest.mark.parametrize(
+    "dtype,B,N1,C,H,noncontig",
+    [
+        (torch.float32, 2, 197, 96, 3, False),  # 197 rows: 7 tiles, row splits and their merge
+        (torch.bfloat16, 3, 40, 64, 4, False),
+        (torch.float16, 2, 9, 48, 3, True),  # strided token rows
+        (torch.float32, 1, 1, 32, 2, False),  # N = 0
+        (torch.float32, 3, 2, 224, 7, False),  # 7 heads, d = 32, C % 64 != 0
+        (torch.float32, 2, 9, 100, 4, False),  # C % 8 != 0: element loads, padded tile
+        (torch.float32, 2, 5, 80, 20, False),  # 20 heads: two head groups per sample
+        (torch.float32, 0, 4, 64, 4, False),  # empty batch
+    ],
+)
+def test_emu_cross_attention(emu, dtype, B, N1, C, H, noncontig):
+    T.check_cross_attention(CPU, dtype, B, N1, C, H, noncontig)
+
+
+def test_emu_cross_attention_no_qkv_bias(emu):
+    T.check_cross_attention(CPU, torch.float32, 2, 11, 64, 4, qkv_bias=False)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+def test_emu_cross_fusion(emu, dtype):
+    T.check_cross_fusion(CPU, dtype, 2, 17, 48, 96, 3)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize(
+    "B,D,h,w,cl",
+    [(2, 40, 3, 5, False), (2, 48, 4, 4, True), (0, 16, 2, 2, False), (1, 33, 7, 6, False)],
+)
+def test_emu_token_assemble(emu, dtype, B, D, h, w, cl):
+    T.check_token_assemble(CPU, dtype, B, D, h, w, cl)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_emu_patch_embed(emu, dtype, bias):
+    T.check_patch_embed(CPU, dtype, 2, 3, 24, 32, 8, 40, bias)
+
+
+@pytest.mark.parametrize("op", sorted(T.AUTOCAST_CASES))
+def test_emu_autocast_output_dtype(emu, op):
+    T.check_autocast(CPU, op)
+
+
+def test_emu_opcheck_and_compile(emu):
+    T.check_fake_and_compile(CPU)
+
+
+@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
+def test_emu_golden_model(emu):
+    T.check_golden("tiny2b", CPU)
