@@ -17,7 +17,8 @@ Memory plan (forward), per sample b:
   several splits are merged flash-decoding style by `_cross_attention_merge_kernel`.
   LayerNorm's beta and the key bias shift every logit of a head by the same constant, so both
   are dropped from z (softmax is shift invariant; db_k is exactly 0) and beta is added to u once.
-  Saved for backward: LN(cls), q, k~, u (H x C per sample, not N x C), the base-2 log-sum-exp.
+  Saved for backward: LN(cls), q, k~, u and u~ = u - beta (H x C per sample, not N x C), o and
+  the base-2 log-sum-exp.
 
 Backward recomputes the softmax weights from the log-sum-exp (flash-attention style) in one
 more pass over the tokens (`_cross_attention_bwd_kernel`), writes d tokens once and per-program
@@ -557,7 +558,8 @@ def cls_norm_bwd(
     dx = x.new_empty((M, C))
     if M == 0:
         return dx, x.new_zeros((width,), dtype=torch.float32)
-    block_m, block_c, num_warps = _row_tiles(max(C, CE), 2048)
+    block_m, _, num_warps = _row_tiles(max(C, CE), 2048)  # rows of both tiles fit registers
+    block_c = next_pow2(max(C, 16))
     P = triton.cdiv(M, block_m)
     part = x.new_empty((P, width), dtype=torch.float32)
     e = list(extras) + [None] * (3 - len(extras))

@@ -9,11 +9,13 @@ its epilogue. Backward: two GEMMs (dg, dW) and one Triton launch that does the G
 LayerNorm backward and the per-program partials of dgamma, dbeta and the bias gradient, reduced
 by one deterministic sum.
 
-One fusion step (S = 1, i.e. B >= #SMs; smaller batches add one merge launch forward and one
-reduction backward) then costs 10 launches forward — cls_proj 2, cross_attention 6 (LN(cls),
-q, k~, token pass, o, out-proj), cls_proj 2 — and 19 backward (4 + 11 + 4, plus one memset for
-the exactly-zero db_k), against ~30 / ~60 for the reference in eager mode; see
-tests/test_triton_fusion.py::test_launch_count.
+One fusion step (at B >= #SMs, where the token pass needs no split; smaller batches add one
+merge launch forward and one partial-sum backward) costs 11 launches forward — cls_proj 2,
+cross_attention 7 (LN(cls), q, k~, token pass, o, + b_v, out-proj), cls_proj 2 — of which only
+the token pass touches the (B, N, C) tokens, and 20 backward — cls_proj 4, cross_attention 12
+(8 GEMMs / batched GEMMs, the token pass, the CLS-row LayerNorm backward, one partial sum, the
+memset of the exactly-zero db_k), cls_proj 4 — against 20 / 38 for the reference in eager mode,
+most of which read or write whole token tensors (tests/test_triton_fusion.py::test_launch_count).
 """
 
 from __future__ import annotations
