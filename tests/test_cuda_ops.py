@@ -36,6 +36,10 @@ def _bound_check(ours, torch_dt, ref64, name, gscale):
         return
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     scale = max(ref64.abs().max().item(), 1e-3 * gscale)
+    if ref64.abs().max().item() <= 1e-12 * gscale:
+        # Exactly zero in exact arithmetic (e.g. dWq with N = 0: softmax over one key): a fused
+        # kernel reorders the cancelling terms, so rounding noise of the op's gradient scale.
+        scale = gscale
     e_ours, e_torch = max_err(ours, ref64), max_err(torch_dt, ref64)
     bound = 2 * e_torch + FLOOR[ours.dtype] * scale
     assert e_ours <= bound, (
