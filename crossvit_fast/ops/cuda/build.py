@@ -250,11 +250,10 @@ def _load():
         prebuilt_error = exc
     reason = why_no_build()
     if reason is not None:
-        extra = (
-            ""
-            if "No module named" in str(prebuilt_error)
-            else f"; prebuilt module: {prebuilt_error}"
+        absent = isinstance(prebuilt_error, ModuleNotFoundError) or "cannot import name" in str(
+            prebuilt_error
         )
+        extra = "" if absent else f"; the prebuilt module failed to load: {prebuilt_error}"
         raise RuntimeError(
             f"the CUDA extension is not built and cannot be JIT-built: {reason}{extra}"
         )
