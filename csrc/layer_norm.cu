@@ -5,8 +5,8 @@
 //             the store casts to the output dtype (autocast: fp32 LN feeding a bf16 GEMM).
 //   backward: dx = LN'(dy * GELU'(y)) and the dw / db partial sums, one pass over dy and s.
 //
-// Layout: a group of `lanes` threads (one warp, or up to 32 warps for wide rows) owns a row; each
-// thread holds at most kMaxChunks chunks of VEC contiguous columns in registers, so the row is
+// Layout: a group of `lanes` threads (one warp, or up to 8 warps for wide rows) owns a row; each
+// thread holds its columns in registers (kChunks chunks of VEC contiguous columns, C <= 8192), so the row is
 // read from memory once and the variance is a second pass over registers (two-pass, no
 // E[x^2] - E[x]^2 cancellation). VEC = 8 uses 16-byte loads (rows 16-byte aligned, C % 8 == 0);
 // VEC = 1 is the scalar fallback. dw / db: per-thread register accumulators over the rows the
@@ -19,14 +19,18 @@
 
 namespace cvf {
 
-constexpr int kMaxChunks = 4;
+// Registers per thread for a row: kChunks<VEC> chunks of VEC columns (32 values either way).
+template <int VEC>
+constexpr int kChunks = VEC == 8 ? 4 : 32;
+constexpr int kBlock = 256;  // threads per block; a row group is 32..256 of them
 
 
 template <typename Tin, typename Tout, int VEC>
-__global__ void __launch_bounds__(1024) ln_fwd_kernel(LnFwdArgs a) {
+__global__ void __launch_bounds__(kBlock) ln_fwd_kernel(LnFwdArgs a) {
   CVF_DYNAMIC_SMEM(float2, ln_red);
   const int lanes = a.lanes, li = threadIdx.x % lanes, group = threadIdx.x / lanes;
   const int gpb = blockDim.x / lanes, C = a.C;
+  constexpr int kMaxChunks = kChunks<VEC>;
   float w[kMaxChunks][VEC], b[kMaxChunks][VEC];
 #pragma unroll
   for (int i = 0; i < kMaxChunks; ++i)
@@ -96,10 +100,11 @@ __global__ void __launch_bounds__(1024) ln_fwd_kernel(LnFwdArgs a) {
 
 
 template <typename Tin, typename Tdy, int VEC>
-__global__ void __launch_bounds__(1024) ln_bwd_kernel(LnBwdArgs a) {
+__global__ void __launch_bounds__(kBlock) ln_bwd_kernel(LnBwdArgs a) {
   CVF_DYNAMIC_SMEM(float2, ln_red);
   const int lanes = a.lanes, li = threadIdx.x % lanes, group = threadIdx.x / lanes;
   const int gpb = blockDim.x / lanes, C = a.C;
+  constexpr int kMaxChunks = kChunks<VEC>;
   float w[kMaxChunks][VEC], b[kMaxChunks][VEC], dw[kMaxChunks][VEC], db[kMaxChunks][VEC];
 #pragma unroll
   for (int i = 0; i < kMaxChunks; ++i)
@@ -180,18 +185,17 @@ struct LnPlan {
   int lanes, block;
 };
 
-// Smallest group (power of two, 32..1024 threads) that holds a row in kMaxChunks chunks.
+// Smallest group (power of two, 32..256 threads) that holds a row in registers.
 LnPlan ln_plan(int64_t C, bool vec8) {
-  const int vec = vec8 ? 8 : 1;
+  const int vec = vec8 ? 8 : 1, chunks = vec8 ? kChunks<8> : kChunks<1>;
   int lanes = 32;
-  while (lanes < 1024 && ceil_div(C, int64_t(vec) * lanes) > kMaxChunks) lanes *= 2;
-  if (ceil_div(C, int64_t(vec) * lanes) > kMaxChunks) {
+  while (lanes < kBlock && ceil_div(C, int64_t(vec) * lanes) > chunks) lanes *= 2;
+  if (ceil_div(C, int64_t(vec) * lanes) > chunks) {
     throw std::invalid_argument("layer_norm: C = " + std::to_string(C) +
                                 " is wider than the CUDA kernel supports (" +
-                                std::to_string(kMaxChunks * 1024 * vec) +
-                                (vec8 ? ")" : " for rows that are not 16-byte aligned)"));
+                                std::to_string(chunks * kBlock * vec) + ")");
   }
-  return {lanes, lanes < 256 ? 256 : lanes};
+  return {lanes, kBlock};
 }
 
 }  // namespace

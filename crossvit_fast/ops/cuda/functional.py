@@ -65,7 +65,7 @@ def _ln(x, residual, weight, bias, eps, gelu, out_dtype) -> Tensor:
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm over the last dim. x: (..., C) fp32 / fp16 / bf16, C <= 32768. Under autocast
+    """LayerNorm over the last dim. x: (..., C) fp32 / fp16 / bf16, C <= 8192. Under autocast
     the output is fp32 (as autocast's layer_norm)."""
     check_tensor("layer_norm x", x)
     _check_ln("layer_norm", x, weight, bias)

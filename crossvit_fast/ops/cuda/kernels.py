@@ -10,7 +10,7 @@ Ops (shapes: B batch, N1 = 1 + N token rows, C width, H heads; kernel dtypes fp3
 
 * ``layer_norm(x, residual, weight, bias, eps, gelu, out_dtype) -> (y, s, mean, rstd)``:
   y = [GELU](LN(x [+ residual])) in `out_dtype`; s = x + residual (empty without residual);
-  mean / rstd: fp32 per row. x: (..., C), C <= 32768 (4096 for unaligned rows).
+  mean / rstd: fp32 per row. x: (..., C), C <= 8192.
 * ``bias_gelu(h, bias) -> GELU(h + bias)``, h: (..., C).
 * ``token_assemble(feat, bias, cls_token, pos_embed, out_dtype)``: feat (B, N, D) any strides
   -> (B, 1 + N, D): [cls + pos[0]; feat + bias + pos[1:]].
