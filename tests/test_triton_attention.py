@@ -15,7 +15,7 @@ from crossvit_fast.ops.triton import self_attention as tsa
 
 from .conftest import DEVICE
 from .numerics import assert_2x_rule
-from .test_triton_mlp import check_against_reference
+from .test_triton_mlp import BWD_OPCHECK, check_against_reference
 
 EPS = 1e-6
 
@@ -122,13 +122,17 @@ def test_ln_linear_and_linear_residual_opcheck():
     _, mean, rstd = torch.ops.crossvit_fast.ln_linear(x, nw, nb, wqkv, bqkv, EPS)
     args = (torch.randn(2, 3, 96, device=DEVICE), x.detach(), nw, nb, wqkv.detach(), mean.detach(),
             rstd.detach(), [True] * 4)  # fmt: skip
-    torch.library.opcheck(torch.ops.crossvit_fast.ln_linear_backward.default, args)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.ln_linear_backward.default, args, test_utils=BWD_OPCHECK
+    )
     o = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
     torch.library.opcheck(
         torch.ops.crossvit_fast.linear_residual.default, (o, wp, bp, x, torch.float32)
     )
     args = (torch.randn(2, 3, 32, device=DEVICE), o.detach(), wp, [True, True])
-    torch.library.opcheck(torch.ops.crossvit_fast.linear_residual_backward.default, args)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.linear_residual_backward.default, args, test_utils=BWD_OPCHECK
+    )
 
 
 def test_self_attention_torch_compile():
@@ -172,3 +176,17 @@ def test_self_attention_gpu_inductor():
     assert_2x_rule(out, ref, ref64, "compiled autocast self_attention")
     out.sum().backward()
     assert torch.isfinite(inputs[3].grad).all()
+
+
+@pytest.mark.gpu
+def test_self_attention_gpu_opcheck():
+    """On a GPU the ops decompose into their kernels under torch.compile (wrap_triton)."""
+    x, nw, nb, wqkv, bqkv, wp, bp = [
+        t.to(torch.bfloat16) for t in attn_inputs(2, 197, 96, device="cuda")
+    ]
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.crossvit_fast.ln_linear.default, (x, nw, nb, wqkv, bqkv, EPS))
+    o = torch.randn(2, 197, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.linear_residual.default, (o, wp, bp, x, torch.bfloat16)
+    )

@@ -16,7 +16,7 @@ from crossvit_fast.ops.triton import patch_embed as tpe
 
 from .conftest import DEVICE
 from .numerics import assert_2x_rule
-from .test_triton_mlp import check_against_reference
+from .test_triton_mlp import BWD_OPCHECK, check_against_reference
 
 
 def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):
@@ -121,7 +121,9 @@ def test_patch_embed_opcheck():
         torch.ops.crossvit_fast.patch_embed.default, (x, w, b, cls, pos, torch.float32)
     )
     args = (torch.randn(2, 5, 32, device=DEVICE), x.detach(), w.detach(), [True, True])
-    torch.library.opcheck(torch.ops.crossvit_fast.patch_embed_backward.default, args)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.patch_embed_backward.default, args, test_utils=BWD_OPCHECK
+    )
 
 
 def test_patch_embed_torch_compile():
@@ -191,7 +193,9 @@ def test_token_assemble_dtypes_errors_opcheck():
         torch.ops.crossvit_fast.token_assemble.default, (feat, cls, pos, torch.float32)
     )
     args = (torch.randn(2, 13, 32, device=DEVICE), [2, 32, 3, 4], torch.float32, False, True)
-    torch.library.opcheck(torch.ops.crossvit_fast.token_assemble_backward.default, args)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.token_assemble_backward.default, args, test_utils=BWD_OPCHECK
+    )
 
 
 # -- GPU tier ------------------------------------------------------------------------------------
@@ -228,3 +232,22 @@ def test_token_assemble_gpu(dtype):
         return tpe.token_assemble(feat.contiguous(memory_format=torch.channels_last), cls, pos)
 
     check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")
+
+
+@pytest.mark.gpu
+def test_patch_embed_gpu_opcheck():
+    """On a GPU the ops decompose into their kernels under torch.compile (wrap_triton)."""
+    x, w, b, cls, pos = [
+        t.to(torch.bfloat16).requires_grad_()
+        for t in pe_inputs(2, 3, 48, 48, 96, 12, device="cuda")
+    ]
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.patch_embed.default, (x, w, b, cls, pos, torch.bfloat16)
+    )
+    feat = torch.randn(2, 96, 4, 4, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last
+    )
+    feat.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.token_assemble.default, (feat, cls, pos[:, :17], torch.bfloat16)
+    )
