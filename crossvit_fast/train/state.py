@@ -1,0 +1,147 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is one `torch.save` file (a dict of tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`: no pickled code runs):
+
+    format, version          "crossvit_fast.train", 1
+    config                   the CrossViTConfig fields (dict)
+    run                      the options that determine the trajectory (batch size, world size,
+                             total steps, seed, data, lr schedule, AMP, ...): resuming with
+                             different ones could not continue exactly, so it is refused
+    step                     optimizer steps done
+    model, optimizer         full (unsharded) state dicts keyed by parameter name, as
+                             `torch.distributed.checkpoint.state_dict` gives them, so the same file
+                             serves plain, DDP, FSDP2 and compiled models
+    scheduler, scaler        LR schedule and GradScaler state
+    rng                      per rank: the CPU generator state and the CUDA one (or None)
+    metrics                  the last evaluation
+
+Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
+old checkpoint (`os.replace` is atomic on POSIX), so a crash mid-write leaves the previous
+checkpoint intact. A checkpoint that cannot be read or does not match the run raises
+`CheckpointError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+FORMAT, VERSION = "crossvit_fast.train", 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "check_compatible", "load", "rng_state", "save"]
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that is corrupt, of another format, or of a different run."""
+
+
+def _plain(v: Any) -> Any:
+    """Tuples -> lists, recursively, so configs compare the same after a save/load round trip."""
+    return json.loads(json.dumps(v))
+
+
+def save(state: dict, path: str | os.PathLike) -> None:
+    """Write `state` (plus format tags) to `path` atomically: temp file, fsync, rename."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+_REQUIRED = ("config", "run", "step", "model", "optimizer", "scheduler", "scaler", "rng")
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint (`weights_only=True`) and check its structure.
+
+    Raises CheckpointError naming the file and what is wrong (missing, unreadable or truncated,
+    not a training checkpoint, another format version, missing entries)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (corrupt or truncated?): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a crossvit_fast training checkpoint (no format tag {FORMAT!r}); "
+            "model weights files load with crossvit_fast.load_checkpoint instead"
+        )
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {state.get('version')!r}, this crossvit_fast "
+            f"reads version {VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    return state
+
+
+def check_compatible(state: dict, config: dict, run: dict, path: str) -> None:
+    """Raise CheckpointError listing every difference between the checkpoint's model config and
+    run options and this run's: resuming with any of them changed could not continue exactly."""
+    diffs = []
+    old_cfg, new_cfg = _plain(state["config"]), _plain(config)
+    for k in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(k) != new_cfg.get(k):
+            diffs.append(f"model {k}: checkpoint {old_cfg.get(k)!r}, this run {new_cfg.get(k)!r}")
+    old_run, new_run = _plain(state["run"]), _plain(run)
+    for k in sorted(set(old_run) | set(new_run)):
+        if old_run.get(k) != new_run.get(k):
+            diffs.append(f"{k}: checkpoint {old_run.get(k)!r}, this run {new_run.get(k)!r}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} is from a different run and cannot be resumed exactly:\n  "
+            + "\n  ".join(diffs)
+            + "\n(use the original options, or start a new run with another --out)"
+        )
+    if not 0 <= state["step"] <= run.get("total_steps", state["step"]):
+        raise CheckpointError(f"{path}: step {state['step']} is outside this run")
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's generator states (CPU, and the CUDA device's when training on one)."""
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
