@@ -10,8 +10,10 @@ from . import interpreter_enabled
 __all__ = ["dot_in_fp32", "gelu_erf", "gelu_erf_grad", "next_pow2"]
 
 # erf-GELU constants: GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2, Phi' = pdf.
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# tl.constexpr: the GPU compiler rejects plain Python globals inside @triton.jit (the interpreter
+# does not, so only a real compile catches it — see tests/test_triton_mlp.py's H100 compile test).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 def dot_in_fp32() -> bool:
