@@ -275,12 +275,18 @@ class MultiScaleBlock(nn.Module):
             _cls_proj_module(dims[(d + 1) % nb], dims[d], eps) for d in range(nb)
         )
 
+    def _checkpointing(self) -> bool:
+        return self.grad_checkpointing and torch.is_grad_enabled()
+
     def _run_blocks(self, x: Tensor, seq: nn.Sequential, ops) -> Tensor:
         for blk in seq:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, ops, use_reentrant=False)
-            else:
-                x = blk(x, ops)
+            # Non-reentrant checkpoint: only the block input is kept; the block (and its
+            # drop-path draws: the RNG state is restored) is replayed in backward.
+            x = (
+                checkpoint(blk, x, ops, use_reentrant=False)
+                if self._checkpointing()
+                else blk(x, ops)
+            )
         return x
 
     def _fuse(self, i: int, y_i: Tensor, y_j: Tensor, ops) -> Tensor:
@@ -314,7 +320,12 @@ class MultiScaleBlock(nn.Module):
         nb = self.num_branches
         outs = []
         for i in range(nb):
-            cls = self._fuse(i, ys[i], ys[(i + 1) % nb], ops)
+            if self._checkpointing():
+                # The fusion would otherwise keep LN(cat(cls, tokens_j)) and K / V of the other
+                # branch's tokens (several token tensors); recomputing it keeps only its inputs.
+                cls = checkpoint(self._fuse, i, ys[i], ys[(i + 1) % nb], ops, use_reentrant=False)
+            else:
+                cls = self._fuse(i, ys[i], ys[(i + 1) % nb], ops)
             outs.append(torch.cat([cls.unsqueeze(1), ys[i][:, 1:]], dim=1))
         return outs
 
@@ -474,7 +485,8 @@ class CrossViT(nn.Module):
                 nn.init.zeros_(h.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each ViT block in backward instead of storing its activations."""
+        """Recompute in backward instead of storing activations: each ViT block and each
+        fusion step keeps only its inputs (timm's CrossVit lacks this; same gradients)."""
         for stage in self.blocks:
             stage.grad_checkpointing = bool(enable)
 
