@@ -285,6 +285,16 @@ def test_gpu_inductor_sees_kernels():
 
 
 @pytest.mark.gpu
+def test_gpu_width_limit():
+    C = 1152  # 16 heads of 72: valid head shape, but over the GPU kernels' shared-memory budget
+    inputs = make_inputs(1, 2, C, 16)
+    with pytest.raises(ValueError, match="C <= 1024"):
+        ca.cross_attention(
+            *(None if inputs[k] is None else inputs[k].float() for k in NAMES), 16, EPS
+        )
+
+
+@pytest.mark.gpu
 def test_gpu_second_device():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")

@@ -53,6 +53,9 @@ _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in 
 _MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
 _HEAD_DIMS = (8, 128)
 _MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
+# On the GPU the token pass keeps (16 x C) dot operands in shared memory (227 KB per SM on sm_90):
+# C <= 1024 fits every dtype and pass (CrossViT's widths are <= 768).
+_GPU_MAX_WIDTH = 1024
 
 
 # -- shared device helpers -------------------------------------------------------------------------
@@ -476,14 +479,26 @@ def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
 
 
 def _token_tiles(C: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) of the token pass. Whole rows stay in registers (the row's
-    LayerNorm and its dot with every head need all C columns); BLOCK_N = 16 keeps the
-    (BLOCK_N x BLOCK_C) fp32 tile + (16 x BLOCK_C) accumulator within ~128 registers/thread up to
-    C = 1024 so that two programs share an SM (latency hiding). BLOCK_N >= 16: tl.dot minimum."""
+    """(BLOCK_N, BLOCK_C, num_warps) of the token pass. Whole rows stay on chip (the row's
+    LayerNorm and its dot with every head need all C columns); BLOCK_N >= 16 (tl.dot minimum).
+    sm_90 (Triton 3.9, ptxas): bf16 forward 168 / 198 / 64 registers per thread at C = 224 / 448
+    / 768 (4 / 8 / 16 warps), no spills; the backward is capped at 255, no spills."""
     block_c = next_pow2(max(C, 16))
     block_n = 32 if block_c <= 256 else 16
     num_warps = 4 if block_c <= 256 else (8 if block_c <= 512 else 16)
     return block_n, block_c, num_warps
+
+
+def _token_stages(block_c: int, elem: int, backward: bool) -> int:
+    """Software-pipelining depth of the token loop, bounded by its shared memory (sm_90: 227 KB).
+    Triton 3.9 for sm_90: fp32 row tiles are pipelined through shared memory and fp32 dot
+    operands are twice the bf16 ones: fp32 C = 448 needs 99 / 132 / 165 KB forward at 2 / 3 / 4
+    stages and 100 / 166 KB backward at 1 / 3; fp32 C = 768 backward 199 KB at 1 stage. bf16
+    tiles are not pipelined (33 KB forward, 65 KB backward at C = 448; 131 KB backward at 768)."""
+    row = block_c * elem
+    if backward:
+        return 3 if row <= 1024 else (2 if row <= 2048 else 1)
+    return 3 if row <= 2048 else 1
 
 
 def _split_plan(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -641,6 +656,7 @@ def _cross_attention_fwd(
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias,
             u, ut, lse, part_m, part_l, part_acc, N, C, H, rows, eps, d**-0.5 * _LOG2E,
             SINGLE=single, BLOCK_N=block_n, num_warps=num_warps, **flags, **_dot_flags(dt),
+            num_stages=_token_stages(block_c, max(tokens.element_size(), wq.element_size()), False),
         )  # fmt: skip
         if not single:
             _launch(
@@ -716,6 +732,7 @@ def _cross_attention_bwd(
             N, C, H, rows, eps, d**-0.5 * _LOG2E, d**-0.5,
             HAS_W=norm_weight is not None, ONE_KEY=N == 0, BLOCK_N=block_n, BLOCK_C=block_c,
             BLOCK_H=_MAX_HEADS, num_warps=num_warps, **_dot_flags(dt),
+            num_stages=_token_stages(block_c, max(tokens.element_size(), wq.element_size()), True),
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
     dq = cls.new_empty((B, C), dtype=dt)
@@ -818,7 +835,8 @@ def cross_attention(
 
     cls: (B, C); tokens: (B, 1 + N, C), N >= 0, rows 1.. attended (row 0 ignored, zero grad);
     any strides. fp32 / fp16 / bf16 (fp64: ValueError), fp32 accumulation. Weights (C, C),
-    biases / norm params (C,) or None. num_heads 1..16, head dim C / num_heads in 8..128.
+    biases / norm params (C,) or None. num_heads 1..16, head dim C / num_heads in 8..128; on the
+    GPU C <= 1024 (shared memory).
     Under autocast the GEMMs run in the autocast dtype and LayerNorm / softmax in fp32, and the
     output dtype is the reference's (cls + y promoted). Returns (B, C).
     """
@@ -831,6 +849,11 @@ def cross_attention(
             f"got {tuple(tokens.shape)}"
         )
     _check_heads(C, num_heads)
+    if cls.device.type == "cuda" and C > _GPU_MAX_WIDTH:
+        raise ValueError(
+            f"width C={C}: the GPU kernels keep (16 x C) tiles in shared memory and support "
+            f"C <= {_GPU_MAX_WIDTH} (CrossViT's widths are <= 768)"
+        )
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("bq", bq), ("bk", bk),
                     ("bv", bv), ("proj_bias", proj_bias)):  # fmt: skip
         check_tensor(name, t, shape=(C,), like=cls, optional=True)
