@@ -224,7 +224,7 @@ def test_opcheck():
     d = [a.detach() for a in args]
     torch.library.opcheck(
         torch.ops.crossvit_fast.cross_attention_bwd.default,
-        (torch.randn(2, 16, device=DEVICE), d[0], d[1], d[2], d[3], d[4], d[6], d[8], d[10],
+        (torch.randn(2, 16, device=DEVICE), d[0], d[1], d[2], d[4], d[6], d[8], d[10],
          *outs[1:], 2, EPS, True),
     )  # fmt: skip
 

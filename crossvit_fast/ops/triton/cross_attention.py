@@ -621,9 +621,11 @@ def _cross_attention_fwd(
     residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out (B, C), and for backward: LN(cls) (B, C), q (B, C), k~ (H, B, C),
-    u (B, H, C), u~ = u - beta (B, H, C) fp32, lse (B, 16) fp32 base 2, o (B, C)). Weights are in the compute dtype `wq.dtype`;
-    cls / tokens / norm params may be any of fp32/fp16/bf16 (autocast: LN math in fp32).
-    bk is unused: it cancels in the softmax."""
+    u (B, H, C), u~ = u - beta (B, H, C) fp32, lse (B, 16) fp32 base 2, o (B, C)).
+
+    Weights are in the compute dtype `wq.dtype`; cls / tokens / norm params may be any of
+    fp32 / fp16 / bf16 (autocast: LayerNorm math in fp32). bk is unused: it cancels in the
+    softmax (it is an input so that it gets its exactly-zero gradient)."""
     B, C = cls.shape
     H, d = num_heads, C // num_heads
     N = tokens.shape[1] - 1
@@ -686,7 +688,6 @@ def _cross_attention_bwd(
     cls: Tensor,
     tokens: Tensor,
     norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
     wq: Tensor,
     wk: Tensor,
     wv: Tensor,
@@ -741,7 +742,7 @@ def _cross_attention_bwd(
     torch.bmm(_head_view(q, H).transpose(1, 2), dkt, out=dwk.reshape(H, d, C))
     dwq = dq.t() @ n0
     dn0.addmm_(dq, wq)  # dL/dLN(cls): attention part + W_q^T dq
-    dcls, sums = cls_norm_bwd(cls, dn0, norm_weight, norm_bias, eps, gelu=False,
+    dcls, sums = cls_norm_bwd(cls, dn0, norm_weight, None, eps, gelu=False,
                               res=dout if residual else None, pre=part, extras=(dy, do, dq))  # fmt: skip
     return dcls, dtokens, dwq, dwk, dwv, dwo, sums
 
@@ -751,19 +752,19 @@ def _setup_context(ctx, inputs, output) -> None:
     _, n0, q, kt, u, ut, lse, o = output
     ctx.mark_non_differentiable(n0, q, kt, u, ut, lse, o)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o)
+    ctx.save_for_backward(cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o)
     ctx.args = (num_heads, eps, residual)
     # dtypes of the optional inputs (None: absent, no gradient)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bq, bk, bv, bo))
 
 
 def _backward(ctx, dout, *_):
-    cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o = ctx.saved_tensors
+    cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o = ctx.saved_tensors
     C = cls.shape[1]
     if dout is None:
         return (None,) * 15
     dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_bwd(
-        dout, cls, tokens, nw, nb, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o, *ctx.args
+        dout, cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o, *ctx.args
     )
     dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
     dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0
