@@ -17,6 +17,8 @@ Pillow and scikit-learn are imported lazily: `import crossvit_fast` never needs 
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,14 +92,32 @@ def _split(n: int, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def load_digits(val_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's digits: 1,797 8x8 greyscale images of 0-9 (pixel values 0..16), stored as
-    uint8 (scaled to 0..255); 20% held out for validation by default (1,437 / 360)."""
+def _digits_tensors() -> tuple[Tensor, Tensor]:
+    """(images (1797, 8, 8) float 0..16, labels (1797,)) from scikit-learn's bundled file.
+
+    The file (`sklearn/datasets/data/digits.csv.gz`: 64 pixels then the label per row) is read
+    directly when it is where scikit-learn keeps it, because importing scikit-learn (and SciPy)
+    costs seconds per process, which every torchrun worker would pay; otherwise through
+    `sklearn.datasets.load_digits()`."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            with gzip.open(path, "rt") as f:
+                rows = [[float(v) for v in line.split(",")] for line in f if line.strip()]
+            t = torch.tensor(rows)
+            if t.shape == (1797, 65):
+                return t[:, :64].view(-1, 8, 8), t[:, 64].long()
     datasets = _need("sklearn.datasets", "scikit-learn")
     d = datasets.load_digits()
-    images = torch.as_tensor(d.images, dtype=torch.float32)  # (N, 8, 8), 0..16
+    return torch.as_tensor(d.images, dtype=torch.float32), torch.as_tensor(d.target).long()
+
+
+def load_digits(val_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's digits: 1,797 8x8 greyscale images of 0-9 (pixel values 0..16), stored as
+    uint8 (scaled to 0..255); 20% held out for validation by default (1,438 / 359)."""
+    images, labels = _digits_tensors()
     images = (images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
-    labels = torch.as_tensor(d.target, dtype=torch.long)
     tr, va = _split(len(labels), val_fraction)
     train, val = TensorImages(images[tr], labels[tr]), TensorImages(images[va], labels[va])
     # Normalise with the training split's own statistics (0..1 scale), one grey channel.

@@ -278,6 +278,14 @@ def test_digits_split_is_fixed_and_held_out():
     assert torch.equal(ds.val.images, again.val.images)
 
 
+def test_digits_read_from_the_bundled_file_equal_sklearns_loader():
+    datasets = pytest.importorskip("sklearn.datasets")
+    images, labels = data_mod._digits_tensors()
+    d = datasets.load_digits()
+    assert torch.equal(images, torch.as_tensor(d.images, dtype=torch.float32))
+    assert torch.equal(labels, torch.as_tensor(d.target).long())
+
+
 def test_preprocess_resizes_expands_and_normalises():
     prep = data_mod.Preprocess((16, 16), 3, (0.5,), (0.25,), torch.device("cpu"))
     x = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
