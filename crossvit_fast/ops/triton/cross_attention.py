@@ -277,14 +277,22 @@ def _cross_attention_fwd_kernel(
                                      HAS_W, IEEE)  # fmt: skip
     start = 1 + s * rows_per_split
     end = tl.minimum(start + rows_per_split, N + 1)
+    # Prefetch: the next row block's load is issued before the current block is worked on.
+    # Triton 3.9 does not pipeline this (bf16) tile through shared memory (sm_90 compile: smem
+    # independent of num_stages) and ~200 registers leave one program per SM at C = 448, so this
+    # doubles the bytes in flight per SM (228 registers, no spills).
     tok = tok_ptr + b * stride_tb
+    offs_n = start + rows
+    x = tl.load(tok + offs_n.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc,
+                mask=(offs_n < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + rows
-        mask_n = offs_n < end
-        x = tl.load(tok + offs_n.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc,
-                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+        mask_n = (n0 + rows) < end
+        offs_n = n0 + BLOCK_N + rows
+        x_next = tl.load(tok + offs_n.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc,
+                         mask=(offs_n < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         m_i, l_i, acc = _attend_rows(x, mask_n, mask_c, w, kt, m_i, l_i, acc, C, eps, qk_scale,
                                      HAS_W, IEEE)  # fmt: skip
+        x = x_next
     if SINGLE:
         beta = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_B else None
         _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c,
@@ -411,14 +419,19 @@ def _cross_attention_bwd_kernel(
                  tl.zeros([BLOCK_N, BLOCK_C], tl.float32), mask=mask)  # fmt: skip
     start = 1 + s * rows_per_split
     end = tl.minimum(start + rows_per_split, N + 1)
+    tok = tok_ptr + b * stride_tb
+    offs_n = (start + rows).to(tl.int64)  # prefetched one block ahead, as in the forward
+    x = tl.load(tok + offs_n[:, None] * stride_tn + cols[None, :] * stride_tc,
+                mask=(offs_n < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
     for n0 in range(start, end, BLOCK_N):
         offs_n = (n0 + rows).to(tl.int64)
         mask_n = offs_n < end
         mask = mask_n[:, None] & mask_c[None, :]
-        x = tl.load(tok_ptr + b * stride_tb + offs_n[:, None] * stride_tn + cols[None, :] * stride_tc,
-                    mask=mask, other=0.0)  # fmt: skip
+        x_next = tl.load(tok + (offs_n + BLOCK_N)[:, None] * stride_tn + cols[None, :] * stride_tc,
+                         mask=(offs_n + BLOCK_N < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         dn, xhat, rstd, dkt = _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C,
                                                eps, qk_scale, scale, HAS_W, IEEE, ONE_KEY)  # fmt: skip
+        x = x_next
         dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
         tl.store(dtok_ptr + b * stride_db + offs_n[:, None] * stride_dn + cols[None, :], dx,
                  mask=mask)  # fmt: skip
