@@ -443,4 +443,3 @@ def test_all_kernels_compile_for_hopper():
         assert info["shared"] <= 227 * 1024, f"{name} needs {info['shared']} bytes of shared memory"
         if "bfloat16" in name and ("linear" in name or "patch_embed" in name):
             assert info["wgmma"], f"{name}: 16-bit GEMM without Hopper wgmma"
-
