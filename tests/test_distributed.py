@@ -52,9 +52,25 @@ def _full(g: torch.Tensor) -> torch.Tensor:
     return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    """One rank: its half of the global batch through DDP and through FSDP2 (as `train` wraps
-    them); rank 0 saves the full gradients."""
+def _resume_runs(tmp: str, mode: str, model_json: str) -> None:
+    """On every rank: an uninterrupted 4-step run, and one stopped after step 2 then resumed."""
+    from crossvit_fast.train.cli import parse_args
+    from crossvit_fast.train.trainer import Trainer
+
+    common = ["--model", model_json, "--train-samples", "32", "--val-samples", "8",
+              "--batch-size", "4", "--steps", "6", "--save-every", "2", "--drop-path", "0.2",
+              "--no-progress"] + (["--fsdp"] if mode == "fsdp" else [])  # fmt: skip
+    for out, until, resume in (("a", None, []), ("b", 2, []), ("b", None, ["--resume"])):
+        t = Trainer(parse_args([*common, "--out", os.path.join(tmp, f"{mode}-{out}"), *resume]))
+        assert t.dist.world_size == WORLD and not t.dist.owns_group
+        t.run(until_step=until)
+        t.close()
+
+
+def _worker(rank: int, port: int, tmp: str, model_json: str) -> None:
+    """One rank: (1) its half of the global batch through DDP and through FSDP2 (wrapped as
+    `train` wraps them), rank 0 saving the full gradients; (2) exact-resume runs of the trainer
+    under DDP and FSDP2."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -78,7 +94,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             F.cross_entropy(wrapped(xs), ys).backward()  # mean over the local half
             result[mode] = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save(result, out)
+            torch.save(result, os.path.join(tmp, "grads.pt"))
+        for mode in ("ddp", "fsdp"):
+            _resume_runs(tmp, mode, model_json)
     finally:
         dist_mod.teardown(info)
 
@@ -89,11 +107,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_and_fsdp_gradients_equal_single_process(tmp_path):
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    got = torch.load(out, weights_only=True)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Run the 2-process work once (process start-up dominates); tests read its results."""
+    pytest.importorskip("sklearn")
+    tmp = tmp_path_factory.mktemp("dist")
+    model_json = tmp / "tiny.json"
+    model_json.write_text(json.dumps({**CFG.to_dict(), "img_size": [[16, 16], [12, 12]],
+                                      "patch_size": [4, 6], "num_classes": 10}))  # fmt: skip
+    mp.spawn(_worker, args=(_free_port(), str(tmp), str(model_json)), nprocs=WORLD, join=True)
+    return tmp
 
+
+def test_ddp_and_fsdp_gradients_equal_single_process(two_ranks):
+    got = torch.load(two_ranks / "grads.pt", weights_only=True)
     model = _model()
     x, y = _batch()
     F.cross_entropy(model(x), y).backward()  # mean over the whole global batch
@@ -103,6 +130,23 @@ def test_ddp_and_fsdp_gradients_equal_single_process(tmp_path):
         for n, g in want.items():
             # Averaging two half-batch means vs one full-batch mean: fp32 rounding only.
             torch.testing.assert_close(got[mode][n], g, rtol=1e-5, atol=1e-7, msg=f"{mode} {n}")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_equals_uninterrupted_training_distributed(two_ranks, mode):
+    """Stopped after step 2 of 6 (4 steps / epoch, drop-path on, per-rank RNG streams) and
+    resumed: the same weights and optimizer state as the uninterrupted run, bit for bit."""
+    from crossvit_fast.train.state import load
+
+    a = load(two_ranks / f"{mode}-a" / "checkpoint.pt")
+    b = load(two_ranks / f"{mode}-b" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6 and len(a["rng"]) == WORLD
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for name, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][name][k]), (mode, name, k)
+    assert a["metrics"] == b["metrics"]
 
 
 def _torchrun(tmp_path: Path, *extra: str) -> dict:

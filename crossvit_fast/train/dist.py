@@ -25,6 +25,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    owns_group: bool = False  # formed by `setup` (and so destroyed by `teardown`)
 
     @property
     def is_main(self) -> bool:
@@ -69,17 +70,22 @@ def setup(device: str = "auto", need_group: bool = False) -> DistInfo:
         torch.cuda.set_device(dev)  # NCCL collectives and all_gather_object use the current device
     else:
         dev = torch.device("cpu")
+    owns = False
     if (world > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if world > 1:
             dist.init_process_group(backend, device_id=dev if use_cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistInfo(rank, local, world, dev)
+        owns = True
+    elif dist.is_available() and dist.is_initialized():  # a caller's group: use its layout
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank, local, world, dev, owns)
 
 
 def teardown(info: DistInfo) -> None:
-    if info.initialized:
+    """Leave the process group if `setup` formed it (a caller's group stays)."""
+    if info.owns_group and info.initialized:
         dist.destroy_process_group()
 
 

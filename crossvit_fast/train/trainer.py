@@ -195,15 +195,17 @@ class Trainer:
                 raise TrainError(
                     "--resume without a CHECKPOINT needs --out DIR (its run directory)"
                 )
+        if resume is not None and not os.path.isfile(resume):
+            raise state_mod.CheckpointError(f"checkpoint {resume} does not exist")
         out = a.out or (os.path.dirname(os.path.abspath(resume)) if resume else None)
         if out is None:
             stamp = dist_mod.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
             out = os.path.join("runs", f"train-{stamp}")
         ckpt = os.path.join(out, state_mod.CHECKPOINT_NAME)
-        if resume is None and os.path.exists(ckpt):
+        if os.path.exists(ckpt) and not (resume and os.path.samefile(resume, ckpt)):
             raise TrainError(
                 f"{ckpt} exists: pass --resume to continue that run, or choose another --out "
-                "(a checkpoint is never overwritten by a new run)"
+                "(a checkpoint is never overwritten by another run)"
             )
         return out, ckpt, resume
 
@@ -480,12 +482,14 @@ def _head(split, n: int):
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Train with parsed options; returns the final metrics."""
     trainer = None
+    owned = dist_mod.dist.is_available() and not dist_mod.dist.is_initialized()
     try:
         trainer = Trainer(args)
         return trainer.run()
     finally:
         if trainer is not None:
             trainer.close()
-        elif dist_mod.dist.is_initialized():
+        elif owned and dist_mod.dist.is_initialized():  # failed after joining the group
             dist_mod.dist.destroy_process_group()
