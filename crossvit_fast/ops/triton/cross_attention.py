@@ -53,8 +53,9 @@ _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in 
 _MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
 _HEAD_DIMS = (8, 128)
 _MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
-# On the GPU the token pass keeps (16 x C) dot operands in shared memory (227 KB per SM on sm_90):
-# C <= 1024 fits every dtype and pass (CrossViT's widths are <= 768).
+# On the GPU the token pass keeps (16 x C) dot operands in shared memory (227 KB per SM on sm_90;
+# Triton 3.9: bf16 33 / 65 KB forward / backward at C = 448, 131 KB backward at C <= 1024; fp32
+# 67 / 100 KB at 448, 132 / 199 KB at 1024): C <= 1024 fits every dtype and pass.
 _GPU_MAX_WIDTH = 1024
 
 
@@ -277,10 +278,10 @@ def _cross_attention_fwd_kernel(
                                      HAS_W, IEEE)  # fmt: skip
     start = 1 + s * rows_per_split
     end = tl.minimum(start + rows_per_split, N + 1)
-    # Prefetch: the next row block's load is issued before the current block is worked on.
-    # Triton 3.9 does not pipeline this (bf16) tile through shared memory (sm_90 compile: smem
-    # independent of num_stages) and ~200 registers leave one program per SM at C = 448, so this
-    # doubles the bytes in flight per SM (228 registers, no spills).
+    # Prefetch: the next row block's load is issued before the current block is worked on. Left
+    # to itself, Triton 3.9 does not pipeline this bf16 tile (sm_90 compile: shared memory does
+    # not grow with num_stages), and ~200 registers leave one program per SM at C = 448, so this
+    # doubles the bytes in flight per SM (228 registers, no spills). num_stages=1 at launch.
     tok = tok_ptr + b * stride_tb
     offs_n = start + rows
     x = tl.load(tok + offs_n.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc,
@@ -502,18 +503,6 @@ def _token_tiles(C: int) -> tuple[int, int, int]:
     return block_n, block_c, num_warps
 
 
-def _token_stages(block_c: int, elem: int, backward: bool) -> int:
-    """Software-pipelining depth of the token loop, bounded by its shared memory (sm_90: 227 KB).
-    Triton 3.9 for sm_90: fp32 row tiles are pipelined through shared memory and fp32 dot
-    operands are twice the bf16 ones: fp32 C = 448 needs 99 / 132 / 165 KB forward at 2 / 3 / 4
-    stages and 100 / 166 KB backward at 1 / 3; fp32 C = 768 backward 199 KB at 1 stage. bf16
-    tiles are not pipelined (33 KB forward, 65 KB backward at C = 448; 131 KB backward at 768)."""
-    row = block_c * elem
-    if backward:
-        return 3 if row <= 1024 else (2 if row <= 2048 else 1)
-    return 3 if row <= 2048 else 1
-
-
 def _split_plan(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """(S splits over the tokens, rows per split). One sample is one program unless the batch
     alone cannot fill the GPU (B < #SMs): then each sample's rows are split over up to
@@ -671,7 +660,7 @@ def _cross_attention_fwd(
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias,
             u, ut, lse, part_m, part_l, part_acc, N, C, H, rows, eps, d**-0.5 * _LOG2E,
             SINGLE=single, BLOCK_N=block_n, num_warps=num_warps, **flags, **_dot_flags(dt),
-            num_stages=_token_stages(block_c, max(tokens.element_size(), wq.element_size()), False),
+            num_stages=1,  # the kernel prefetches itself; no Triton pipeline buffers
         )  # fmt: skip
         if not single:
             _launch(
@@ -746,7 +735,7 @@ def _cross_attention_bwd(
             N, C, H, rows, eps, d**-0.5 * _LOG2E, d**-0.5,
             HAS_W=norm_weight is not None, ONE_KEY=N == 0, BLOCK_N=block_n, BLOCK_C=block_c,
             BLOCK_H=_MAX_HEADS, num_warps=num_warps, **_dot_flags(dt),
-            num_stages=_token_stages(block_c, max(tokens.element_size(), wq.element_size()), True),
+            num_stages=1,
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
     dq = cls.new_empty((B, C), dtype=dt)
