@@ -34,6 +34,16 @@ TINY = CrossViTConfig(
 AMP_DTYPES = (torch.bfloat16, torch.float16)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: a second intra-op thread adds synchronisation, not speed, and on a busy
+    2-core machine each op then waits for a descheduled thread (runs ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _available(device_type: str) -> list[str]:
     return [b for b in backends.BACKENDS if backends.backend_availability(b, device_type)[0]]
 

@@ -38,6 +38,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: a second intra-op thread adds synchronisation, not speed, and on a busy
+    2-core machine each op then waits for a descheduled thread (runs ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
