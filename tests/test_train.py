@@ -9,10 +9,14 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import crossvit_fast
 from crossvit_fast import data as data_mod
 from crossvit_fast.train import DEFAULT_CONFIG, main, parse_args
 from crossvit_fast.train.optim import lr_multiplier, param_groups
@@ -69,6 +73,21 @@ def test_default_run_learns_digits(tmp_path):
     assert m["accuracy"] >= 0.6, m
     assert m["img_per_s"] > 0 and math.isfinite(m["loss"])
     assert (tmp_path / "run" / CHECKPOINT_NAME).exists()
+
+
+def test_importing_needs_no_training_dependencies():
+    """tqdm, Pillow and scikit-learn (the `train` extra) load only when a run needs them."""
+    code = (  # torch itself imports tqdm when it is installed (torch.hub): count only ours
+        "import sys, torch; before = set(sys.modules); "
+        "import crossvit_fast, crossvit_fast.train, crossvit_fast.data, crossvit_fast.train.trainer; "
+        "print(sorted(m for m in ('tqdm', 'PIL', 'sklearn') if m in set(sys.modules) - before))"
+    )
+    repo = str(Path(crossvit_fast.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_metrics_json_and_checkpoint_contents(tmp_path, quick):
