@@ -69,7 +69,7 @@ def _resume_runs(tmp: str, mode: str, model_json: str) -> None:
 
     common = ["--model", model_json, "--train-samples", "32", "--val-samples", "8",
               "--batch-size", "4", "--steps", "6", "--save-every", "2", "--drop-path", "0.2",
-              "--no-progress"] + (["--fsdp"] if mode == "fsdp" else [])  # fmt: skip
+              "--device", "cpu", "--no-progress"] + (["--fsdp"] if mode == "fsdp" else [])  # fmt: skip
     for out, until, resume in (("a", None, []), ("b", 2, []), ("b", None, ["--resume"])):
         t = Trainer(parse_args([*common, "--out", os.path.join(tmp, f"{mode}-{out}"), *resume]))
         assert t.dist.world_size == WORLD and not t.dist.owns_group
@@ -164,7 +164,7 @@ def _torchrun(tmp_path: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={WORLD}", "-m", "crossvit_fast", "train", *extra,
            "--out", str(tmp_path / "run"), "--metrics-json", str(metrics),
-           "--no-progress"]  # fmt: skip
+           "--device", "cpu", "--no-progress"]  # fmt: skip
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
