@@ -32,19 +32,24 @@ of CLS rows shared with `cls_proj` (crossvit_fast.ops.triton.fusion).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
 
 from ..common import KERNEL_DTYPES, autocast_dtype, check_tensor
 from . import interpreter_enabled
-from .utils import dot_in_fp32, gelu_erf, gelu_erf_grad, next_pow2
+from .utils import (
+    device_guard,
+    dot_in_fp32,
+    gelu_erf,
+    gelu_erf_grad,
+    launch,
+    next_pow2,
+    register_op,
+)
 
 __all__ = ["OPS", "cls_norm_bwd", "cls_norm_fwd", "cross_attention", "register_op"]
 
@@ -448,36 +453,9 @@ def _cross_attention_bwd_kernel(
 # -- launchers ----------------------------------------------------------------------------------
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
-    if _INTERPRET and any(isinstance(a, Tensor) and is_fake(a) for a in args):
-        return  # shape propagation of an interpreted op (see `register_op`): nothing to run
-    with _device_guard(device):
-        wrap_triton(kernel)[grid](*args, **meta)
-
-
-def register_op(name: str):
-    """Register an op body that launches Triton kernels.
-
-    On the GPU: `torch.library.triton_op`, so torch.compile / export trace through the body and
-    see the kernels (wrap_triton). Under TRITON_INTERPRET=1 the kernels are plain Python
-    functions that wrap_triton cannot put in a graph, so the same body is registered as an
-    opaque `custom_op` whose fake implementation is the body itself with kernel launches
-    skipped (`_launch`): shapes and dtypes come from the body's own allocations either way.
-    """
-
-    def deco(fn):
-        if not _INTERPRET:
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
-
-    return deco
+    with device_guard(device):
+        launch(kernel, grid, *args, **meta)
 
 
 def _sm_count(device: torch.device) -> int:

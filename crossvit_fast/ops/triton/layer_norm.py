@@ -17,19 +17,13 @@ that one small `sum(0)` finishes — deterministic, no atomics.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch._subclasses.functional_tensor import FunctionalTensorMode
-from torch.library import triton_op, wrap_triton
 
 from ..common import autocast_dtype, check_tensor
-from . import interpreter_enabled
-from .utils import dot_in_fp32, next_pow2
+from .utils import device_guard, dot_in_fp32, launch, next_pow2, register_op
 
 __all__ = ["OPS", "layer_norm", "layer_norm_bwd", "layer_norm_fwd"]
 
@@ -40,41 +34,9 @@ MAX_WIDTH = 16384
 # -- helpers shared by the kernel modules of this backend ----------------------------------------
 
 
-def register_op(name: str):
-    """`torch.library.triton_op(name)`, made usable under the CPU interpreter.
-
-    On a GPU this is exactly `triton_op`: under torch.compile the op decomposes into its
-    `wrap_triton` kernel calls, which Inductor sees. Under TRITON_INTERPRET=1, `wrap_triton` hands
-    back the plain interpreted kernel, which cannot run on fake tensors; there the op stays opaque
-    in traced graphs (the fake kernel skips launches, see `launch`) and runs eagerly at run time,
-    so opcheck and torch.compile still exercise registration, fake kernel and autograd."""
-
-    def dec(fn):
-        op = triton_op(name, mutates_args=())(fn)
-        if interpreter_enabled():
-            op.register_torch_dispatch(
-                FunctionalTensorMode,
-                lambda mode, func, types, args, kwargs: mode.__torch_dispatch__(
-                    func, types, args, kwargs
-                ),
-            )
-        return op
-
-    return dec
-
-
-def launch(kernel, grid, *args, **meta) -> None:
-    """Launch `kernel` through `wrap_triton` on the current stream of the tensors' device.
-
-    Fake tensors (shape propagation) under the interpreter have no data: nothing to launch."""
-    if interpreter_enabled() and any(isinstance(a, Tensor) and is_fake(a) for a in args):
-        return
-    wrap_triton(kernel)[grid](*args, **meta)
-
-
 def on_device(t: Tensor):
-    """Triton launches on the *current* CUDA device: make it the tensor's (multi-GPU)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Launch on t's CUDA device (multi-GPU); see `utils.device_guard`."""
+    return device_guard(t.device)
 
 
 def program_slots(device: torch.device) -> int:

@@ -2,12 +2,60 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
 
 from . import interpreter_enabled
 
-__all__ = ["dot_in_fp32", "gelu_erf", "gelu_erf_grad", "next_pow2"]
+__all__ = [
+    "device_guard",
+    "dot_in_fp32",
+    "gelu_erf",
+    "gelu_erf_grad",
+    "launch",
+    "next_pow2",
+    "register_op",
+]
+
+
+def register_op(name: str):
+    """Register an op body that launches Triton kernels (through `launch`).
+
+    On the GPU: `torch.library.triton_op`, so torch.compile / export trace through the body and
+    see the kernels (wrap_triton). Under TRITON_INTERPRET=1 the kernels are plain Python
+    functions that wrap_triton cannot put in a graph, so the same body is registered as an
+    opaque `custom_op` whose fake implementation is the body itself with kernel launches
+    skipped (`launch`): shapes and dtypes come from the body's own allocations either way.
+    """
+
+    def deco(fn):
+        if not interpreter_enabled():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return deco
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch `kernel` through `wrap_triton` (on the current stream). Fake tensors (shape
+    propagation of an interpreted op, see `register_op`) have no data: nothing to launch."""
+    if interpreter_enabled() and any(isinstance(a, Tensor) and is_fake(a) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' device (multi-GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 
 # erf-GELU constants: GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2, Phi' = pdf.
 # tl.constexpr: the GPU compiler rejects plain Python globals inside @triton.jit (the interpreter
