@@ -16,6 +16,7 @@ replays exactly the steps an uninterrupted run takes after s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -272,11 +273,9 @@ class Trainer:
     # -- steps ---------------------------------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.float32,
-            enabled=self.amp_dtype is not None,
-        )
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: _Meter) -> None:
         with self._autocast():
