@@ -36,3 +36,30 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small models: a second intra-op thread adds synchronisation, not speed, and on a busy
+    2-core machine each op then waits for a descheduled thread (runs ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def available_backend_names(device_type: str) -> list[str]:
+    """The backends that can run on `device_type` here (triton on CPU: interpreter only)."""
+    from crossvit_fast import backends
+
+    return [b for b in backends.BACKENDS if backends.backend_availability(b, device_type)[0]]
+
+
+def tiny_config(**overrides):
+    """A CrossViT with few, short token rows: the fast backends run in Triton's CPU interpreter
+    here. 2 + 4 tokens per branch at widths 32 / 64."""
+    from crossvit_fast import CrossViTConfig
+
+    base = dict(img_size=(32, 16), patch_size=(8, 8), embed_dim=(32, 64), depth=((1, 1, 0),),
+                num_heads=(2, 2), mlp_ratio=(2.0, 2.0), num_classes=5)  # fmt: skip
+    return CrossViTConfig(**{**base, **overrides})

@@ -21,31 +21,18 @@ import torch.nn.functional as F
 import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig
 
+from .conftest import tiny_config
+
 REPO = Path(crossvit_fast.__file__).resolve().parents[1]
 WORLD = 2
-CFG = CrossViTConfig(
-    img_size=(32, 16),
-    patch_size=(8, 8),
-    embed_dim=(32, 64),
-    depth=((1, 1, 0), (1, 1, 0)),
-    num_heads=(2, 2),
-    mlp_ratio=(2.0, 2.0),
-    num_classes=5,
-)
+CFG = tiny_config(depth=((1, 1, 0), (1, 1, 0)))
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: a second intra-op thread adds synchronisation, not speed, and on a busy
-    2-core machine each op then waits for a descheduled thread (runs ~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossvit_fast import CrossViT, CrossViTConfig, backends, create_model
+from crossvit_fast import CrossViT, CrossViTConfig, create_model
 
-from .conftest import DEVICE
+from .conftest import DEVICE, available_backend_names, tiny_config
 
 SMALL = CrossViTConfig(
     img_size=(48, 32),
@@ -31,30 +31,13 @@ SMALL = CrossViTConfig(
     num_classes=10,
 )
 
-# Fast backends run in Triton's CPU interpreter here: a model with few, short token rows.
-TINY = CrossViTConfig(
-    img_size=(32, 16),
-    patch_size=(8, 8),
-    embed_dim=(32, 64),
-    depth=((1, 2, 0),),
-    num_heads=(2, 2),
-    mlp_ratio=(2.0, 2.0),
-    num_classes=5,
-)
+TINY = tiny_config(depth=((1, 2, 0),))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: a second intra-op thread adds synchronisation, not speed, and on a busy
-    2-core machine each op then waits for a descheduled thread (runs ~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _available(device_type: str) -> list[str]:
-    return [b for b in backends.BACKENDS if backends.backend_availability(b, device_type)[0]]
+_available = available_backend_names
 
 
 def saved_activation_bytes(model: CrossViT, x: torch.Tensor) -> int:
