@@ -122,11 +122,8 @@ def test_bench_cross_fusion(benchmark, model, fusion, batch):
             rows[(name, pass_)] = row
             if name == "triton" and pass_ == "fwd+bwd":
                 triton_run = run
+    harness.add_speedups(rows)
     for (name, pass_), row in rows.items():
-        row["speedup_vs_eager"] = rows[("reference", pass_)]["median_ms"] / row["median_ms"]
-        row["speedup_vs_compiled"] = (
-            rows[("reference_compiled", pass_)]["median_ms"] / row["median_ms"]
-        )
         harness.record("cross_fusion", row)
         pct = f" ({row['pct_hbm_peak']:5.1f}% HBM)" if hbm else ""
         print(f"cross_fusion {model} fusion{fusion} b{batch} {pass_:8s} {name:19s} "

@@ -93,12 +93,9 @@ def _bench(benchmark, op: str, case: dict, args: list, grad_inputs: list, flops:
             rows[(name, pass_)] = row
             if name == "triton" and pass_ == "fwd+bwd":
                 triton_run = run
+    harness.add_speedups(rows)
     for (name, pass_), row in rows.items():
-        row["speedup_vs_eager"] = rows[("reference", pass_)]["median_ms"] / row["median_ms"]
-        row["speedup_vs_compiled"] = (
-            rows[("reference_compiled", pass_)]["median_ms"] / row["median_ms"]
-        )
-        harness.record(f"{op}", row)
+        harness.record(op, row)
         rate = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else f"{row['gbs']:7.0f} GB/s"
         print(f"{op:15s} {case} {pass_:8s} {name:19s} {row['median_ms']:8.3f} ms "
               f"[{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] {rate} "

@@ -101,6 +101,16 @@ def environment() -> dict:
     }
 
 
+def add_speedups(rows: dict) -> None:
+    """rows: {(impl, pass): row} from one run, with "reference" and "reference_compiled" among
+    the impls. Adds each row's ratio to both baselines of the same pass (same run, same shapes)."""
+    for (_, pass_), row in rows.items():
+        row["speedup_vs_eager"] = rows[("reference", pass_)]["median_ms"] / row["median_ms"]
+        row["speedup_vs_compiled"] = (
+            rows[("reference_compiled", pass_)]["median_ms"] / row["median_ms"]
+        )
+
+
 def record(bench: str, row: dict) -> None:
     """Append one result row (plus the environment) to benchmarks/results/<device>.json. Only
     GPU results are recorded: CPU timings of GPU kernels mean nothing."""

@@ -53,7 +53,7 @@ from .layer_norm import (
     register_op,
     round_to,
 )
-from .utils import dot_in_fp32, gelu_erf, gelu_erf_grad, next_pow2
+from .utils import dot_in_fp32, gelu_erf, gelu_erf_grad, grouped_tile, next_pow2
 
 __all__ = ["OPS", "fused_linear", "mlp"]
 
@@ -86,15 +86,7 @@ def _fused_linear_kernel(
     GELU_erf; GELU == 2: * GELU_erf'(aux[m, n]); + res[m, n]; store in c's dtype;
     C_SUM: column sums of the stored tile -> csum[pid_m, n].
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share each B column-tile while it is hot in L2.
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

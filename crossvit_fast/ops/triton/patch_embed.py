@@ -40,7 +40,7 @@ from ..common import autocast_dtype, check_tensor
 from . import interpreter_enabled
 from .layer_norm import check_param_dtype, launch, on_device, program_slots, register_op, round_to
 from .mlp import dot_precision
-from .utils import dot_in_fp32, next_pow2
+from .utils import dot_in_fp32, grouped_tile, next_pow2
 
 __all__ = ["OPS", "patch_embed", "token_assemble"]
 
@@ -83,14 +83,7 @@ def _patch_embed_fwd_kernel(
     """out[b, 1 + t, n] = sum_k x_patch[m, k] w[n, k] + bias[n] + pos[1 + t, n], m = b*Np + t,
     and out[b, 0, n] = cls[n] + pos[0, n] (written by the tile holding patch t = 0 of b).
     K = C_in * P * PP (padded patch rows, see `_patch_cols`); w (N, K) is zero in the padding."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

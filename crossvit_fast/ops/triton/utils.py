@@ -18,6 +18,7 @@ __all__ = [
     "dot_in_fp32",
     "gelu_erf",
     "gelu_erf_grad",
+    "grouped_tile",
     "launch",
     "next_pow2",
     "register_op",
@@ -86,3 +87,17 @@ def gelu_erf_grad(x):
     cdf = 0.5 * (1.0 + tl.erf(x * _SQRT1_2))
     pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
     return cdf + x * pdf
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program for a GEMM grid of cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+    programs, in grouped order: GROUP_M row-tiles share each column-tile of B while it is hot in
+    L2 (the Triton matmul tutorial's swizzle)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_m, (pid % group) // group_m
