@@ -3,7 +3,8 @@
 * `info`  — versions, devices, and each backend with why it is or is not available.
 * `check` — every available backend against the reference on a small model on this machine,
   forward and backward, as a table of max errors and times.
-* `train` — the training run (`crossvit_fast.train`).
+* `train` — the training run (`crossvit_fast.train`); `eval`, `predict`, `export` — use its
+  checkpoints (`crossvit_fast.train.infer`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def _run_backend(model: CrossViT, x: torch.Tensor, device: str) -> tuple[torch.T
 
 def cmd_check(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("check: error: --device cuda: no CUDA GPU is visible to torch", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     ref = CrossViT(_CHECK_CONFIG, backend="reference").to(device).train()
     x = torch.randn(args.batch, 3, 48, 48, device=device)
@@ -135,19 +139,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def cmd_train(args: list[str]) -> int:
+# Commands that own their argument parsers (crossvit_fast.train).
+_TRAIN_COMMANDS = {
+    "train": "train a CrossViT (see `train --help`)",
+    "eval": "loss, top-1 and top-5 of a train checkpoint (see `eval --help`)",
+    "predict": "classes of image files from a train checkpoint (see `predict --help`)",
+    "export": "a train checkpoint -> model.safetensors + config.json + classes.json",
+}
+
+
+def cmd_train(name: str, args: list[str]) -> int:
     try:
-        from .train import main as train_main
+        from .train import command
     except ImportError as exc:
-        print(f"train is not available: {exc}", file=sys.stderr)
+        print(f"{name} is not available: {exc}", file=sys.stderr)
         return 2
-    return train_main(args)
+    return command(name, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":  # train owns its own argument parser
-        return cmd_train(argv[1:])
+    if argv and argv[0] in _TRAIN_COMMANDS:
+        return cmd_train(argv[0], argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m crossvit_fast",
         description=__doc__,
@@ -158,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="every available backend vs the reference, fwd + bwd")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--batch", type=int, default=2)
-    sub.add_parser("train", help="train a CrossViT (see `train --help`)")
+    for name, what in _TRAIN_COMMANDS.items():
+        sub.add_parser(name, help=what)
     args = parser.parse_args(argv)
     return {"info": cmd_info, "check": cmd_check}[args.command](args)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import crossvit_fast
-from crossvit_fast import data as data_mod
+from crossvit_fast.train import data as data_mod
 from crossvit_fast.train import DEFAULT_CONFIG, main, parse_args
 from crossvit_fast.train.optim import lr_multiplier, param_groups
 from crossvit_fast.train.state import CHECKPOINT_NAME, CheckpointError, load
@@ -80,7 +80,7 @@ def test_importing_needs_no_training_dependencies():
     """tqdm, Pillow and scikit-learn (the `train` extra) load only when a run needs them."""
     code = (  # torch itself imports tqdm when it is installed (torch.hub): count only ours
         "import sys, torch; before = set(sys.modules); "
-        "import crossvit_fast, crossvit_fast.train, crossvit_fast.data, crossvit_fast.train.trainer; "
+        "import crossvit_fast, crossvit_fast.train, crossvit_fast.train.data, crossvit_fast.train.trainer; "
         "print(sorted(m for m in ('tqdm', 'PIL', 'sklearn') if m in set(sys.modules) - before))"
     )
     repo = str(Path(crossvit_fast.__file__).resolve().parents[1])
@@ -219,7 +219,7 @@ def test_bad_options_are_clear_errors(tmp_path, quick, capsys):
 
 
 def test_registered_model_name_and_json_config(tmp_path):
-    from crossvit_fast.train.cli import resolve_config
+    from crossvit_fast.train.models import resolve_config
 
     name, cfg = resolve_config("crossvit_9_240", num_classes=7, drop_path=0.1)
     assert name == "crossvit_9_240" and cfg.num_classes == 7 and cfg.drop_path_rate == 0.1
@@ -255,12 +255,12 @@ def test_image_folder_reads_classes_and_pixels(tmp_path):
     ds = data_mod.load_image_folder(tmp_path, (16, 12), val_fraction=0.25)
     assert ds.classes == ["blue", "red"] and ds.num_classes == 2
     assert len(ds.train) + len(ds.val) == 12 and len(ds.val) == 3
-    x, y = ds.train[0]
-    assert x.shape == (3, 16, 12) and x.dtype == torch.uint8
+    x, y, bad = ds.train[0]
+    assert x.shape == (3, 16, 12) and x.dtype == torch.uint8 and bad == []
     expect = (0, 1) if y == 1 else (2, 1)  # red: R channel brightest, blue: B channel
     assert x[expect[0]].float().mean() > x[expect[1]].float().mean()
-    xb, yb = next(data_mod.iterate(ds.val, [[0, 1], []]))
-    assert xb.shape == (2, 3, 16, 12) and yb.shape == (2,)
+    xb, yb, bad = next(data_mod.iterate(ds.val, [[0, 1], []]))
+    assert xb.shape == (2, 3, 16, 12) and yb.shape == (2,) and bad == []
     empty = ds.val.collate([])
     assert empty[0].shape == (0, 3, 16, 12)
 

@@ -3,12 +3,13 @@ parameters nor on 1-D ones (biases, LayerNorm affines), linear warm-up then cosi
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "lr_multiplier", "param_groups"]
+__all__ = ["EMA", "build_optimizer", "lr_multiplier", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -53,3 +54,45 @@ def build_optimizer(
         opt, lambda s: lr_multiplier(s, total_steps, warmup_steps, ratio)
     )
     return opt, sched
+
+
+class EMA:
+    """An exponential moving average of the parameters (timm's ModelEmaV3 with warm-up): after
+    optimizer step t, shadow <- d * shadow + (1 - d) * param with d = min(decay, (1 + t) / (10 + t)),
+    so that short runs average recent weights rather than the initialisation.
+
+    `params` are the training model's (plain tensors, or FSDP2's sharded DTensors: the shadow
+    then holds the same shards and the updates are local). `swapped()` puts the averages into the
+    model for evaluation or for gathering a full state dict, and restores the weights after."""
+
+    def __init__(self, params, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay: expected a value in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = [p for p in params]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """shadow <- the current parameters (used to load a checkpoint's averages)."""
+        for s, p in zip(self.shadow, self.params):
+            s.copy_(p.detach())
+
+    @contextlib.contextmanager
+    def swapped(self):
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)

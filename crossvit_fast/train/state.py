@@ -6,8 +6,10 @@ A checkpoint is one `torch.save` file (a dict of tensors and plain Python values
     format, version          "crossvit_fast.train", 1
     config                   the CrossViTConfig fields (dict)
     run                      the options that determine the trajectory (batch size, world size,
-                             total steps, seed, data, lr schedule, AMP, ...): resuming with
-                             different ones could not continue exactly, so it is refused
+                             total steps, seed, data, lr schedule, AMP, ...); `MUST_MATCH` says
+                             which of them a resume must keep
+    options, classes         every parsed option (the resolved command line) and the class names
+    preprocess               how an image becomes the model's input (size, mean / std, crop)
     step                     optimizer steps done
     model, optimizer         full (unsharded) state dicts keyed by parameter name, as
                              `torch.distributed.checkpoint.state_dict` gives them, so the same file
@@ -15,15 +17,18 @@ A checkpoint is one `torch.save` file (a dict of tensors and plain Python values
     scheduler, scaler        LR schedule and GradScaler state
     rng                      per rank: the CPU generator state and the CUDA one (or None)
     metrics                  the last evaluation
+    ema                      the EMA weights (full state dict) with --ema, else None
 
 Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
 old checkpoint (`os.replace` is atomic on POSIX), so a crash mid-write leaves the previous
-checkpoint intact. A checkpoint that cannot be read or does not match the run raises
+checkpoint intact; the temporary file a SIGKILL during a save leaves behind is removed by the
+next run in that directory (`remove_stale_temporaries`). A checkpoint that cannot be read or does not match the run raises
 `CheckpointError` before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -34,7 +39,16 @@ import torch
 FORMAT, VERSION = "crossvit_fast.train", 1
 CHECKPOINT_NAME = "checkpoint.pt"
 
-__all__ = ["CHECKPOINT_NAME", "CheckpointError", "check_compatible", "load", "rng_state", "save"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "MUST_MATCH",
+    "CheckpointError",
+    "check_compatible",
+    "load",
+    "remove_stale_temporaries",
+    "rng_state",
+    "save",
+]
 
 
 class CheckpointError(ValueError):
@@ -77,6 +91,23 @@ def save(state: dict, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed `save(state, path)` left beside `path`; return them."""
+    path = os.fspath(path)
+    d, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isdir(d):
+        return []
+    stale = [
+        os.path.join(d, f)
+        for f in os.listdir(d)
+        if f.startswith(f".{base}.") and f.endswith(".tmp")
+    ]
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
+    return stale
+
+
 _REQUIRED = ("config", "run", "step", "model", "optimizer", "scheduler", "scaler", "rng")
 
 
@@ -111,10 +142,21 @@ def load(path: str | os.PathLike) -> dict:
     return state
 
 
-def check_compatible(state: dict, config: dict, run: dict, path: str) -> None:
-    """Raise CheckpointError listing every difference between the checkpoint's model config and
-    run options and this run's: resuming with any of them changed could not continue exactly."""
-    diffs = []
+# What a resume must share with the checkpoint's run, stated once (README and --resume help quote
+# it): the architecture (every CrossViTConfig field) and these run options. They fix what the
+# saved state means: the weights' shapes, which images are the training and validation splits,
+# and each global batch (data order is a function of seed, epoch, batch size and process count).
+# Everything else may change on resume, each change listed when the run starts: --steps /
+# --epochs (longer or shorter, not below the steps done: the LR schedule is recomputed for the
+# new length), DDP <-> FSDP (checkpoints hold the full, unsharded state), the LR schedule,
+# regularisation, augmentation, AMP, EMA. Only an unchanged resume continues bit-for-bit.
+MUST_MATCH = ("data", "classes", "train_images", "val_images", "batch_size", "world_size", "seed")
+
+
+def check_compatible(state: dict, config: dict, run: dict, path: str) -> list[str]:
+    """Raise CheckpointError listing every difference in the model config and MUST_MATCH options
+    between the checkpoint's run and this one; return the other differences, one line each."""
+    diffs, notes = [], []
     old_cfg, new_cfg = _plain(state["config"]), _plain(config)
     for k in sorted(set(old_cfg) | set(new_cfg)):
         if old_cfg.get(k) != new_cfg.get(k):
@@ -122,15 +164,23 @@ def check_compatible(state: dict, config: dict, run: dict, path: str) -> None:
     old_run, new_run = _plain(state["run"]), _plain(run)
     for k in sorted(set(old_run) | set(new_run)):
         if old_run.get(k) != new_run.get(k):
-            diffs.append(f"{k}: checkpoint {old_run.get(k)!r}, this run {new_run.get(k)!r}")
+            line = f"{k}: checkpoint {old_run.get(k)!r}, this run {new_run.get(k)!r}"
+            (diffs if k in MUST_MATCH else notes).append(line)
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} is from a different run and cannot be resumed exactly:\n  "
+            f"checkpoint {path} is from a different run and cannot be resumed:\n  "
             + "\n  ".join(diffs)
-            + "\n(use the original options, or start a new run with another --out)"
+            + "\n(a resume must keep the model and "
+            + ", ".join(MUST_MATCH)
+            + "; use the original options, or start a new run with another --out)"
         )
-    if not 0 <= state["step"] <= run.get("total_steps", state["step"]):
-        raise CheckpointError(f"{path}: step {state['step']} is outside this run")
+    total = run.get("total_steps", state["step"])
+    if not 0 <= state["step"] <= total:
+        raise CheckpointError(
+            f"{path}: the checkpoint is at step {state['step']}, past this run's {total} steps "
+            "(--steps / --epochs can extend a run, not cut it below the steps done)"
+        )
+    return notes
 
 
 def rng_state(device: torch.device) -> dict:

@@ -3,14 +3,17 @@
 One process per device; under torchrun every process runs this same code on its slice of each
 global batch (`data.epoch_batches`). Order of work per optimizer step:
 
-    batch -> Preprocess (on device) -> autocast forward -> loss -> (scaled) backward
-          -> [unscale, clip] -> optimizer step -> scheduler step
-    then, at an epoch end or the last step: evaluate; every --save-every steps and at the
-    end: checkpoint (all ranks gather the full state, rank 0 writes it atomically).
+    agree (stop on a signal? checkpoint now? a bad image?) -> batch -> Preprocess (on device)
+          -> [mixup / cutmix] -> autocast forward -> loss -> (scaled) backward -> [unscale, clip]
+          -> optimizer step -> scheduler step -> [EMA update]
+    then, at an epoch end and the last step: evaluate (and the EMA weights), one line of
+    metrics; at epoch ends, every --save-every, at the end and on a signal: checkpoint (all
+    ranks gather the full state, rank 0 writes it atomically).
 
-Exact resume: the data order is a function of (seed, epoch); a checkpoint stores model,
-optimizer, scheduler, scaler, step and every rank's RNG state, so continuing from step s
-replays exactly the steps an uninterrupted run takes after s.
+Exact resume: the data order is a function of (seed, epoch), augmentation of (seed, epoch,
+image) and (seed, step, rank); a checkpoint stores model, optimizer, scheduler, scaler, EMA, step
+and every rank's RNG state, so continuing from step s replays exactly the steps an uninterrupted
+run takes after s (when the options are unchanged: `state.MUST_MATCH` says what may change).
 """
 
 from __future__ import annotations
@@ -20,21 +23,26 @@ import contextlib
 import json
 import math
 import os
+import random
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .. import data as data_mod
 from ..model import CrossViT
+from . import data as data_mod
 from . import dist as dist_mod
 from . import state as state_mod
-from .cli import DIGITS_LR, TrainError, resolve_config
-from .optim import build_optimizer
+from .augment import Mix, soft_cross_entropy
+from .errors import BadImageError, TrainError
+from .logs import RunLog
+from .models import DIGITS_LR, FINETUNE_LR_FACTOR, load_init, resolve_config
+from .optim import EMA, build_optimizer
+from .preempt import Agreement, SignalStop, Stopped
 
-__all__ = ["Trainer", "run"]
+__all__ = ["Trainer", "evaluate", "run"]
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -45,20 +53,52 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def _input_size(cfg) -> tuple[int, int]:
+def input_size(cfg) -> tuple[int, int]:
     """The image size fed to the model: the largest branch size (timm's 240 for the *_240
     variants); each branch resizes from it."""
     return (max(h for h, _ in cfg.img_size), max(w for _, w in cfg.img_size))
 
 
-@dataclass
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(net, batches, prep, device, amp_dtype=None) -> tuple[torch.Tensor, list]:
+    """Sums over `batches` ((uint8 images, labels, bad files) as `data.iterate` yields them):
+    (float64 [loss * n, top-1 hits, top-5 hits, n] on `device`, the bad files met)."""
+    was_training = net.training
+    net.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    bad = []
+    for xb, yb, b in batches:
+        bad += b
+        x, y = prep(xb), yb.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = net(x).float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (top[:, 0] == y).sum()
+        sums[2] += (top == y[:, None]).any(-1).sum()
+        sums[3] += y.numel()
+    net.train(was_training)
+    return sums, bad
+
+
+def eval_metrics(sums: torch.Tensor) -> dict:
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1)
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
+
+
 class _Meter:
-    """Running sums on the device (no host sync per step); read at log points."""
+    """Running training sums on the device (no host sync per step); read at log points."""
 
-    device: torch.device
-    sums: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.reset()
 
     def reset(self):
@@ -70,6 +110,49 @@ class _Meter:
         self.sums[0] += loss.detach().double() * n
         self.sums[1] += (logits.detach().argmax(-1) == y).sum()
         self.sums[2] += n
+
+
+class _Rate:
+    """Training time and steps."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def img_per_s(self, global_batch: int) -> float | None:
+        return self.steps * global_batch / self.seconds if self.steps and self.seconds > 0 else None
+
+
+class _Clock:
+    """Throughput: wall time from the end of a run's first step (compilation, warm-up) on, with
+    evaluation and checkpoint pauses left out; synced on GPUs at each pause. Accumulates into
+    the whole run, the current epoch and the current progress-bar window."""
+
+    def __init__(self, sync):
+        self.sync = sync
+        self.run, self.epoch, self.window = _Rate(), _Rate(), _Rate()
+        self._t, self._pending, self._started = None, 0, False
+
+    def start(self) -> None:
+        self.sync()
+        self._t, self._pending, self._started = time.perf_counter(), 0, True
+
+    def step(self) -> None:
+        if self._t is not None:
+            self._pending += 1
+
+    def pause(self) -> None:
+        if self._t is None:
+            return
+        self.sync()
+        dt = time.perf_counter() - self._t
+        for r in (self.run, self.epoch, self.window):
+            r.seconds += dt
+            r.steps += self._pending
+        self._t, self._pending = None, 0
+
+    def resume(self) -> None:
+        if self._started and self._t is None:
+            self._t = time.perf_counter()
 
 
 class Trainer:
@@ -84,35 +167,35 @@ class Trainer:
         self.dist = dist_mod.setup(args.device, need_group=args.fsdp)
         self.device = self.dist.device
         d = self.dist
-        self.log = print if d.is_main else (lambda *a, **k: None)
+        self.agreement = Agreement(d.world_size)
 
         # -- data (the same on every rank; each takes its slices per batch) --
         torch.manual_seed(args.seed)
-        if args.data is None:
-            ds = data_mod.load_digits(args.val_fraction or 0.2)
-        else:
-            ds = None  # needs the model's input size first
-        name, cfg = resolve_config(args.model, ds.num_classes if ds else 0, args.drop_path)
-        size = _input_size(cfg)
-        if ds is None:
-            ds = data_mod.load_image_folder(
-                args.data, size, grey=cfg.in_chans == 1, val_fraction=args.val_fraction or 0.1
-            )
-            name, cfg = resolve_config(args.model, ds.num_classes, args.drop_path)
-        if args.train_samples:
-            ds.train = _head(ds.train, args.train_samples)
-        if args.val_samples:
-            ds.val = _head(ds.val, args.val_samples)
-        self.ds, self.model_name, self.cfg = ds, name, cfg
-        hflip = args.hflip if args.hflip is not None else (0.0 if args.data is None else 0.5)
-        self.prep = data_mod.Preprocess(size, cfg.in_chans, ds.mean, ds.std, self.device, hflip)
-        self.workers = 0 if args.data is None else (args.workers if args.workers is not None else 4)
+        name, cfg = resolve_config(args.model, 0, args.drop_path)  # size and channels first
+        size, grey = input_size(cfg), cfg.in_chans == 1
+        self.ds = data_mod.load_dataset(vars(args), size, grey)
+        name, cfg = resolve_config(args.model, self.ds.num_classes, args.drop_path)
+        self.model_name, self.cfg = name, cfg
+        self.preprocess = data_mod.preprocess_info(vars(args), self.ds, size, grey)
+        digits = args.data is None
+        hflip = args.hflip if args.hflip is not None else (0.0 if digits else 0.5)
+        # On digits the flip runs batched on the device; ImageFolder flips in its transform.
+        self.prep = data_mod.Preprocess(
+            size, cfg.in_chans, self.ds.mean, self.ds.std, self.device, hflip if digits else 0.0
+        )
+        self.hflip = hflip
+        self.workers = (
+            0
+            if digits
+            else (args.workers if args.workers is not None else data_mod.default_workers())
+        )
+        self.mix = Mix(args.mixup, args.cutmix, args.label_smoothing)
 
         self.global_batch = args.batch_size * d.world_size
-        self.steps_per_epoch = len(ds.train) // self.global_batch
+        self.steps_per_epoch = len(self.ds.train) // self.global_batch
         if self.steps_per_epoch < 1:
             raise TrainError(
-                f"the training split has {len(ds.train)} images, fewer than one global batch "
+                f"the training split has {len(self.ds.train)} images, fewer than one global batch "
                 f"({args.batch_size} x {d.world_size} processes = {self.global_batch})"
             )
         self.total_steps = args.steps or args.epochs * self.steps_per_epoch
@@ -121,14 +204,32 @@ class Trainer:
             if args.warmup_steps is not None
             else max(1, round(0.05 * self.total_steps))
         )
-        self.lr = args.lr or (DIGITS_LR if args.data is None else 5e-4 * self.global_batch / 512)
+        base_lr = DIGITS_LR if digits else 5e-4 * self.global_batch / 512
+        self.lr = args.lr or base_lr * (FINETUNE_LR_FACTOR if args.init else 1.0)
         self.amp_dtype = _amp_dtype(args.amp, self.device)
+
+        # -- run directory (a resume there skips --init: the checkpoint has the weights) --
+        self.out, self.ckpt_path, resume_path = self._paths()
+        self.log = RunLog(self.out, d.is_main)
+        self.notes: list[str] = []
+        if self.lr <= args.min_lr:
+            self.notes.append(
+                f"warning: the peak LR {self.lr:.3g} is at or below --min-lr {args.min_lr:g}: the "
+                "schedule is flat at --min-lr; pass a larger --lr or a smaller --min-lr"
+                + (
+                    ""
+                    if args.lr
+                    else f" (the default scales with the global batch {self.global_batch} / 512)"
+                )
+            )
 
         # -- model: identical init on every rank (same seed), then per-rank RNG streams --
         try:
             net = CrossViT(cfg, backend=args.backend)
         except RuntimeError as exc:  # backend unavailable here: say why
             raise TrainError(str(exc)) from exc
+        if args.init and resume_path is None:
+            self.notes.append(load_init(net, args.init, name, cfg))
         net = net.to(self.device)
         if args.grad_checkpointing:
             net.set_grad_checkpointing(True)
@@ -136,6 +237,7 @@ class Trainer:
         # Compile the wrapped module (DDP's hooks / FSDP's gathers then sit at graph edges).
         self.model = torch.compile(self.net) if args.compile else self.net
         self.bare = net  # the CrossViT itself (parameter names, no_weight_decay, config)
+        self.ema = EMA(net.parameters(), args.ema) if args.ema else None
         torch.manual_seed(args.seed * 1000 + d.rank + 1)
 
         self.opt, self.sched = build_optimizer(
@@ -151,21 +253,22 @@ class Trainer:
                 self.device.type, enabled=self.amp_dtype == torch.float16
             )
 
-        # -- run directory, resume --
         self.run_opts = self._run_options()
-        self.out, self.ckpt_path, resume_path = self._paths()
         self.step = 0
         self.last_eval: dict = {}
+        self.skipped: set[str] = set()  # bad files already named
+        self.meter = _Meter(self.device)
         if resume_path is not None:
             self._resume(resume_path)
 
     # -- setup helpers --------------------------------------------------------------------------
 
     def _run_options(self) -> dict:
-        """What determines the trajectory: a resume must match all of it."""
+        """What determines the trajectory (`state.MUST_MATCH`: what a resume must keep)."""
         a = self.args
         return {
             "data": a.data or "digits",
+            "classes": list(self.ds.classes),
             "train_images": len(self.ds.train),
             "val_images": len(self.ds.val),
             "batch_size": a.batch_size,
@@ -178,7 +281,11 @@ class Trainer:
             "weight_decay": a.weight_decay,
             "label_smoothing": a.label_smoothing,
             "clip_grad": a.clip_grad,
-            "hflip": self.prep.hflip,
+            "hflip": self.hflip,
+            "rrc_scale": a.rrc_scale if a.data else None,
+            "mixup": a.mixup,
+            "cutmix": a.cutmix,
+            "ema": a.ema,
             "amp": str(self.amp_dtype),
             "seed": a.seed,
             "fsdp": a.fsdp,
@@ -190,14 +297,17 @@ class Trainer:
         if a.resume is not None:
             if a.resume:
                 resume = a.resume
+                if not os.path.isfile(resume):
+                    raise state_mod.CheckpointError(f"checkpoint {resume} does not exist")
             elif a.out:
                 resume = os.path.join(a.out, state_mod.CHECKPOINT_NAME)
+                if not os.path.isfile(resume):  # preempted before its first checkpoint
+                    self._early_note = f"no checkpoint at {resume} yet: starting the run"
+                    resume = None
             else:
                 raise TrainError(
                     "--resume without a CHECKPOINT needs --out DIR (its run directory)"
                 )
-        if resume is not None and not os.path.isfile(resume):
-            raise state_mod.CheckpointError(f"checkpoint {resume} does not exist")
         out = a.out or (os.path.dirname(os.path.abspath(resume)) if resume else None)
         if out is None:
             stamp = dist_mod.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
@@ -208,79 +318,116 @@ class Trainer:
                 f"{ckpt} exists: pass --resume to continue that run, or choose another --out "
                 "(a checkpoint is never overwritten by another run)"
             )
+        if self.dist.is_main:
+            for f in state_mod.remove_stale_temporaries(ckpt):
+                print(f"train: removed {f} (left by a save that was killed)", flush=True)
         return out, ckpt, resume
 
     def _resume(self, path: str) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         st = state_mod.load(path)
-        state_mod.check_compatible(st, self.cfg.to_dict(), self.run_opts, path)
-        if len(st["rng"]) != self.dist.world_size:
-            raise state_mod.CheckpointError(
-                f"{path}: RNG states of {len(st['rng'])} processes, this run has "
-                f"{self.dist.world_size}"
-            )
+        changed = state_mod.check_compatible(st, self.cfg.to_dict(), self.run_opts, path)
+        full = StateDictOptions(full_state_dict=True, strict=True)
         try:
+            if self.ema is not None and st.get("ema"):
+                # The averages go through the model (which knows its sharding), then aside.
+                set_model_state_dict(self.net, st["ema"], options=full)
+                self.ema.copy_params()
             set_state_dict(
                 self.net,
                 self.opt,
                 model_state_dict=st["model"],
                 optim_state_dict=st["optimizer"],
-                options=StateDictOptions(full_state_dict=True, strict=True),
+                options=full,
             )
+            if self.ema is not None and not st.get("ema"):
+                self.ema.copy_params()
+                changed.append("ema: starts from the checkpoint's weights")
             self.sched.load_state_dict(st["scheduler"])
-            if self.scaler.is_enabled():
+            if self.scaler.is_enabled() and st["scaler"]:
                 self.scaler.load_state_dict(st["scaler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise state_mod.CheckpointError(
                 f"{path}: its state does not fit this model / optimizer: {exc}"
             ) from exc
+        # This run's schedule (peak LR, warm-up, floor, length) from the restored step on: the
+        # same numbers as before when nothing changed.
+        self.sched.base_lrs = [self.lr for _ in self.opt.param_groups]
+        for g, fn in zip(self.opt.param_groups, self.sched.lr_lambdas):
+            g["initial_lr"] = self.lr
+            g["lr"] = self.lr * fn(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         state_mod.set_rng_state(st["rng"][self.dist.rank], self.device)
         self.step = int(st["step"])
         self.last_eval = dict(st.get("metrics") or {})
-        self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
+        self.skipped = set(st.get("skipped") or [])
+        if st.get("meter") is not None and self.dist.is_main:  # the sum over ranks, once
+            self.meter.sums.copy_(st["meter"])
+        self.log.truncate(self.step)
+        self.notes.append(f"resumed from {path} at step {self.step}/{self.total_steps}")
+        self.notes += [f"resume: changed {c}" for c in changed]
 
     # -- checkpoint ----------------------------------------------------------------------------
 
     def save(self) -> None:
         """All ranks gather the full state (a collective under FSDP); rank 0 writes it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        model_sd, optim_sd = get_state_dict(
-            self.net,
-            self.opt,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
         )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.net, self.opt, options=full)
+        ema_sd = None
+        if self.ema is not None:
+            with self.ema.swapped():
+                ema_sd = get_model_state_dict(self.net, options=full)
         rng = dist_mod.all_gather_object(state_mod.rng_state(self.device), self.dist)
+        meter = dist_mod.all_reduce_sum(self.meter.sums.clone(), self.dist).cpu()
         if self.dist.is_main:
+            opts = {k: v for k, v in vars(self.args).items() if k != "save_every"}
             state_mod.save(
                 {
                     "config": self.cfg.to_dict(),
                     "run": self.run_opts,
+                    "options": json.loads(json.dumps(opts)),
+                    "classes": list(self.ds.classes),
+                    "preprocess": self.preprocess,
                     "step": self.step,
                     "model": model_sd,
                     "optimizer": optim_sd,
                     "scheduler": self.sched.state_dict(),
                     "scaler": self.scaler.state_dict(),
+                    "ema": ema_sd,
                     "rng": [
                         {k: v.cpu() if v is not None else None for k, v in r.items()} for r in rng
                     ],
                     "metrics": self.last_eval,
+                    "meter": meter,  # this epoch's training sums so far, over all ranks
+                    "skipped": sorted(self.skipped),
                 },
                 self.ckpt_path,
             )
+        self._last_save = time.monotonic()
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: _Meter) -> None:
-        with self._autocast():
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: _Meter, rng) -> None:
+        target = None
+        if self.mix.enabled:
+            x, target = self.mix(x, y, self.ds.num_classes, rng)
+        with autocast(self.device, self.amp_dtype):
             logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.args.label_smoothing)
+        if target is None:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.args.label_smoothing)
+        else:
+            loss = soft_cross_entropy(logits.float(), target)
         self.scaler.scale(loss).backward()
         if self.args.clip_grad:
             self.scaler.unscale_(self.opt)
@@ -289,29 +436,43 @@ class Trainer:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.step)
         meter.add(loss, logits, y)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Validation accuracy and (plain) cross-entropy over the whole held-out split, summed
-        over ranks. Runs the eager model: a compiled one would recompile for eval mode and the
-        short last batch for little gain."""
-        self.net.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+    def _val_batches(self):
         batches = data_mod.eval_batches(
             len(self.ds.val), self.args.batch_size, self.dist.world_size, self.dist.rank
         )
-        for xb, yb in data_mod.iterate(self.ds.val, batches, self.workers, self._pin):
-            x, y = self.prep(xb), yb.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.net(x).float()
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == y).sum()
-            sums[2] += y.numel()
-        dist_mod.all_reduce_sum(sums, self.dist)
-        self.net.train()
-        loss_sum, correct, n = sums.tolist()
-        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+        return data_mod.iterate(self.ds.val, batches, self.workers, self._pin)
+
+    def evaluate(self) -> dict:
+        """Validation loss, top-1 and top-5 over the whole held-out split, summed over ranks
+        (and of the EMA weights, as ema_*). Runs the eager model: a compiled one would recompile
+        for eval mode and the short last batch for little gain."""
+        sums, bad = evaluate(self.net, self._val_batches(), self.prep, self.device, self.amp_dtype)
+        out = eval_metrics(dist_mod.all_reduce_sum(sums, self.dist))
+        if self.ema is not None:
+            with self.ema.swapped():
+                sums, _ = evaluate(
+                    self.net, self._val_batches(), self.prep, self.device, self.amp_dtype
+                )
+            out.update({f"ema_{k}": v for k, v in eval_metrics(
+                dist_mod.all_reduce_sum(sums, self.dist)).items()})  # fmt: skip
+        self._handle_bad(self.agreement.gather_bad(bad))
+        return out
+
+    def _handle_bad(self, bad: list) -> None:
+        """Stop on the first undecodable file (all ranks raise the same error), or name each new
+        one once with --skip-bad-images."""
+        if not bad:
+            return
+        if not self.args.skip_bad_images:
+            raise BadImageError(*bad[0])
+        for path, reason in bad:
+            if path not in self.skipped:
+                self.skipped.add(path)
+                self.log.line(f"train: skipped bad image {path}: {reason}")
 
     @property
     def _pin(self) -> bool:
@@ -328,27 +489,55 @@ class Trainer:
         ops = self.bare.opset(self.device)
         served = ", ".join(f"{op}={src}" for op, src in ops.sources.items())
         a = self.args
-        self.log(
+        extras = [
+            f"{k} {v:g}"
+            for k, v in (("mixup", a.mixup), ("cutmix", a.cutmix), ("ema", a.ema or 0))
+            if v
+        ]
+        self.log.line(
             f"train: model {self.model_name} ({n_params / 1e6:.2f}M params, input "
-            f"{_input_size(self.cfg)}), backend {self.bare.backend} [{served}]\n"
+            f"{input_size(self.cfg)}), backend {self.bare.backend} [{served}]\n"
             f"train: data {self.run_opts['data']}: {len(self.ds.train)} train / "
-            f"{len(self.ds.val)} val images, {self.ds.num_classes} classes\n"
+            f"{len(self.ds.val)} val images, {self.ds.num_classes} classes, "
+            f"{self.workers} decoding workers\n"
             f"train: {self.dist.world_size} process(es) on {self.device.type}"
             f"{' (FSDP2)' if a.fsdp else ' (DDP)' if self.dist.world_size > 1 else ''}, "
             f"batch {a.batch_size} x {self.dist.world_size}, {self.total_steps} steps "
             f"({self.steps_per_epoch}/epoch), lr {self.lr:.3g}, amp {a.amp} -> "
-            f"{self.amp_dtype}, compile {a.compile}, grad checkpointing {a.grad_checkpointing}\n"
-            f"train: checkpoints -> {self.ckpt_path}"
+            f"{self.amp_dtype}, compile {a.compile}, grad checkpointing {a.grad_checkpointing}"
+            + (", " + ", ".join(extras) if extras else "")
+            + f"\ntrain: checkpoints -> {self.ckpt_path}"
         )
+        early = getattr(self, "_early_note", None)
+        for note in ([early] if early else []) + self.notes:
+            self.log.line(f"train: {note}")
 
-    def _say(self, msg: str) -> None:
-        if self.dist.is_main:
-            from tqdm.auto import tqdm
-
-            tqdm.write(msg, file=sys.stderr)
+    def _epoch_record(self, event: str, rate: _Rate, train_loss: float | None) -> dict:
+        e = self.last_eval
+        rec = {
+            "event": event,
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "train_loss": train_loss,
+            "val_loss": e.get("loss"),
+            "top1": e.get("top1"),
+            "top5": e.get("top5"),
+            "img_per_s": rate.img_per_s(self.global_batch),
+            "lr": self.sched.get_last_lr()[0],
+        }
+        rec.update({k: v for k, v in e.items() if k.startswith("ema_")})
+        return rec
 
     def run(self, until_step: int | None = None) -> dict:
-        """Train from the current step to the end (or to `until_step`); returns the metrics."""
+        """Train from the current step to the end (or to `until_step`); returns the metrics.
+        Raises `Stopped` (after writing the checkpoint) when SIGINT / SIGTERM arrived."""
+        with SignalStop() as signals:
+            try:
+                return self._run(signals, until_step)
+            finally:
+                self.log.close()
+
+    def _run(self, signals: SignalStop, until_step: int | None) -> dict:
         a, d = self.args, self.dist
         self._header()
         stop = self.total_steps if until_step is None else min(until_step, self.total_steps)
@@ -367,84 +556,98 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        meter = _Meter(self.device)
-        # Throughput: wall time from the end of this run's first step (compilation, warm-up)
-        # to the end of its last, minus evaluation and checkpoint time; synced on GPUs.
-        first_step, t_first, excluded = self.step, None, 0.0
-        t_window, win_steps = time.perf_counter(), 0
+        self.log.attach_bar(bar)
+        meter = self.meter
+        clock = _Clock(self._sync)
+        first_step = self.step
+        self._last_save = time.monotonic()
+        signum = 0
         self.net.train()
-        while self.step < stop:
+        while self.step < stop and not signum:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             batches = data_mod.epoch_batches(
                 len(self.ds.train), a.batch_size, d.world_size, d.rank, epoch, a.seed
             )[offset : offset + (stop - self.step)]
             if offset == 0:
                 meter.reset()
-            for xb, yb in data_mod.iterate(self.ds.train, batches, self.workers, self._pin):
-                # Augmentation draws from a generator seeded per (step, rank): reproducible
+                clock.epoch = _Rate()
+            loader = data_mod.iterate(
+                self.ds.train, batches, self.workers, self._pin, seed=a.seed * 100_003 + epoch
+            )
+            for xb, yb, bad in loader:
+                verdict = self.agreement.agree(signals.signum, self._time_save_due(), bad)
+                self._handle_bad(verdict.bad)
+                if verdict.stop:
+                    signum = verdict.stop
+                    break
+                if verdict.save:
+                    clock.pause()
+                    self.save()
+                    clock.resume()
+                # Augmentation draws from generators seeded per (step, rank): reproducible
                 # across resumes and independent of the model's use of the global RNG.
-                gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.step * 131 + d.rank)
-                x, y = self.prep(xb, gen), yb.to(self.device, non_blocking=True)
-                self.train_step(x, y, meter)
+                seed = a.seed * 1_000_003 + self.step * 131 + d.rank
+                x = self.prep(xb, torch.Generator().manual_seed(seed))
+                y = yb.to(self.device, non_blocking=True)
+                self.train_step(x, y, meter, random.Random(seed))
                 self.step += 1
-                win_steps += 1
                 bar.update(1)
                 if self.step == first_step + 1:
-                    self._sync()
-                    t_first = t_window = time.perf_counter()
-                    win_steps = 0
+                    clock.start()
+                else:
+                    clock.step()
                 if self.step % a.log_every == 0 or self.step == stop:
-                    self._sync()
-                    now = time.perf_counter()
+                    clock.pause()
                     s = dist_mod.all_reduce_sum(meter.sums.clone(), d).tolist()
                     post = {
                         "loss": f"{s[0] / max(s[2], 1):.3f}",
                         "acc": f"{s[1] / max(s[2], 1):.3f}",
                     }
-                    if win_steps:
-                        post["img/s"] = f"{win_steps * self.global_batch / (now - t_window):.0f}"
+                    rate = clock.window.img_per_s(self.global_batch)
+                    if rate:
+                        post["img/s"] = f"{rate:.0f}"
                     post["lr"] = f"{self.sched.get_last_lr()[0]:.2e}"
                     bar.set_postfix(post)
-                    t_window, win_steps = now, 0
-                t_pause = None
-                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                    self._sync()
-                    t_pause = time.perf_counter()
+                    self.log.scalars(self.step, {"train/loss": s[0] / max(s[2], 1),
+                                                 "train/lr": self.sched.get_last_lr()[0]})  # fmt: skip
+                    clock.window = _Rate()
+                    clock.resume()
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if epoch_end or self.step == self.total_steps:
+                    clock.pause()
                     self.last_eval = self.evaluate()
                     s = dist_mod.all_reduce_sum(meter.sums.clone(), d).tolist()
-                    self.last_eval["train_loss"] = s[0] / max(s[2], 1)
-                    self._say(
-                        f"epoch {math.ceil(self.step / self.steps_per_epoch)} step {self.step}: "
-                        f"train loss {self.last_eval['train_loss']:.4f}  val loss "
-                        f"{self.last_eval['loss']:.4f}  val acc {self.last_eval['accuracy']:.4f}"
-                    )
-                if self.step % a.save_every == 0 or self.step == stop:
-                    if t_pause is None:
-                        self._sync()
-                        t_pause = time.perf_counter()
+                    train_loss = s[0] / max(s[2], 1)
+                    self.last_eval["train_loss"] = train_loss
+                    self._epoch_line(clock.epoch, train_loss)
+                    self.log.record(self._epoch_record("epoch", clock.epoch, train_loss))
+                if epoch_end or self.step == stop or self._step_save_due():
+                    clock.pause()
                     self.save()
-                if t_pause is not None:
-                    now = time.perf_counter()
-                    if self.step > first_step + 1:
-                        excluded += now - t_pause
-                    t_window, win_steps = now, 0
-        self._sync()
-        t_end = time.perf_counter()
+                clock.resume()
+        clock.pause()
         bar.close()
-        timed = self.step - first_step - 1
-        img_per_s = (
-            timed * self.global_batch / (t_end - t_first - excluded)
-            if timed > 0 and t_first is not None
-            else None
-        )
+        self.log.attach_bar(None)
+        if signum:
+            self.save()
+            name = signal.Signals(signum).name
+            self.log.record({"event": "stopped", "signal": name, "step": self.step})
+            self.log.line(
+                f"train: {name}: stopped at step {self.step}/{self.total_steps}, checkpoint "
+                f"{self.ckpt_path}"
+            )
+            raise Stopped(signum, self.step, self.ckpt_path, self.out)
         if not self.last_eval:  # nothing evaluated yet in this run's history
             self.last_eval = self.evaluate()
+        img_per_s = clock.run.img_per_s(self.global_batch)
+        e = self.last_eval
         metrics = {
-            "accuracy": self.last_eval["accuracy"],
-            "loss": self.last_eval["loss"],
+            "accuracy": e["top1"],
+            "top5": e["top5"],
+            "loss": e["loss"],
             "img_per_s": img_per_s,
             "steps": self.step,
-            "train_loss": self.last_eval.get("train_loss"),
+            "train_loss": e.get("train_loss"),
             "epochs": self.step / self.steps_per_epoch,
             "world_size": d.world_size,
             "model": self.model_name,
@@ -452,9 +655,15 @@ class Trainer:
             "device": self.device.type,
             "amp": str(self.amp_dtype),
         }
-        self.log(
-            f"train: done at step {self.step}: val acc {metrics['accuracy']:.4f}, val loss "
-            f"{metrics['loss']:.4f}"
+        if "ema_top1" in e:
+            metrics.update(
+                ema_accuracy=e["ema_top1"], ema_top5=e["ema_top5"], ema_loss=e["ema_loss"]
+            )
+        if self.step == stop == self.total_steps:
+            self.log.record(self._epoch_record("end", clock.run, e.get("train_loss")))
+        self.log.line(
+            f"train: done at step {self.step}: val top-1 {e['top1']:.4f}, top-5 {e['top5']:.4f}, "
+            f"loss {e['loss']:.4f}"
             + (f", {img_per_s:.1f} img/s" if img_per_s else "")
             + f"; checkpoint {self.ckpt_path}"
         )
@@ -464,16 +673,30 @@ class Trainer:
                 json.dump(metrics, f, indent=2)
         return metrics
 
+    def _time_save_due(self) -> bool:
+        kind, every = self.args.save_every
+        return (
+            kind == "seconds" and self.dist.is_main and time.monotonic() - self._last_save >= every
+        )
+
+    def _step_save_due(self) -> bool:
+        kind, every = self.args.save_every
+        return kind == "steps" and self.step % every == 0
+
+    def _epoch_line(self, rate: _Rate, train_loss: float) -> None:
+        e, r = self.last_eval, rate.img_per_s(self.global_batch)
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.log.line(
+            f"epoch {math.ceil(self.step / self.steps_per_epoch)}/{epochs} step "
+            f"{self.step}/{self.total_steps}: train loss {train_loss:.4f}  val loss "
+            f"{e['loss']:.4f}  top-1 {e['top1']:.4f}  top-5 {e['top5']:.4f}"
+            + (f"  (ema top-1 {e['ema_top1']:.4f})" if "ema_top1" in e else "")
+            + (f"  {r:.0f} img/s" if r else "")
+            + f"  lr {self.sched.get_last_lr()[0]:.2e}"
+        )
+
     def close(self) -> None:
         dist_mod.teardown(self.dist)
-
-
-def _head(split, n: int):
-    """The first n images of a split (for quick runs and tests)."""
-    n = min(n, len(split))
-    if isinstance(split, data_mod.TensorImages):
-        return data_mod.TensorImages(split.images[:n], split.labels[:n])
-    return split.subset(torch.arange(n))
 
 
 def run(args: argparse.Namespace) -> dict:

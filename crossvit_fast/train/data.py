@@ -1,14 +1,16 @@
 """Image data for `python -m crossvit_fast train`: the built-in digits set and ImageFolder trees.
 
 Both sources yield `(uint8 image (C, h, w), int label)` samples; `Preprocess` turns a batch of
-them into the model's float input on the training device (resize, channels, normalisation), so the
-expensive per-pixel work runs batched on the GPU and workers only decode files.
+them into the model's float input on the training device (resize, channels, normalisation), so
+the per-pixel arithmetic runs batched on the GPU and workers only decode, crop and resize.
 
 * `load_digits()` — scikit-learn's bundled handwritten digits (1,797 8x8 greyscale images, 10
   classes; shipped inside the scikit-learn wheel, so it works offline) with a fixed held-out
   validation split. Kept at 8x8 in memory; `Preprocess` upsamples each batch to the model's size.
 * `load_image_folder(root, size)` — the torchvision ImageFolder layout (`root/<class>/<image>`, or
-  `root/train/<class>/...` + `root/val/<class>/...`), decoded with Pillow and resized to `size`.
+  `root/train/<class>/...` + `root/val/<class>/...`), decoded with Pillow, then cropped and
+  resized to `size` by `transforms` (RandomResizedCrop + flip for training, resize + centre crop
+  for evaluation). A file that does not decode is reported by name (`BadImageError`), or skipped.
 
 Data order is a pure function of (seed, epoch) (`epoch_batches`), not of an RNG state, so that a
 resumed run sees exactly the batches an uninterrupted one would, for any number of processes.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,19 +30,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import BadImageError, TrainError
+from .transforms import eval_transform, resize, train_transform
+
 __all__ = [
     "ImageFolder",
     "Preprocess",
     "TensorImages",
+    "decode_image",
+    "default_workers",
     "epoch_batches",
     "eval_batches",
+    "head",
+    "image_transform",
     "iterate",
+    "load_dataset",
     "load_digits",
     "load_image_folder",
+    "preprocess_info",
 ]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def default_workers() -> int:
+    """--workers default: min(4, the CPUs this process may use / the processes on this node)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(0, min(4, cpus // max(local, 1)))
 
 
 def _need(module: str, package: str):
@@ -127,11 +149,32 @@ def load_digits(val_fraction: float = 0.2) -> Dataset:
     )
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """`root/<class>/<image>` read with Pillow, resized (bicubic) to `size` = (H, W).
+def decode_image(path: str, grey: bool = False) -> Tensor:
+    """uint8 (C, H, W) pixels of an image file (C = 1 with `grey`, else 3: RGB). Raises
+    BadImageError naming the file when it cannot be decoded (unreadable, truncated, not an
+    image): Pillow raises several types for those, so any exception is one."""
+    image = _need("PIL.Image", "Pillow")
+    try:
+        with image.open(path) as im:
+            im = im.convert("L" if grey else "RGB")  # decodes: truncation shows up here
+            w, h = im.size
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise BadImageError(path, f"{type(exc).__name__}: {first}".rstrip(": ")) from exc
+    return data.view(h, w, 1 if grey else 3).permute(2, 0, 1).contiguous()
 
-    Returns (uint8 (C, H, W), class index); C is 3 (RGB) or 1 (`grey=True`). Classes are the
-    sorted sub-directory names; images are the files with an image extension, in sorted order.
+
+class ImageFolder(torch.utils.data.Dataset):
+    """`root/<class>/<image>` decoded with Pillow, then `transform` (uint8 (C, H, W) -> uint8
+    (C, *size)); see `transforms`. Classes are the sorted sub-directory names; images are the
+    files with an image extension, in sorted order.
+
+    Items are an index, or (index, seed): the transform's random draws are then seeded with
+    `seed`, so augmentation is reproducible. `__getitem__` returns (image or None, label, bad),
+    bad being the (path, reason) of files that failed to decode; `on_bad` says what then happens:
+    "error" (return None: the caller stops the run), "drop" (return None: the caller leaves it out)
+    or "replace" (try the following images until one decodes, so that batches keep their size).
     """
 
     def __init__(
@@ -141,11 +184,17 @@ class ImageFolder(torch.utils.data.Dataset):
         grey: bool = False,
         classes: list[str] | None = None,
         samples: list[tuple[str, int]] | None = None,
+        transform=None,
+        on_bad: str = "error",
     ):
         self.root, self.size, self.grey = os.fspath(root), tuple(size), grey
-        self.classes = classes if classes is not None else _find_classes(self.root)
-        self.samples = samples if samples is not None else _find_samples(self.root, self.classes)
+        self.classes = classes if classes is not None else find_classes(self.root)
+        self.samples = samples if samples is not None else find_samples(self.root, self.classes)
         self.labels = torch.tensor([c for _, c in self.samples], dtype=torch.long)
+        self.transform = transform if transform is not None else eval_transform(self.size, 1.0)
+        if on_bad not in ("error", "drop", "replace"):
+            raise ValueError(f"on_bad: expected error, drop or replace, got {on_bad!r}")
+        self.on_bad = on_bad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -154,29 +203,51 @@ class ImageFolder(torch.utils.data.Dataset):
     def shape(self) -> tuple[int, int, int]:
         return (1 if self.grey else 3, *self.size)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = _need("PIL.Image", "Pillow")
-        path, label = self.samples[i]
-        with image.open(path) as im:
-            im = im.convert("L" if self.grey else "RGB")
-            im = im.resize((self.size[1], self.size[0]), image.Resampling.BICUBIC)
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        c, h, w = self.shape
-        return data.view(h, w, c).permute(2, 0, 1).contiguous(), label
+    def __getitem__(self, item) -> tuple[Tensor | None, int, list[tuple[str, str]]]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        bad = []
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                x = decode_image(path, self.grey)
+            except BadImageError as exc:
+                bad.append((exc.path, exc.reason))
+                if self.on_bad == "replace":
+                    continue
+                return None, label, bad
+            if seed is None:
+                return self.transform(x), label, bad
+            with torch.random.fork_rng(devices=[]):  # leave the caller's generator alone
+                torch.manual_seed(seed)
+                return self.transform(x), label, bad
+        raise TrainError(f"--data {self.root}: none of its {len(self.samples)} images decodes")
 
-    def subset(self, idx: Tensor) -> ImageFolder:
+    def subset(self, idx: Tensor, transform=None) -> ImageFolder:
         return ImageFolder(
-            self.root, self.size, self.grey, self.classes, [self.samples[i] for i in idx.tolist()]
+            self.root,
+            self.size,
+            self.grey,
+            self.classes,
+            [self.samples[i] for i in idx.tolist()],
+            transform if transform is not None else self.transform,
+            self.on_bad,
         )
 
-    def collate(self, samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-        # Our own collate so that an empty batch (see `eval_batches`) still has the image shape.
-        if not samples:
-            return torch.empty(0, *self.shape, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-        return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+    def collate(self, samples: list) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+        # Our own collate so that an empty batch (see `eval_batches`) still has the image shape,
+        # and so that undecodable files travel back from the workers as data, not exceptions.
+        bad = [b for s in samples for b in s[2]]
+        good = [s for s in samples if s[0] is not None]
+        if not good:
+            return (
+                torch.empty(0, *self.shape, dtype=torch.uint8),
+                torch.empty(0, dtype=torch.long),
+                bad,
+            )
+        return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]), bad
 
 
-def _find_classes(root: str) -> list[str]:
+def find_classes(root: str) -> list[str]:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--data {root}: not a directory")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -188,39 +259,119 @@ def _find_classes(root: str) -> list[str]:
     return classes
 
 
-def _find_samples(root: str, classes: list[str]) -> list[tuple[str, int]]:
-    samples = []
+def find_samples(root: str, classes: list[str]) -> list[tuple[str, int]]:
+    samples, empty = [], []
     for c, name in enumerate(classes):
         d = os.path.join(root, name)
         if not os.path.isdir(d):
             raise ValueError(f"--data {root}: class {name!r} has no directory {d}")
-        for dirpath, _, files in sorted(os.walk(d, followlinks=True)):
-            samples += [
-                (os.path.join(dirpath, f), c)
-                for f in sorted(files)
-                if f.lower().endswith(IMG_EXTENSIONS)
-            ]
+        found = [
+            (os.path.join(dirpath, f), c)
+            for dirpath, _, files in sorted(os.walk(d, followlinks=True))
+            for f in sorted(files)
+            if f.lower().endswith(IMG_EXTENSIONS)
+        ]
+        if not found:
+            empty.append(d)
+        samples += found
     if not samples:
         raise ValueError(f"--data {root}: no images ({', '.join(IMG_EXTENSIONS)}) found")
+    if empty:
+        raise ValueError(
+            f"--data {root}: class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): "
+            + ", ".join(empty)
+        )
     return samples
 
 
 def load_image_folder(
-    root: str | os.PathLike, size: tuple[int, int], grey: bool = False, val_fraction: float = 0.1
+    root: str | os.PathLike,
+    size: tuple[int, int],
+    grey: bool = False,
+    val_fraction: float = 0.1,
+    train_tf=None,
+    eval_tf=None,
+    on_bad: str = "error",
 ) -> Dataset:
     """An ImageFolder tree. With `root/train` and `root/val` those are the splits; otherwise
-    `root/<class>/...` is split, a fixed `val_fraction` held out for validation."""
+    `root/<class>/...` is split, a fixed `val_fraction` held out for validation. The training
+    split uses `train_tf`, validation `eval_tf` (default for both: a plain resize to `size`).
+    Undecodable training images are handled as `on_bad` says; in validation, "replace" becomes
+    "drop" (a duplicated image would bias the metrics)."""
     root = os.fspath(root)
+    val_bad = "drop" if on_bad == "replace" else on_bad
     tr_dir, va_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if os.path.isdir(tr_dir) and os.path.isdir(va_dir):
-        train = ImageFolder(tr_dir, size, grey)
-        val = ImageFolder(va_dir, size, grey, classes=train.classes)
+        train = ImageFolder(tr_dir, size, grey, transform=train_tf, on_bad=on_bad)
+        extra = sorted(set(find_classes(va_dir)) - set(train.classes))
+        if extra:
+            raise ValueError(f"--data {root}: val has classes that train lacks: {extra}")
+        val = ImageFolder(va_dir, size, grey, train.classes, transform=eval_tf, on_bad=val_bad)
     else:
-        full = ImageFolder(root, size, grey)
+        full = ImageFolder(root, size, grey, transform=train_tf, on_bad=on_bad)
         tr, va = _split(len(full), val_fraction)
-        train, val = full.subset(tr), full.subset(va)
+        train, val = full.subset(tr), full.subset(va, eval_tf)
+        val.on_bad = val_bad
     mean, std = ((0.5,), (0.5,)) if grey else (IMAGENET_MEAN, IMAGENET_STD)
     return Dataset(os.path.basename(os.path.normpath(root)), train, val, train.classes, mean, std)
+
+
+def head(split: TensorImages | ImageFolder, n: int) -> TensorImages | ImageFolder:
+    """The first n images of a split (for quick runs and tests)."""
+    n = min(n, len(split))
+    if isinstance(split, TensorImages):
+        return TensorImages(split.images[:n], split.labels[:n])
+    return split.subset(torch.arange(n))
+
+
+DIGITS_SIZE = (8, 8)
+
+
+def load_dataset(opts: dict, size: tuple[int, int], grey: bool) -> Dataset:
+    """The train / val splits a run's options describe (`train`, and `eval` for a checkpoint's own
+    validation split): keys data (None: the digits), val_fraction, train_samples, val_samples,
+    hflip, rrc_scale, crop_pct, skip_bad_images; `size` is the model's input size."""
+    if opts.get("data") is None:
+        ds = load_digits(opts.get("val_fraction") or 0.2)
+    else:
+        hflip = opts.get("hflip")
+        train_tf = train_transform(
+            size, (opts.get("rrc_scale") or 0.08, 1.0), hflip=0.5 if hflip is None else hflip
+        )
+        ds = load_image_folder(
+            opts["data"],
+            size,
+            grey,
+            opts.get("val_fraction") or 0.1,
+            train_tf,
+            eval_transform(size, opts.get("crop_pct") or 0.875),
+            "replace" if opts.get("skip_bad_images") else "error",
+        )
+    if opts.get("train_samples"):
+        ds.train = head(ds.train, opts["train_samples"])
+    if opts.get("val_samples"):
+        ds.val = head(ds.val, opts["val_samples"])
+    return ds
+
+
+def preprocess_info(opts: dict, ds: Dataset, size: tuple[int, int], grey: bool) -> dict:
+    """How one image file becomes a model input, stored in checkpoints (for `predict`)."""
+    return {
+        "kind": "digits" if opts.get("data") is None else "folder",
+        "input_size": list(size),
+        "grey": grey,
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+        "crop_pct": None if opts.get("data") is None else (opts.get("crop_pct") or 0.875),
+    }
+
+
+def image_transform(pre: dict):
+    """decoded uint8 (C, H, W) -> uint8 as the checkpoint's validation images were: digits-sized
+    for a digits model (`Preprocess` then upsamples), else resize + centre crop."""
+    if pre["kind"] == "digits":
+        return lambda x: resize(x, DIGITS_SIZE)
+    return eval_transform(tuple(pre["input_size"]), pre["crop_pct"])
 
 
 # -- batch plans -----------------------------------------------------------------------------------
@@ -253,15 +404,29 @@ def eval_batches(n: int, batch_size: int, world_size: int, rank: int) -> list[li
     ]
 
 
+def _worker_init(_: int) -> None:
+    # A scheduler's SIGTERM and a terminal's Ctrl-C reach the whole process group: the workers
+    # ignore them and let the main process stop at a step boundary and shut them down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def iterate(
-    data: TensorImages | ImageFolder, batches: list[list[int]], workers: int = 0, pin: bool = False
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(uint8 images, labels) per batch of indices. In-memory data is indexed directly; files go
-    through a DataLoader (`workers` processes decoding ahead)."""
+    data: TensorImages | ImageFolder,
+    batches: list[list[int]],
+    workers: int = 0,
+    pin: bool = False,
+    seed: int | None = None,
+) -> Iterator[tuple[Tensor, Tensor, list[tuple[str, str]]]]:
+    """(uint8 images, labels, bad files) per batch of indices. In-memory data is indexed directly;
+    files go through a DataLoader (`workers` processes decoding ahead); with `seed`, image i's
+    random transform is seeded with a function of (seed, i)."""
     if isinstance(data, TensorImages):
         for b in batches:
-            yield data.batch(b)
+            yield (*data.batch(b), [])
         return
+    if seed is not None:
+        batches = [[(i, (seed * 1_000_003 + i) % 2**63) for i in b] for b in batches]
     yield from torch.utils.data.DataLoader(
         data,
         batch_sampler=batches,
@@ -269,6 +434,7 @@ def iterate(
         collate_fn=data.collate,
         pin_memory=pin,
         persistent_workers=False,
+        worker_init_fn=_worker_init if workers > 0 else None,
     )
 
 
