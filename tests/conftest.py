@@ -63,3 +63,43 @@ def tiny_config(**overrides):
     base = dict(img_size=(32, 16), patch_size=(8, 8), embed_dim=(32, 64), depth=((1, 1, 0),),
                 num_heads=(2, 2), mlp_ratio=(2.0, 2.0), num_classes=5)  # fmt: skip
     return CrossViTConfig(**{**base, **overrides})
+
+
+# -- `train` runs -----------------------------------------------------------------------------------
+
+# One stage of the default training model's widths: the per-step cost of these runs is mostly
+# per-op overhead, so fewer blocks is what makes them quick.
+TRAIN_TINY = dict(img_size=[[16, 16], [12, 12]], patch_size=[4, 6], embed_dim=[48, 96],
+                  depth=[[1, 1, 0]], num_heads=[3, 3], mlp_ratio=[2.0, 2.0], num_classes=10)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory) -> str:
+    import json
+
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(TRAIN_TINY))
+    return str(path)
+
+
+@pytest.fixture
+def quick(tiny_json) -> list[str]:
+    """`train` options of a run of a few seconds: 48 digits in batches of 8 -> 6 steps / epoch.
+    On the CPU even where a GPU exists: bit-exact resume relies on deterministic kernels."""
+    return ["--model", tiny_json, "--train-samples", "48", "--val-samples", "16",
+            "--batch-size", "8", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def write_image_folder(root, per_class: int = 6, size=(20, 14), classes=("blue", "red")) -> None:
+    """A two-colour ImageFolder of PNGs (plus a non-image file that must be ignored)."""
+    import os
+
+    from PIL import Image
+
+    colours = {"blue": (20, 30, 220), "red": (230, 20, 10), "green": (20, 200, 30)}
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", size, tuple(max(0, v - 9 * i) for v in colours[c]))
+            img.save(root / c / f"{i}.png")
+    (root / classes[-1] / "notes.txt").write_text("not an image")

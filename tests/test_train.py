@@ -17,44 +17,22 @@ import pytest
 import torch
 
 import crossvit_fast
-from crossvit_fast.train import data as data_mod
 from crossvit_fast.train import DEFAULT_CONFIG, main, parse_args
+from crossvit_fast.train import data as data_mod
 from crossvit_fast.train.optim import lr_multiplier, param_groups
 from crossvit_fast.train.state import CHECKPOINT_NAME, CheckpointError, load
 from crossvit_fast.train.trainer import Trainer
+
+from .conftest import write_image_folder
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread adds synchronisation, not speed, and on a
-    busy 2-core machine it makes each op wait for a descheduled thread (10x slower runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# One stage of the default model's widths: the per-step cost of these runs is mostly per-op
-# overhead, so fewer blocks is what makes them quick.
 TINY = {**DEFAULT_CONFIG.to_dict(), "depth": [[1, 1, 0]]}
-
-
-@pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps(TINY))
-    return str(path)
-
-
-@pytest.fixture
-def quick(tiny_json) -> list[str]:
-    """Options of a run of a few seconds: 48 train images in batches of 8 -> 6 steps / epoch.
-    On the CPU even where a GPU exists: bit-exact resume relies on deterministic kernels."""
-    return ["--model", tiny_json, "--train-samples", "48", "--val-samples", "16",
-            "--batch-size", "8", "--device", "cpu", "--no-progress"]  # fmt: skip
 
 
 def _sha(path) -> str:
@@ -237,21 +215,9 @@ def test_registered_model_name_and_json_config(tmp_path):
 # -- data --------------------------------------------------------------------------------------
 
 
-def _write_image_folder(root, per_class=6, size=(20, 14)):
-    from PIL import Image
-
-    colours = {"blue": (20, 30, 220), "red": (230, 20, 10)}
-    for c, rgb in colours.items():
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(per_class):
-            img = Image.new("RGB", size, tuple(max(0, v - 9 * i) for v in rgb))
-            img.save(root / c / f"{i}.png")
-    (root / "red" / "notes.txt").write_text("not an image")
-
-
 def test_image_folder_reads_classes_and_pixels(tmp_path):
     pytest.importorskip("PIL")
-    _write_image_folder(tmp_path)
+    write_image_folder(tmp_path)
     ds = data_mod.load_image_folder(tmp_path, (16, 12), val_fraction=0.25)
     assert ds.classes == ["blue", "red"] and ds.num_classes == 2
     assert len(ds.train) + len(ds.val) == 12 and len(ds.val) == 3
@@ -267,8 +233,8 @@ def test_image_folder_reads_classes_and_pixels(tmp_path):
 
 def test_image_folder_train_val_layout_and_training(tmp_path):
     pytest.importorskip("PIL")
-    _write_image_folder(tmp_path / "data" / "train")
-    _write_image_folder(tmp_path / "data" / "val", per_class=2)
+    write_image_folder(tmp_path / "data" / "train")
+    write_image_folder(tmp_path / "data" / "val", per_class=2)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({**DEFAULT_CONFIG.to_dict(), "depth": [[1, 1, 0]]}))
     metrics = tmp_path / "m.json"

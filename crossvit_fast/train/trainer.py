@@ -387,7 +387,10 @@ class Trainer:
         ema_sd = None
         if self.ema is not None:
             with self.ema.swapped():
-                ema_sd = get_model_state_dict(self.net, options=full)
+                # Cloned: on the CPU the state dict's tensors are the parameters themselves.
+                ema_sd = {
+                    k: v.clone() for k, v in get_model_state_dict(self.net, options=full).items()
+                }
         rng = dist_mod.all_gather_object(state_mod.rng_state(self.device), self.dist)
         meter = dist_mod.all_reduce_sum(self.meter.sums.clone(), self.dist).cpu()
         if self.dist.is_main:
