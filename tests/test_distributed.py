@@ -49,17 +49,31 @@ def _full(g: torch.Tensor) -> torch.Tensor:
     return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
+def _common(model_json: str, mode: str) -> list[str]:
+    return ["--model", model_json, "--train-samples", "32", "--val-samples", "8",
+            "--batch-size", "4", "--steps", "6", "--save-every", "2", "--drop-path", "0.2",
+            "--ema", "0.9", "--device", "cpu", "--no-progress"] + (["--fsdp"] if mode == "fsdp" else [])  # fmt: skip
+
+
 def _resume_runs(tmp: str, mode: str, model_json: str) -> None:
-    """On every rank: an uninterrupted 4-step run, and one stopped after step 2 then resumed."""
+    """On every rank: an uninterrupted 6-step run, and one stopped after step 2 then resumed;
+    and one started in the other mode (DDP <-> FSDP), stopped after step 2 and resumed in this."""
     from crossvit_fast.train.cli import parse_args
     from crossvit_fast.train.trainer import Trainer
 
-    common = ["--model", model_json, "--train-samples", "32", "--val-samples", "8",
-              "--batch-size", "4", "--steps", "6", "--save-every", "2", "--drop-path", "0.2",
-              "--device", "cpu", "--no-progress"] + (["--fsdp"] if mode == "fsdp" else [])  # fmt: skip
-    for out, until, resume in (("a", None, []), ("b", 2, []), ("b", None, ["--resume"])):
-        t = Trainer(parse_args([*common, "--out", os.path.join(tmp, f"{mode}-{out}"), *resume]))
+    other = "ddp" if mode == "fsdp" else "fsdp"
+    runs = [(mode, "a", None, []), (mode, "b", 2, []), (mode, "b", None, ["--resume"]),
+            (other, "switch", 2, []), (mode, "switch", None, ["--resume"])]  # fmt: skip
+    for m, out, until, resume in runs:
+        name = f"{mode}-{out}"
+        t = Trainer(
+            parse_args([*_common(model_json, m), "--out", os.path.join(tmp, name), *resume])
+        )
         assert t.dist.world_size == WORLD and not t.dist.owns_group
+        if out == "switch" and resume:
+            assert (
+                f"resume: changed fsdp: checkpoint {m == 'ddp'}, this run {m == 'fsdp'}" in t.notes
+            )
         t.run(until_step=until)
         t.close()
 
@@ -131,36 +145,46 @@ def test_ddp_and_fsdp_gradients_equal_single_process(two_ranks):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_resume_equals_uninterrupted_training_distributed(two_ranks, mode):
-    """Stopped after step 2 of 6 (4 steps / epoch, drop-path on, per-rank RNG streams) and
-    resumed: the same weights and optimizer state as the uninterrupted run, bit for bit."""
+    """Stopped after step 2 of 6 (4 steps / epoch, drop-path and EMA on, per-rank RNG streams)
+    and resumed: the same weights, EMA and optimizer state as the uninterrupted run, bit for bit.
+    Started in the other mode (DDP <-> FSDP) and resumed in this one: the same too (averaging two
+    ranks' gradients is exact in both, a power-of-two scaling)."""
     from crossvit_fast.train.state import load
 
     a = load(two_ranks / f"{mode}-a" / "checkpoint.pt")
-    b = load(two_ranks / f"{mode}-b" / "checkpoint.pt")
-    assert a["step"] == b["step"] == 6 and len(a["rng"]) == WORLD
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for name, st in a["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["optimizer"]["state"][name][k]), (mode, name, k)
-    assert a["metrics"] == b["metrics"]
+    for other in ("b", "switch"):
+        b = load(two_ranks / f"{mode}-{other}" / "checkpoint.pt")
+        assert a["step"] == b["step"] == 6 and len(a["rng"]) == WORLD
+        for key in ("model", "ema"):
+            for k, v in a[key].items():
+                torch.testing.assert_close(b[key][k], v, rtol=0, atol=0, msg=f"{other} {key} {k}")
+        for name, st in a["optimizer"]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b["optimizer"]["state"][name][k]), (mode, other, name, k)
+        assert a["metrics"] == b["metrics"]
 
 
-def _torchrun(tmp_path: Path, *extra: str) -> dict:
-    metrics = tmp_path / "metrics.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={WORLD}", "-m", "crossvit_fast", "train", *extra,
-           "--out", str(tmp_path / "run"), "--metrics-json", str(metrics),
-           "--device", "cpu", "--no-progress"]  # fmt: skip
+def _torchrun_cmd(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={WORLD}", "-m", "crossvit_fast", "train", *extra,
+            "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def _env() -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(tmp_path: Path, *extra: str) -> dict:
+    metrics = tmp_path / "metrics.json"
     proc = subprocess.run(
-        cmd,
+        _torchrun_cmd(tmp_path, *extra, "--metrics-json", str(metrics)),
         cwd=REPO,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -168,6 +192,67 @@ def _torchrun(tmp_path: Path, *extra: str) -> dict:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(metrics.read_text())
+
+
+def _no_traceback_of_ours(stderr: str) -> None:
+    """torchrun reports a failed worker with its own traceback (ChildFailedError, or the
+    SignalException of a SIGTERM it received); no frame of ours may appear."""
+    import re
+
+    assert not re.search(r'File ".*crossvit_fast', stderr), stderr
+
+
+@pytest.mark.slow
+def test_torchrun_bad_image_is_one_message(tmp_path, tiny_json):
+    """An undecodable image met by one rank: every rank stops (no hang in a collective), and
+    the one line naming the file is printed once, not once per rank; exit status 2."""
+    pytest.importorskip("PIL")
+    from .conftest import write_image_folder
+
+    write_image_folder(tmp_path / "data", per_class=8)
+    bad = tmp_path / "data" / "blue" / "3.png"
+    bad.write_bytes(b"not a png")
+    cmd = _torchrun_cmd(tmp_path, "--model", tiny_json, "--data", str(tmp_path / "data"),
+                        "--batch-size", "2", "--workers", "1", "--steps", "20")  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "train: error:" in ln]
+    assert len(lines) == 1 and f"bad image {bad}" in lines[0], proc.stderr
+    assert "exitcode  : 2" in proc.stderr, proc.stderr  # torchrun may SIGTERM the other rank
+    _no_traceback_of_ours(proc.stderr)
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_stops_every_rank_at_the_same_step(tmp_path, tiny_json):
+    """SIGTERM to torchrun (a scheduler's preemption): it forwards the signal to every worker;
+    they agree on the step, write one checkpoint, and print the torchrun command that resumes."""
+    import signal
+    import time
+
+    cmd = _torchrun_cmd(tmp_path, "--model", tiny_json, "--train-samples", "64",
+                        "--val-samples", "8", "--batch-size", "4", "--steps", "100000")  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        t0 = time.monotonic()
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 240
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert stdout.count("SIGTERM: stopped at step") == 1, stdout + stderr
+    from crossvit_fast.train.state import load
+
+    st = load(tmp_path / "run" / "checkpoint.pt")
+    assert st["step"] >= 8 and f"stopped at step {st['step']}/100000" in stdout
+    assert "torchrun --nproc_per_node=2 -m crossvit_fast train" in stdout
+    assert stderr.count("exitcode  : 143") == WORLD or "SignalException" in stderr, stderr
+    _no_traceback_of_ours(stderr)
 
 
 @pytest.mark.slow

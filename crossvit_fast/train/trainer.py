@@ -662,7 +662,7 @@ class Trainer:
             metrics.update(
                 ema_accuracy=e["ema_top1"], ema_top5=e["ema_top5"], ema_loss=e["ema_loss"]
             )
-        if self.step == stop == self.total_steps:
+        if self.step == stop == self.total_steps and self.step > first_step:
             self.log.record(self._epoch_record("end", clock.run, e.get("train_loss")))
         self.log.line(
             f"train: done at step {self.step}: val top-1 {e['top1']:.4f}, top-5 {e['top5']:.4f}, "
