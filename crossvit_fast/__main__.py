@@ -1,4 +1,4 @@
-"""Command line: `python -m crossvit_fast {info,check,train}`.
+"""Command line: `python -m crossvit_fast {info,check,train,eval,predict,export}`.
 
 * `info`  — versions, devices, and each backend with why it is or is not available.
 * `check` — every available backend against the reference on a small model on this machine,

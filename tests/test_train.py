@@ -90,10 +90,11 @@ def _final_state(out) -> dict:
 
 def test_resume_equals_uninterrupted_training(tmp_path, quick):
     """Interrupt after step 3 (a checkpoint is written there), resume, and finish: every weight,
-    optimizer moment, the LR schedule and the metrics equal an uninterrupted run's exactly. The
-    run crosses an epoch boundary (6 steps / epoch) and uses drop-path, so data order and RNG
-    state both matter."""
-    common = [*quick, "--steps", "8", "--save-every", "3", "--drop-path", "0.2"]
+    optimizer moment, EMA average, the LR schedule and the metrics equal an uninterrupted run's
+    exactly. The run crosses an epoch boundary (6 steps / epoch) and uses drop-path, mixup and
+    cutmix, so data order and RNG state all matter."""
+    common = [*quick, "--steps", "8", "--save-every", "3", "--drop-path", "0.2", "--ema", "0.9",
+              "--mixup", "0.8", "--cutmix", "1.0"]  # fmt: skip
     a_out, b_out = str(tmp_path / "a"), str(tmp_path / "b")
 
     t = Trainer(parse_args([*common, "--out", a_out]))
@@ -111,8 +112,9 @@ def test_resume_equals_uninterrupted_training(tmp_path, quick):
 
     a, b = _final_state(a_out), _final_state(b_out)
     assert a["step"] == b["step"] == 8
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    for key in ("model", "ema"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
     for name, st in a["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, b["optimizer"]["state"][name][k]), (name, k)

@@ -228,6 +228,18 @@ def test_transforms_crop_and_resize_as_timm():
     assert a.shape == (3, 32, 24) and torch.equal(a, b)  # the seed fixes the crop and flip
 
 
+def test_torchvision_transforms_match_the_plain_tensor_path():
+    """Where torchvision imports, its v2 transforms serve; they must agree with ours."""
+    from crossvit_fast.train import transforms
+
+    if transforms.torchvision_v2() is None:
+        pytest.skip("torchvision does not import here (the plain-tensor path is what runs)")
+    x = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    a = transforms.eval_transform((240, 240), 0.875, use_torchvision=False)(x)
+    b = transforms.eval_transform((240, 240), 0.875)(x)
+    assert a.shape == b.shape and (a.int() - b.int()).abs().max() <= 1  # rounding
+
+
 def test_mixup_and_cutmix_targets():
     import random
 

@@ -307,4 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         report_error(exc)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: abort now, without a checkpoint
+        report_error("aborted (second Ctrl-C); the last checkpoint written is still there")
+        return 130
     return 0

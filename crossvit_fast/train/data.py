@@ -41,6 +41,8 @@ __all__ = [
     "default_workers",
     "epoch_batches",
     "eval_batches",
+    "find_classes",
+    "find_samples",
     "head",
     "image_transform",
     "iterate",

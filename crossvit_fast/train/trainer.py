@@ -209,9 +209,9 @@ class Trainer:
         self.amp_dtype = _amp_dtype(args.amp, self.device)
 
         # -- run directory (a resume there skips --init: the checkpoint has the weights) --
+        self.notes: list[str] = []  # printed after the header
         self.out, self.ckpt_path, resume_path = self._paths()
         self.log = RunLog(self.out, d.is_main)
-        self.notes: list[str] = []
         if self.lr <= args.min_lr:
             self.notes.append(
                 f"warning: the peak LR {self.lr:.3g} is at or below --min-lr {args.min_lr:g}: the "
@@ -302,7 +302,7 @@ class Trainer:
             elif a.out:
                 resume = os.path.join(a.out, state_mod.CHECKPOINT_NAME)
                 if not os.path.isfile(resume):  # preempted before its first checkpoint
-                    self._early_note = f"no checkpoint at {resume} yet: starting the run"
+                    self.notes.append(f"no checkpoint at {resume} yet: starting the run")
                     resume = None
             else:
                 raise TrainError(
@@ -511,8 +511,7 @@ class Trainer:
             + (", " + ", ".join(extras) if extras else "")
             + f"\ntrain: checkpoints -> {self.ckpt_path}"
         )
-        early = getattr(self, "_early_note", None)
-        for note in ([early] if early else []) + self.notes:
+        for note in self.notes:
             self.log.line(f"train: {note}")
 
     def _epoch_record(self, event: str, rate: _Rate, train_loss: float | None) -> dict:
@@ -531,12 +530,13 @@ class Trainer:
         rec.update({k: v for k, v in e.items() if k.startswith("ema_")})
         return rec
 
-    def run(self, until_step: int | None = None) -> dict:
+    def run(self, until_step: int | None = None, signals: SignalStop | None = None) -> dict:
         """Train from the current step to the end (or to `until_step`); returns the metrics.
-        Raises `Stopped` (after writing the checkpoint) when SIGINT / SIGTERM arrived."""
-        with SignalStop() as signals:
+        Raises `Stopped` (after writing the checkpoint) when SIGINT / SIGTERM arrived (while
+        `signals` is active, by default during this call)."""
+        with contextlib.nullcontext(signals) if signals else SignalStop() as sig:
             try:
-                return self._run(signals, until_step)
+                return self._run(sig, until_step)
             finally:
                 self.log.close()
 
@@ -707,8 +707,10 @@ def run(args: argparse.Namespace) -> dict:
     trainer = None
     owned = dist_mod.dist.is_available() and not dist_mod.dist.is_initialized()
     try:
-        trainer = Trainer(args)
-        return trainer.run()
+        # Signals from here on: one during setup stops the run before its first step.
+        with SignalStop() as signals:
+            trainer = Trainer(args)
+            return trainer.run(signals=signals)
     finally:
         if trainer is not None:
             trainer.close()
