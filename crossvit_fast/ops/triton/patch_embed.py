@@ -294,31 +294,32 @@ def _token_assemble_bwd_kernel(
 
 # -- configs -------------------------------------------------------------------------------------
 
+# 16-bit weights: Hopper wgmma tiles. An fp32 image cast in-kernel (AMP) holds the fp32 A tile as
+# well: 128x64 / 64x128 with 4 warps spilled 8-40 bytes (sm_90 toolchain tier), so that case runs
+# them with 8 warps. fp32 weights: IEEE products, smaller tiles.
 _CONFIGS_16 = [
-    triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
-    ),
-    triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
-    ),
-    triton.Config(
-        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
-    ),
-]
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]  # fmt: skip
+_CONFIGS_16_FP32_IMAGE = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+]  # fmt: skip
 _CONFIGS_32 = [
-    triton.Config(
-        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3
-    ),
-]
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
-    wide = named_args["w_ptr"].element_size() >= 4
-    return [c for c in configs if (c in _CONFIGS_32) == wide]
+    if named_args["w_ptr"].element_size() >= 4:
+        return list(_CONFIGS_32)
+    return list(_CONFIGS_16_FP32_IMAGE if named_args["x_ptr"].element_size() >= 4 else _CONFIGS_16)
 
 
 _patch_embed_fwd_tuned = triton.autotune(
-    configs=_CONFIGS_16 + _CONFIGS_32,
+    configs=_CONFIGS_16 + _CONFIGS_16_FP32_IMAGE + _CONFIGS_32,
     key=["N", "K", "P"],
     prune_configs_by={"early_config_prune": _prune},
 )(_patch_embed_fwd_kernel)
