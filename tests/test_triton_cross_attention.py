@@ -246,7 +246,7 @@ def test_split_plan_h100(monkeypatch):
     # The H100 has 132 SMs: batch >= 132 gives one program per sample; smaller batches split
     # each sample's 1 + N rows (the CLS row and the tokens) so that ~2 programs per SM run;
     # every split is non-empty.
-    monkeypatch.setattr(ca, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(ca, "sm_count", lambda device: 132)
     dev = torch.device("cuda")
     assert ca._split_plan(256, 197, 16, dev) == (1, 208)
     for B, N in ((1, 196), (1, 8192), (64, 400), (8, 1156), (131, 196), (1, 0), (2, 1)):

@@ -52,12 +52,13 @@ from torch import Tensor
 from ..common import KERNEL_DTYPES, autocast_dtype, check_tensor
 from .utils import (
     device_guard,
-    dot_in_fp32,
+    dot_flags,
     gelu_erf,
     gelu_erf_grad,
     launch,
     next_pow2,
     register_op,
+    sm_count,
 )
 
 __all__ = ["OPS", "cls_norm_bwd", "cls_norm_fwd", "cross_attention", "register_op"]
@@ -85,13 +86,9 @@ def _normalize_rows(x, mask_c, C, eps):
 
 
 @triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b, fp32 accumulation. IEEE: exact fp32 products (fp32 inputs; TF32 would cost
-    ~1e-3 relative error), else the operands' own precision (bf16/fp16 tensor cores)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+def _mm(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b, fp32 accumulation; PRECISION: tl.dot's input precision (`utils.dot_flags`)."""
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -278,12 +275,12 @@ def _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, 
 
 
 @triton.jit
-def _head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, DOT_F32: tl.constexpr):
+def _head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr):
     """(BLOCK_H, BLOCK_C) chunk of a per-head (H, C) slab with unit column stride, in its own
     dtype (the dot dtype) — fp32 under the interpreter, whose 16-bit dots are wrong."""
     t = tl.load(ptr + heads[:, None] * stride_h + cols[None, :],
                 mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-    if DOT_F32:
+    if EMULATE:
         t = t.to(tl.float32)
     return t
 
@@ -301,8 +298,8 @@ def _cross_attention_fwd_kernel(
     u_ptr, ut_ptr, lse_ptr,  # SINGLE: u, u~ (B, H, C), lse (B, BLOCK_H)
     m_ptr, l_ptr, acc_ptr,  # else partials (B, S, BLOCK_H) x2, (B, S, H, C) fp32
     N1, C, H, rows_per_split, eps, qk_scale,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr, DOT_F32: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr, EMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, S): program (b, s) attends over rows s*R .. (s+1)*R - 1 of the N1 = 1 + N rows
     (R = rows_per_split).
@@ -334,8 +331,8 @@ def _cross_attention_fwd_kernel(
             _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
-            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, DOT_F32)
-            z = _mm(kt, tl.trans(y.to(kt.dtype)), z, IEEE)
+            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            z = _mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
         z = tl.where(mask_r[None, :], z * qk_scale, float("-inf"))  # base 2
         tl.store(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :], z,
                  mask=mask_r[None, :])  # fmt: skip
@@ -345,7 +342,7 @@ def _cross_attention_fwd_kernel(
     tl.debug_barrier()  # phase 2 reads what other threads of this program stored above
     S = tl.num_programs(1)
     dt = kt_ptr.dtype.element_ty  # the dot operand dtype (fp32 under the interpreter)
-    if DOT_F32:
+    if EMULATE:
         dt = tl.float32
     for c0 in range(0, C, BLOCK_C):
         acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
@@ -360,7 +357,7 @@ def _cross_attention_fwd_kernel(
             z = tl.load(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :],
                         mask=mask_r[None, :], other=float("-inf"))  # fmt: skip
             p = tl.exp2(z - m_i[:, None])
-            acc = _mm(p.to(dt), y.to(dt), acc, IEEE)
+            acc = _mm(p.to(dt), y.to(dt), acc, PRECISION)
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = mask_h[:, None] & (cols < C)[None, :]
         if SINGLE:
@@ -436,7 +433,7 @@ def _cross_attention_bwd_kernel(
     dkt_ptr, stride_dks, stride_dkh, stride_dkb,  # (S, H, B, C) partials of dL/dk~
     part_ptr,  # (B, S, 2, C) fp32 partials of dgamma, dbeta over the token rows
     N1, C, H, rows_per_split, qk_scale, scale,
-    HAS_W: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, ONE_KEY: tl.constexpr,
+    HAS_W: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, S), the forward's row ranges.
@@ -467,8 +464,8 @@ def _cross_attention_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask_c = cols < C
-        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, DOT_F32).to(tl.float32)
-        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, DOT_F32).to(tl.float32)
+        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
         ut = tl.load(ut_ptr + (b * H + heads[:, None]) * C + cols[None, :],
                      mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         delta += tl.sum(du * ut, axis=1)
@@ -492,11 +489,11 @@ def _cross_attention_bwd_kernel(
             _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
-            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, DOT_F32)
-            du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, DOT_F32)
+            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
             yt = tl.trans(y.to(kt.dtype))
-            z = _mm(kt, yt, z, IEEE)
-            da = _mm(du, yt, da, IEEE)
+            z = _mm(kt, yt, z, PRECISION)
+            da = _mm(du, yt, da, PRECISION)
         p = tl.where(mask_r[None, :], tl.exp2(z * qk_scale - lse[:, None]), 0.0)
         dz = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         if not ONE_KEY:  # (one key: a = 1 is constant, dz = 0 exactly, not rounding noise)
@@ -513,8 +510,8 @@ def _cross_attention_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):  # phase 2
         cols = c0 + tl.arange(0, BLOCK_C)
         mask_c = cols < C
-        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, DOT_F32)
-        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, DOT_F32)
+        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
         w = tl.full([BLOCK_C], 1.0, tl.float32)
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
@@ -532,9 +529,11 @@ def _cross_attention_bwd_kernel(
             offs = (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :]
             p = tl.load(p_ptr + offs, mask=mask_r[None, :], other=0.0)
             dz = tl.load(dz_ptr + offs, mask=mask_r[None, :], other=0.0)
-            dn = _mm(tl.trans(p).to(kt.dtype), du, tl.zeros([BLOCK_N, BLOCK_C], tl.float32), IEEE)
-            dn = _mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, IEEE)
-            dkt = _mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, IEEE)
+            dn = _mm(
+                tl.trans(p).to(kt.dtype), du, tl.zeros([BLOCK_N, BLOCK_C], tl.float32), PRECISION
+            )
+            dn = _mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, PRECISION)
+            dkt = _mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, PRECISION)
             c1 = tl.load(c1_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             c2 = tl.load(c2_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             dx = rstd[:, None] * (dn * w[None, :] - c1[:, None] - xhat * c2[:, None])
@@ -563,12 +562,6 @@ def _launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
         launch(kernel, grid, *args, **meta)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the CPU interpreter: a pretend 4-SM device, so that small tests exercise splits
-
-
 def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the row kernels: whole rows in registers."""
     block_c = next_pow2(max(C, 16))
@@ -593,17 +586,12 @@ def _split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[in
     batch alone cannot fill the GPU (B < #SMs): then each sample's rows are split over up to
     2 * #SMs / B programs (flash-decoding), each of at least _MIN_BLOCKS_PER_SPLIT blocks."""
     n_blocks = triton.cdiv(N1, block_n)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     splits = 1
     if sms > B:
         splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
     rows = triton.cdiv(n_blocks, splits) * block_n
     return triton.cdiv(N1, rows), rows
-
-
-def _dot_flags(dt: torch.dtype) -> dict:
-    interp = dot_in_fp32()
-    return {"DOT_F32": interp, "IEEE": interp or dt == torch.float32}
 
 
 def cls_norm_fwd(
@@ -754,7 +742,7 @@ def _cross_attention_fwd(
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias, z, stats[0], stats[1],
             u, ut, lse, part_m, part_l, part_acc, N1, C, H, rows, eps, d**-0.5 * _LOG2E,
             HAS_W=norm_weight is not None, HAS_B=has_b, SINGLE=single, BLOCK_H=_MAX_HEADS,
-            **tiles, **_dot_flags(dt),
+            **tiles, **dot_flags(dt),
         )  # fmt: skip
         if not single:
             block_c = tiles["BLOCK_C"]
@@ -832,7 +820,7 @@ def _cross_attention_bwd(
             dkt_part, *dkt_part.stride()[:3], part,
             N1, C, H, rows, d**-0.5 * _LOG2E, d**-0.5,
             HAS_W=norm_weight is not None, ONE_KEY=N1 == 1, BLOCK_H=_MAX_HEADS, **tiles,
-            **_dot_flags(dt),
+            **dot_flags(dt),
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
     dq = _merge_heads(torch.bmm(dkt, wk.reshape(H, d, C).transpose(1, 2)))  # dq_h = W_k,h dk~_h

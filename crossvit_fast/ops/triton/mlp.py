@@ -41,7 +41,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import check_tensor
-from . import interpreter_enabled
 from .layer_norm import (
     as_rows,
     check_param_dtype,
@@ -53,7 +52,7 @@ from .layer_norm import (
     register_op,
     round_to,
 )
-from .utils import dot_in_fp32, gelu_erf, gelu_erf_grad, grouped_tile, next_pow2
+from .utils import dot_flags, gelu_erf, gelu_erf_grad, grouped_tile
 
 __all__ = ["OPS", "fused_linear", "mlp"]
 
@@ -198,25 +197,12 @@ _fused_linear_tuned = triton.autotune(
 )(_fused_linear_kernel)
 
 
-def _interpreter_meta(M: int, N: int, K: int) -> dict:
-    # Few, large program instances: each instance costs milliseconds in the interpreter.
-    clamp = lambda n, hi: max(16, min(hi, next_pow2(n)))
-    return {"BLOCK_M": clamp(M, 64), "BLOCK_N": clamp(N, 64), "BLOCK_K": clamp(K, 64), "GROUP_M": 4}
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow torch's float32 matmul precision (IEEE unless TF32 is allowed)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit operands
-
-
 # -- launcher ------------------------------------------------------------------------------------
 
 
 def sum_rows(M: int) -> int:
     """Rows of a partial column-sum buffer for an M-row GEMM (see `fused_linear`)."""
-    return triton.cdiv(M, 16 if interpreter_enabled() else _MIN_BLOCK_M)
+    return triton.cdiv(M, _MIN_BLOCK_M)
 
 
 def fused_linear(
@@ -250,16 +236,11 @@ def fused_linear(
     flags = dict(
         LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None, HAS_BIAS=bias is not None,
         GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
-        C_SUM=c_sum is not None, EMULATE=dot_in_fp32(), PRECISION=dot_precision(w.dtype),
+        C_SUM=c_sum is not None, **dot_flags(w.dtype),
     )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     with on_device(a):
-        if interpreter_enabled():
-            meta = _interpreter_meta(M, N, K)
-            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            launch(_fused_linear_kernel, grid, *args, **flags, **meta, num_warps=4)
-        else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            launch(_fused_linear_tuned, grid, *args, **flags)
+        launch(_fused_linear_tuned, grid, *args, **flags)
     return out
 
 
