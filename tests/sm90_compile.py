@@ -197,7 +197,8 @@ def main() -> None:
             for batch in batches:
                 case = f"{name}/{dt_name}/B{batch}"
                 try:
-                    x = torch.randn(batch, 3, 240, 240, dtype=dtype)
+                    # the image gradient too: its kernel runs only when the input needs one
+                    x = torch.randn(batch, 3, 240, 240, dtype=dtype, requires_grad=True)
                     with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
                         loss = model(x).float().sum()
                     loss.backward()

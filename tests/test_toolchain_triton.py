@@ -42,7 +42,8 @@ def _run(args: list[str], timeout: int) -> str:
 
 def _package_kernels() -> set[str]:
     """Names of every @triton.jit kernel (`*_kernel`) in the Triton backend's modules."""
-    import triton
+    from triton.runtime import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction  # what @triton.jit is here
 
     from crossvit_fast.ops import triton as backend
 
@@ -50,8 +51,9 @@ def _package_kernels() -> set[str]:
     for mod_name in backend._KERNEL_MODULES:
         mod = __import__(f"{backend.__name__}.{mod_name}", fromlist=["_"])
         for name, obj in vars(mod).items():
-            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"):
+            if isinstance(obj, (JITFunction, InterpretedFunction)) and name.endswith("_kernel"):
                 names.add(name)
+    assert names, "found no Triton kernels: the discovery is broken"
     return names
 
 

@@ -90,7 +90,7 @@ def test_every_autotune_config_matches_the_reference(op, dtype_name, index, one_
 
 
 def test_forcing_a_config_that_does_not_exist_fails():
-    ours, ref, inputs = _mlp_case()
+    ours, _ref, inputs = _mlp_case()
     x = [t.float() if isinstance(t, torch.Tensor) else t for t in inputs]
     with (
         utils.force_configs({"_fused_linear_kernel": 99}),
