@@ -40,6 +40,13 @@ _VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def pretrained_repo(name: str) -> str:
+    """The Hugging Face hub repo of timm's published weights for a registered variant."""
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+    return f"timm/{name}.in1k"
+
+
 def list_models() -> list[str]:
     """The registered variant names (timm's)."""
     return list(_VARIANTS)

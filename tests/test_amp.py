@@ -103,6 +103,8 @@ def test_every_backend_gives_each_stage_the_reference_dtype(backend, dtype):
 def _fp16_steps(model: CrossViT, x: torch.Tensor, steps: int = 3) -> list[float]:
     """A few fp16-autocast AdamW steps with a GradScaler on (x, fixed labels); the losses."""
     dev = x.device.type
+    if model.num_classes == 0:  # a features-only golden case: give it a head to train
+        model.reset_classifier(3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(dev)
     assert scaler.is_enabled()
@@ -121,7 +123,6 @@ def _fp16_steps(model: CrossViT, x: torch.Tensor, steps: int = 3) -> list[float]
     return losses
 
 
-@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
 @pytest.mark.parametrize("case", golden.CASES)
 def test_fp16_gradscaler_training_has_no_nan_on_golden_configs(case):
     """The golden models carry randomised (large) LayerNorm affines, biases and tokens: a harsh
@@ -137,9 +138,7 @@ def test_fp16_gradscaler_training_has_no_nan_on_golden_configs(case):
 @pytest.mark.parametrize("backend", [b for b in _available("cpu") if b != "reference"])
 def test_fp16_gradscaler_training_fast_backends_cpu(backend):
     """The fast backends (Triton's interpreter here) on the smallest golden config."""
-    if not golden.available():
-        pytest.skip("golden vectors not found")
-    g = golden.load("tiny2b")
+    g = golden.load("plain")
     model = golden.build(g, backend=backend, dtype=torch.float32).train()
     losses = _fp16_steps(model, g["input"].float(), steps=2)
     assert all(torch.isfinite(torch.tensor(losses))), losses
@@ -147,7 +146,6 @@ def test_fp16_gradscaler_training_fast_backends_cpu(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
 @pytest.mark.parametrize("case", golden.CASES)
 @pytest.mark.parametrize("backend", _available("cuda") if DEVICE == "cuda" else ["reference"])
 def test_fp16_gradscaler_training_on_gpu(case, backend):

@@ -56,7 +56,6 @@ def test_parameter_counts_match_timm(name):
     assert m.config.img_size[0] == ((408, 408) if name.endswith("408") else (240, 240))
 
 
-@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
 @pytest.mark.parametrize("case", golden.CASES)
 def test_state_dict_keys_and_shapes_equal_timms(case):
     g = golden.load(case)
@@ -64,6 +63,7 @@ def test_state_dict_keys_and_shapes_equal_timms(case):
     sd = m.state_dict()
     assert list(sd) == list(g["state_dict"])  # same names, same order
     assert all(sd[k].shape == v.shape for k, v in g["state_dict"].items())
+    assert [list(s) for s in m.img_size_scaled] == g["img_size_scaled"]
 
 
 def test_forward_features_and_head():
