@@ -197,6 +197,11 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
         """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended. Returns (B, C)."""
+        # timm's block input is cat(cls, tokens[:, 1:]): under autocast that promotes the
+        # low-precision projected CLS to the tokens' fp32, and the residual (also with drop-path
+        # below) is taken from the promoted copy.
+        if cls.dtype != tokens.dtype:
+            cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
         a, t = self.attn, self.training
         args = (tokens, *_ln(self.norm1), *a.args(), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):

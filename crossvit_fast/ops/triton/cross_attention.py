@@ -840,6 +840,10 @@ def cross_attention(
         check_tensor(name, t, shape=(C,), like=cls, optional=True)
     for name, t in (("wq", wq), ("wk", wk), ("wv", wv), ("proj_weight", proj_weight)):
         check_tensor(name, t, shape=(C, C), like=cls)
+    # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
+    # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
+    if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)
+        cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
     dt = compute_dtype(cls, {"tokens": tokens, "norm_weight": norm_weight, "norm_bias": norm_bias,
                              "wq": wq, "bq": bq, "wk": wk, "bk": bk, "wv": wv, "bv": bv,
                              "proj_weight": proj_weight, "proj_bias": proj_bias})  # fmt: skip
