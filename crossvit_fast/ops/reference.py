@@ -1,7 +1,7 @@
 """Pure-PyTorch reference ops: the numerical spec of every op in the backend table.
 
 These follow timm's `crossvit.py` / `vision_transformer.py` op for op (see
-`shared/design/crossvit_reference.md`), so that the whole reference model matches timm to float64
+`docs/architecture.md`), so that the whole reference model matches timm to float64
 rounding. Every fast backend is tested against the functions here; tests and benchmarks import
 them, never copy them.
 

@@ -142,7 +142,7 @@ class _KeyBias(torch.autograd.Function):
 
 def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias,
                     num_heads, eps, residual=True) -> Tensor:  # fmt: skip
-    """CLS cross-attention without K and V (shared/design/cls_cross_attention.md).
+    """CLS cross-attention without K and V (docs/cls_cross_attention.md).
 
     cls: (B, C); tokens: (B, 1 + N, C), rows 1.. attended in place (any row strides); C % heads
     == 0, C <= 4096. cuBLAS: q = Wq LN(cls) + bq, absorbed keys kt_h = Wk_h^T q_h, o_h = Wv_h u_h

@@ -1,6 +1,6 @@
 """CrossViT's CLS cross-attention in Triton, K/V-free (weight absorption), forward and backward.
 
-Spec: `crossvit_fast.ops.reference.cross_attention`; derivation: shared/design/cls_cross_attention.md.
+Spec: `crossvit_fast.ops.reference.cross_attention`; derivation: docs/cls_cross_attention.md.
 One CLS query per sample attends over itself and the other branch's patch tokens. Because there is
 a single query, the key and value projections move to the query side:
 
