@@ -1,4 +1,4 @@
-// K/V-free CLS cross-attention core (shared/design/cls_cross_attention.md), forward and
+// K/V-free CLS cross-attention core (docs/cls_cross_attention.md), forward and
 // backward. The host functional computes the small GEMVs with cuBLAS (q = Wq LN(cls) + bq,
 // the absorbed keys kt_h = Wk_h^T q_h, o_h = Wv_h u_h + bv_h, the output projection); these
 // kernels do everything that touches the N token rows:

@@ -1,6 +1,6 @@
 """CrossViT's CLS cross-attention in Triton, K/V-free (weight absorption), forward and backward.
 
-Spec: `crossvit_fast.ops.reference.cross_attention`; derivation: shared/design/cls_cross_attention.md.
+Spec: `crossvit_fast.ops.reference.cross_attention`; derivation: docs/cls_cross_attention.md.
 One CLS query per sample attends over itself and the other branch's patch tokens. Because there is
 a single query, the key and value projections move to the query side:
 
@@ -943,6 +943,10 @@ def cross_attention(
         check_tensor(name, t, shape=(C,), like=cls, optional=True)
     for name, t in (("wq", wq), ("wk", wk), ("wv", wv), ("proj_weight", proj_weight)):
         check_tensor(name, t, shape=(C, C), like=cls)
+    # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
+    # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
+    if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)
+        cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
     dt = compute_dtype(cls, {"tokens": tokens, "norm_weight": norm_weight, "norm_bias": norm_bias,
                              "wq": wq, "bq": bq, "wk": wk, "bk": bk, "wv": wv, "bv": bv,
                              "proj_weight": proj_weight, "proj_bias": proj_bias})  # fmt: skip
