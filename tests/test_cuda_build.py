@@ -343,6 +343,7 @@ def test_emu_cls_proj(emu, dtype, strided):
         (torch.float32, 2, 9, 100, 4, False),  # C % 8 != 0: element loads, padded tile
         (torch.float32, 2, 5, 80, 20, False),  # 20 heads: two head groups per sample
         (torch.float32, 0, 4, 64, 4, False),  # empty batch
+        (torch.float32, 1, 3, 2056, 8, False),  # C > 4 x 512: a second dx column pass
     ],
 )
 def test_emu_cross_attention(emu, dtype, B, N1, C, H, noncontig):
