@@ -194,7 +194,9 @@ def _version_problem(toolkit: CudaToolkit, torch_cuda: str) -> str | None:
 def _use_toolkit(toolkit: CudaToolkit) -> None:
     """Point torch's builder at `toolkit`. torch reads its CUDA home once, at the import of
     cpp_extension, into a module global that every later step (include and library paths, the
-    nvcc it runs, its version check) reads; setting that global is the one way to correct it."""
+    nvcc it runs, its version check) reads: that global is set, after CUDA_HOME in the environment
+    (read by that import, so that torch's own log line names the right folder)."""
+    os.environ["CUDA_HOME"] = str(toolkit.home)
     from torch.utils import cpp_extension
 
     cpp_extension.CUDA_HOME = str(toolkit.home)
