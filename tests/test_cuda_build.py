@@ -238,6 +238,23 @@ def test_toolkit_major_version_must_match_torch(tmp_path):
     assert "nvcc 12.8" in build._version_problem(tk, "13.0")
 
 
+def test_build_plan_is_what_why_no_build_reports(no_cuda_env, tmp_path):
+    """The plan the setup.py and JIT builds follow, with torch's CUDA version pretended: host
+    compiler, toolkit, version match; why_no_build gives the same answer."""
+    no_cuda_env.setattr(torch.version, "cuda", "13.0")
+    no_cuda_env.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert build._build_plan()[1].startswith(f"no C++ compiler ({tmp_path / 'no-such-c++'})")
+    no_cuda_env.delenv("CXX")
+    _wrapper(tmp_path / "hostbin", Path("/bin/true")).rename(tmp_path / "hostbin" / "c++")
+    no_cuda_env.setenv("PATH", str(tmp_path / "hostbin"))  # a c++, no nvcc
+    assert build._build_plan()[1] == build.why_no_build() == "nvcc not found (install the CUDA toolkit, or set CUDA_HOME)"  # fmt: skip
+    no_cuda_env.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda12", version="12.8")))
+    assert "does not match torch's CUDA 13.0" in build.why_no_build()
+    no_cuda_env.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda13")))
+    assert build.why_no_build() is None
+    assert build._build_plan()[0].home == tmp_path / "cuda13"
+
+
 def test_default_arch_list_embeds_ptx_of_the_newest_arch():
     entries = build.DEFAULT_ARCH_LIST.split(";")
     newest = max(entries, key=lambda e: float(e.removesuffix("+PTX")))

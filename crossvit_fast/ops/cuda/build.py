@@ -212,6 +212,9 @@ def _build_plan() -> tuple[CudaToolkit | None, str]:
         return None, f"torch {torch.__version__} is a CPU-only build (no CUDA)"
     if csrc_dir() is None:
         return None, "the CUDA sources (csrc/) are not installed with this package"
+    cxx = os.environ.get("CXX") or "c++"  # the host compiler torch's builder runs
+    if shutil.which(cxx.split()[0]) is None:
+        return None, f"no C++ compiler ({cxx}) for the host code (install g++ or set CXX)"
     toolkit, reason = find_cuda_toolkit()
     if toolkit is None:
         return None, reason
