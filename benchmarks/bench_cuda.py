@@ -1,5 +1,5 @@
 """CUDA C++ backend vs Triton vs the reference, per op, at CrossViT's shapes
-(shared/design/crossvit_reference.md §3: widths 128/256 .. 384/768, 197 / 401 tokens, batch 64 / 256).
+(docs/architecture.md, registered variants: widths 128/256 .. 384/768, 197 / 401 tokens, batch 64 / 256).
 
 `pytest benchmarks/bench_cuda.py --benchmark-only` on a GPU (skips without one). Each case times,
 in one run, the reference eager, the Triton op (when the triton backend has it) and the CUDA op,

@@ -112,13 +112,18 @@ def add_speedups(rows: dict) -> None:
 
 
 def record(bench: str, row: dict) -> None:
-    """Append one result row (plus the environment) to benchmarks/results/<device>.json. Only
-    GPU results are recorded: CPU timings of GPU kernels mean nothing."""
+    """Append one result row (plus the environment) to benchmarks/results/<device>.json (or to
+    the file CROSSVIT_BENCH_RESULTS names). Only GPU results are recorded: CPU timings of GPU
+    kernels mean nothing. Rows are written one at a time, so a run cut short keeps its rows."""
     env = environment()
     if env["device"] == "cpu" and not os.environ.get("CROSSVIT_BENCH_RECORD_CPU"):
         return
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / (env["device"].replace(" ", "_") + ".json")
+    # CROSSVIT_BENCH_RESULTS=FILE: this run's rows alone, e.g. for benchmarks/gpu_session.sh
+    path = Path(
+        os.environ.get("CROSSVIT_BENCH_RESULTS")
+        or RESULTS_DIR / (env["device"].replace(" ", "_") + ".json")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text()) if path.exists() else []
     rows.append({"bench": bench, **env, **row})
     path.write_text(json.dumps(rows, indent=1) + "\n")

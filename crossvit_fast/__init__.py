@@ -2,6 +2,7 @@
 
     >>> import crossvit_fast
     >>> model = crossvit_fast.create_model("crossvit_tiny_240", backend="auto")
+    >>> # timm's published weights (needs the `hub` extra): create_model(name, pretrained=True)
     >>> crossvit_fast.available_backends()["reference"][0]
     True
 
@@ -10,7 +11,13 @@ when a model first runs on a device.
 """
 
 from .backends import BACKENDS, OPS, available_backends
-from .checkpoint import from_timm, load_checkpoint
+from .checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointError,
+    from_timm,
+    load_checkpoint,
+    read_checkpoint,
+)
 from .config import CrossViTConfig
 from .model import CrossViT
 from .registry import create_model, list_models, model_config
@@ -19,7 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CHECKPOINT_SUFFIXES",
     "OPS",
+    "CheckpointError",
     "CrossViT",
     "CrossViTConfig",
     "available_backends",
@@ -28,4 +37,5 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "model_config",
+    "read_checkpoint",
 ]

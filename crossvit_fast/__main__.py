@@ -40,6 +40,9 @@ def _versions() -> list[tuple[str, str]]:
 def cmd_info(args: argparse.Namespace) -> int:
     for name, value in _versions():
         print(f"{name:14s} {value}")
+    from .ops.cuda.build import prebuilt_state  # no torch.utils.cpp_extension import, no build
+
+    print(f"{'CUDA extension':14s} {prebuilt_state()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

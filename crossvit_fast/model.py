@@ -1,6 +1,6 @@
 """CrossViT (Chen, Fan, Panda, "CrossViT: Cross-Attention Multi-Scale Vision Transformer for Image
 Classification", ICCV 2021), as timm implements it — a drop-in whose parameters, names, init and
-numerics match `timm.models.crossvit.CrossVit` (spec: `shared/design/crossvit_reference.md`).
+numerics match `timm.models.crossvit.CrossVit` (how timm builds it: docs/architecture.md).
 
 The modules only hold parameters (same names as timm, so state_dicts load unchanged) and route
 every computation through an `OpSet` resolved from the backend table (`crossvit_fast.backends`);
@@ -197,6 +197,11 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
         """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended. Returns (B, C)."""
+        # timm's block input is cat(cls, tokens[:, 1:]): under autocast that promotes the
+        # low-precision projected CLS to the tokens' fp32, and the residual (also with drop-path
+        # below) is taken from the promoted copy.
+        if cls.dtype != tokens.dtype:
+            cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
         a, t = self.attn, self.training
         args = (tokens, *_ln(self.norm1), *a.args(), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
@@ -466,23 +471,25 @@ class CrossViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Rebuild both heads for `num_classes` (0: features); optionally change pooling."""
+        """Rebuild both heads for `num_classes` (0: features); optionally change pooling.
+
+        As timm: the new heads are plain `nn.Linear` layers with PyTorch's default init, made
+        directly on the model's device and dtype (timm does not re-apply its trunc-normal init
+        here). `config` is updated, so `CrossViT(model.config)` rebuilds this model's state_dict.
+        """
+        changes = {"num_classes": num_classes}
         if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
-        self.num_classes = num_classes
+            changes["global_pool"] = global_pool
+        self.config = self.config.replace(**changes)  # validates (ValueError naming the field)
+        self.num_classes, self.global_pool = self.config.num_classes, self.config.global_pool
         ref = self.norm[0].weight
         self.head = nn.ModuleList(
-            self._make_head(d, num_classes).to(device=ref.device, dtype=ref.dtype)
+            nn.Linear(d, self.num_classes, device=ref.device, dtype=ref.dtype)
+            if self.num_classes > 0
+            else nn.Identity()
             for d in self.config.embed_dim
         )
-        for h in self.head:
-            if isinstance(h, nn.Linear):
-                nn.init.trunc_normal_(h.weight, std=0.02)
-                nn.init.zeros_(h.bias)
+        self.head.train(self.training)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute in backward instead of storing activations: each ViT block and each

@@ -1,4 +1,4 @@
-// K/V-free CLS cross-attention core (shared/design/cls_cross_attention.md), forward and
+// K/V-free CLS cross-attention core (docs/cls_cross_attention.md), forward and
 // backward. The host functional computes the small GEMVs with cuBLAS (q = Wq LN(cls) + bq,
 // the absorbed keys kt_h = Wk_h^T q_h, o_h = Wv_h u_h + bv_h, the output projection); these
 // kernels do everything that touches the N token rows:
@@ -49,6 +49,7 @@ constexpr int kMaxHG = 16;     // heads per CTA (register arrays in phase A)
 constexpr int kHPT = 4;        // heads per thread in phase B
 constexpr int kMaxThreads = 512;
 constexpr int kDxRows = 8;     // rows per iteration of the dx kernel
+constexpr int kDxMaxThreads = 512;  // dx kernel block cap: 128 registers per thread
 
 
 // Shared memory carve-up, identical on host (size) and device (pointers).
@@ -153,19 +154,22 @@ __global__ void __launch_bounds__(kMaxThreads) xattn_kernel(XaArgs a) {
 #pragma unroll
     for (int k = 0; k < 8; ++k) acc[jj][k] = 0.f;
 
-  T* xbuf[2] = {reinterpret_cast<T*>(sm.xt), reinterpret_cast<T*>(sm.xt) + TR * a.ldx};
+  // Buffer i of the double buffer. Pointer arithmetic, not a two-pointer array: an array indexed
+  // by the loop counter is placed in local memory (a 16-byte stack frame in ptxas's report).
+  T* const xt0 = reinterpret_cast<T*>(sm.xt);
+  auto xbuf = [&](int i) { return xt0 + (i & 1) * TR * a.ldx; };
   const int ntiles = int(ceil_div(n_end - n_begin, TR));
-  xa_load_tile<T>(a, xbuf[0], b, n_begin, n_end);
+  xa_load_tile<T>(a, xbuf(0), b, n_begin, n_end);
   cp_async_commit();
 
   for (int it = 0; it < ntiles; ++it) {
     const int64_t t0 = n_begin + int64_t(it) * TR;
     const int nvalid = int(cmin<int64_t>(TR, n_end - t0));
-    if (it + 1 < ntiles) xa_load_tile<T>(a, xbuf[(it + 1) & 1], b, t0 + TR, n_end);
+    if (it + 1 < ntiles) xa_load_tile<T>(a, xbuf(it + 1), b, t0 + TR, n_end);
     cp_async_commit();  // possibly empty: keeps wait<1> meaning "all but the newest group"
     cp_async_wait<1>();
     __syncthreads();
-    const T* x = xbuf[it & 1];
+    const T* x = xbuf(it);
 
     // ---- row statistics ----
     for (int r = warp; r < TR; r += nw) {
@@ -375,22 +379,30 @@ __global__ void __launch_bounds__(256) xattn_merge_kernel(XaArgs a) {
 // per thread, du / kt read once per row group), then the LayerNorm backward with
 //   c1_n = mean_c(gamma dLN_n)        = sum_h (a_hn sum(gamma du_h) + cz_hn sum(gamma kt_h)) / C
 //   c2_n = mean_c(gamma dLN_n xhat_n) = r_n sum_h coef3_hn / C     (coef3 from the main kernel).
-// Each thread owns 4 columns for the whole kernel, so its dgamma / dbeta partials need no
-// cross-thread reduction. grid: row groups (grid-stride), block: >= C / 4 threads.
+// A thread owns columns c0 .. c0 + 3 for c0 = 4 tid + 4 k blockDim.x (one pass when C <= 4 x
+// the block, i.e. every CrossViT width), for the whole kernel. Register budget: at most
+// kDxMaxThreads threads leave ptxas 128 registers (the 32-float tile, du / kt, addresses). gamma and
+// the dgamma / dbeta partials live in shared memory at the owner's columns (3 x 4 bytes per column):
+// as register arrays under a 1024-thread bound (64 registers) they spilled 128 B, and only their
+// owner touches them, so no barrier or cross-thread reduction is needed and each partial is summed
+// over the rows in the same order as before. grid: row groups (grid-stride).
 template <typename T>
-__global__ void __launch_bounds__(1024) xattn_dx_kernel(XdArgs a) {
+__global__ void __launch_bounds__(kDxMaxThreads) xattn_dx_kernel(XdArgs a) {
   CVF_DYNAMIC_SMEM(float, xd_smem);
-  const int H = a.H, C = a.C, tid = threadIdx.x;
+  const int H = a.H, C = a.C, tid = threadIdx.x, Cq = int(round_up(C, 4));
+  const int cstep = 4 * blockDim.x;
   float* sA = xd_smem;              // [H][kDxRows]
   float* sZ = sA + H * kDxRows;     // [H][kDxRows]
   float* sc = sZ + H * kDxRows;     // [kDxRows][4]: c1, c2, mean, rstd
-  const int c0 = tid * 4;
-  const bool active = c0 < C;
-  float gam[4], dwa[4], dba[4];
+  float* sg = sc + 4 * kDxRows;     // [Cq]: gamma
+  float* sdw = sg + Cq;             // [Cq]: this CTA's dgamma partial
+  float* sdb = sdw + Cq;            // [Cq]: dbeta partial
+  for (int c0 = tid * 4; c0 < C; c0 += cstep) {
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    gam[k] = c0 + k < C ? load_param_or(a.w, a.w_dt, c0 + k, 1.f) : 0.f;
-    dwa[k] = dba[k] = 0.f;
+    for (int k = 0; k < 4; ++k) {
+      sg[c0 + k] = c0 + k < C ? load_param_or(a.w, a.w_dt, c0 + k, 1.f) : 0.f;
+      sdw[c0 + k] = sdb[c0 + k] = 0.f;
+    }
   }
   const int64_t gps = ceil_div(a.N1, kDxRows), groups = a.B * gps;
   for (int64_t gi = blockIdx.x; gi < groups; gi += gridDim.x) {
@@ -421,54 +433,57 @@ __global__ void __launch_bounds__(1024) xattn_dx_kernel(XdArgs a) {
       sc[4 * r + 3] = rstd;
     }
     __syncthreads();
-    if (!active) continue;
-    float acc[kDxRows][4];
+    for (int c0 = tid * 4; c0 < C; c0 += cstep) {
+      float acc[kDxRows][4];
 #pragma unroll
-    for (int r = 0; r < kDxRows; ++r)
+      for (int r = 0; r < kDxRows; ++r)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) acc[r][k] = 0.f;
-    for (int h = 0; h < H; ++h) {
-      float dv[4], kv[4];
-      const float* dup = a.du + (b * H + h) * C + c0;
-      const float* ktp = a.kt + (b * H + h) * C + c0;
+        for (int k = 0; k < 4; ++k) acc[r][k] = 0.f;
+      for (int h = 0; h < H; ++h) {
+        float dv[4], kv[4];
+        const float* dup = a.du + (b * H + h) * C + c0;
+        const float* ktp = a.kt + (b * H + h) * C + c0;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        dv[k] = c0 + k < C ? __ldg(dup + k) : 0.f;
-        kv[k] = c0 + k < C ? __ldg(ktp + k) : 0.f;
+        for (int k = 0; k < 4; ++k) {
+          dv[k] = c0 + k < C ? __ldg(dup + k) : 0.f;
+          kv[k] = c0 + k < C ? __ldg(ktp + k) : 0.f;
+        }
+#pragma unroll
+        for (int r = 0; r < kDxRows; ++r) {
+          const float av = sA[h * kDxRows + r], zv = sZ[h * kDxRows + r];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) acc[r][k] = fmaf(av, dv[k], fmaf(zv, kv[k], acc[r][k]));
+        }
       }
 #pragma unroll
       for (int r = 0; r < kDxRows; ++r) {
-        const float av = sA[h * kDxRows + r], zv = sZ[h * kDxRows + r];
+        if (r >= nv) break;
+        const int64_t n = n0 + r;
+        const float c1 = sc[4 * r], c2 = sc[4 * r + 1], mean = sc[4 * r + 2], rstd = sc[4 * r + 3];
+        const T* xr = n == 0 ? static_cast<const T*>(a.cls) + b * a.cls_sb
+                             : static_cast<const T*>(a.tok) + b * a.tok_sb + n * a.tok_sn;
+        T* out = n == 0 ? static_cast<T*>(a.dcls) + b * C : static_cast<T*>(a.dtok) + (b * a.N1 + n) * C;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) acc[r][k] = fmaf(av, dv[k], fmaf(zv, kv[k], acc[r][k]));
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kDxRows; ++r) {
-      if (r >= nv) break;
-      const int64_t n = n0 + r;
-      const float c1 = sc[4 * r], c2 = sc[4 * r + 1], mean = sc[4 * r + 2], rstd = sc[4 * r + 3];
-      const T* xr = n == 0 ? static_cast<const T*>(a.cls) + b * a.cls_sb
-                           : static_cast<const T*>(a.tok) + b * a.tok_sb + n * a.tok_sn;
-      T* out = n == 0 ? static_cast<T*>(a.dcls) + b * C : static_cast<T*>(a.dtok) + (b * a.N1 + n) * C;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int c = c0 + k;
-        if (c < C) {
-          const float xh = (to_f(xr[c]) - mean) * rstd, dy = acc[r][k];
-          out[c] = from_f<T>(rstd * (gam[k] * dy - c1 - xh * c2));
-          dwa[k] += dy * xh;
-          dba[k] += dy;
-          if (n == 0) static_cast<T*>(a.dtok)[b * a.N1 * C + c] = from_f<T>(0.f);
+        for (int k = 0; k < 4; ++k) {
+          const int c = c0 + k;
+          if (c < C) {
+            const float xh = (to_f(xr[c]) - mean) * rstd, dy = acc[r][k];
+            out[c] = from_f<T>(rstd * (sg[c] * dy - c1 - xh * c2));
+            sdw[c] += dy * xh;
+            sdb[c] += dy;
+            if (n == 0) static_cast<T*>(a.dtok)[b * a.N1 * C + c] = from_f<T>(0.f);
+          }
         }
       }
     }
   }
+  for (int c0 = tid * 4; c0 < C; c0 += cstep) {
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    if (c0 + k < C) {
-      a.dw_part[int64_t(blockIdx.x) * C + c0 + k] = dwa[k];
-      a.db_part[int64_t(blockIdx.x) * C + c0 + k] = dba[k];
+    for (int k = 0; k < 4; ++k) {
+      if (c0 + k < C) {
+        a.dw_part[int64_t(blockIdx.x) * C + c0 + k] = sdw[c0 + k];
+        a.db_part[int64_t(blockIdx.x) * C + c0 + k] = sdb[c0 + k];
+      }
     }
   }
 }
@@ -533,8 +548,7 @@ cudaError_t xattn_bwd(XaArgs a, cudaStream_t stream) {
 }
 
 int xattn_dx_threads(int C) {
-  if (ceil_div(C, 4) > 1024) throw std::invalid_argument("cross_attention: width C exceeds 4096");
-  return int(cmin<int64_t>(1024, cmax<int64_t>(32, round_up(ceil_div(C, 4), 32))));
+  return int(cmin<int64_t>(kDxMaxThreads, cmax<int64_t>(32, round_up(ceil_div(C, 4), 32))));
 }
 
 int64_t xattn_dx_grid(int64_t B, int64_t N1) {
@@ -545,7 +559,7 @@ cudaError_t xattn_dx(XdArgs a, cudaStream_t stream) {
   if (a.B == 0 || a.C == 0) return cudaSuccess;
   const int threads = xattn_dx_threads(a.C);
   const int64_t grid = xattn_dx_grid(a.B, a.N1);
-  const int smem = int(sizeof(float) * (2 * a.H * kDxRows + 4 * kDxRows));
+  const int smem = int(sizeof(float) * (2 * a.H * kDxRows + 4 * kDxRows + 3 * round_up(a.C, 4)));
   return dispatch_t(a.dt, [&](auto t) -> cudaError_t {
     using T = decltype(t);
     CVF_TRY(allow_smem(xattn_dx_kernel<T>, smem));

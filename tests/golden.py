@@ -1,49 +1,77 @@
-"""Loading and scoring the timm golden vectors in shared/golden (format: its README)."""
+"""Loading and scoring the timm golden vectors in tests/data/golden (format: its README.md).
+
+The files are part of the repository: a missing or unreadable one is a test failure (the error
+names the file and how to regenerate it), never a skip.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+from collections.abc import Iterator, Mapping
+from functools import cache
 from pathlib import Path
 
 import torch
-from torch.torch_version import TorchVersion
 
-import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig
 
-GOLDEN_DIR = Path(
-    os.environ.get(
-        "CROSSVIT_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-    )
-)
-CASES = ("tiny2b", "dagger", "fusion2", "avgpool", "crossvit_tiny_240")
+GOLDEN_DIR = Path(__file__).resolve().parent / "data" / "golden"
+CASES = ("plain", "dagger", "fusion1_crop", "fusion2_avg", "features")
+KINDS = ("logits", "input_grad", "param_grads")
+REGENERATE = "python tests/data/golden/make_golden.py (needs timm)"
 
-# timm's own float32 error against the float64 golden values (golden/README.md), per case:
-# (logits, input grad, parameter grads). A float32 backend must stay within 2x of these, 1e-5 floor.
-TIMM_FP32_ERR = {
-    "tiny2b": (2.6e-7, 6.8e-7, 1.2e-5),
-    "dagger": (2.7e-7, 7.6e-7, 1.1e-4),
-    "fusion2": (2.0e-7, 8.0e-7, 3.0e-6),
-    "avgpool": (6.0e-8, 8.7e-7, 1.0e-6),
-    "crossvit_tiny_240": (4.0e-7, 1.0e-5, 1.7e-5),
-}
+
+def _path(name: str) -> Path:
+    p = GOLDEN_DIR / name
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"golden file {p} is missing: it is part of the repository (git checkout it, or "
+            f"regenerate with {REGENERATE})"
+        )
+    return p
 
 
 def available() -> bool:
-    return all((GOLDEN_DIR / f"{c}.pt").exists() for c in CASES)
+    """True; raises FileNotFoundError naming the first missing golden file (never skip)."""
+    for c in CASES:
+        _path(f"{c}.pt")
+    _path("variants.json")
+    return True
 
 
+@cache
 def load(case: str) -> dict:
-    with torch.serialization.safe_globals([TorchVersion]):
-        return torch.load(GOLDEN_DIR / f"{case}.pt", weights_only=True)
+    """One case (cached: treat it as read-only)."""
+    return torch.load(_path(f"{case}.pt"), weights_only=True)
+
+
+@cache
+def variants() -> dict:
+    """timm's registered variants: {name: {hf_hub_id, img_size_scaled, num_params, state_dict}},
+    state_dict an ordered list of [key, shape]."""
+    return json.loads(_path("variants.json").read_text())["variants"]
+
+
+class _TimmFp32Err(Mapping):
+    """case -> (logits, input grad, param grads): timm's own float32 error against the float64
+    golden values, as stored in each case file (read on first use)."""
+
+    def __getitem__(self, case: str) -> tuple[float, float, float]:
+        e = load(case)["timm_fp32_err"]
+        return tuple(e[k] for k in KINDS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CASES)
+
+    def __len__(self) -> int:
+        return len(CASES)
+
+
+TIMM_FP32_ERR = _TimmFp32Err()
 
 
 def build(g: dict, backend: str = "reference", dtype=torch.float64) -> CrossViT:
-    meta = g["meta"]
-    if "timm_name" in meta:
-        model = crossvit_fast.create_model(meta["timm_name"], backend=backend)
-    else:
-        model = CrossViT(CrossViTConfig.from_timm(**meta["timm_kwargs"]), backend=backend)
+    model = CrossViT(CrossViTConfig.from_timm(**g["meta"]["timm_kwargs"]), backend=backend)
     # Convert first, then load: loading float64 weights into a float32 model would round them.
     model.to(dtype).load_state_dict(g["state_dict"], strict=True)
     return model
@@ -66,6 +94,7 @@ def run(g: dict, model: CrossViT, dtype=torch.float64) -> dict:
     x = x.clone().requires_grad_(True)
     (model(x) * g["probe"].to(dtype)).sum().backward()
     params = dict(model.named_parameters())
+    assert set(params) == set(g["param_grads"]), "parameter names differ from the golden case"
     gmax = max(v.abs().max().item() for v in g["param_grads"].values())
     pe = 0.0
     for k, ref in g["param_grads"].items():

@@ -45,3 +45,34 @@ def assert_2x_rule(
         f"{name} ({ours.dtype}): error {e_ours:.3e} > {factor} x PyTorch's {e_torch:.3e} "
         f"+ floor {fl:.0e} x {scale:.3e} = {bound:.3e}"
     )
+
+
+# Backward ops: their autograd / AOT dispatch is already exercised through the forward op's
+# opcheck (its backward calls them); schema and fake-kernel checks are what is left to prove.
+BWD_OPCHECK = ("test_schema", "test_faketensor")
+
+
+def check_against_reference(ours, ref, inputs, dtype, *, grads=True, name=""):
+    """Run `ours` and `ref` on `inputs` cast to `dtype` and `ref` in float64; assert the 2x rule
+    on the output and on the gradient of every floating input that is not None.
+
+    inputs: list of float64 tensors / None / other arguments (passed through)."""
+    cast = lambda dt: [
+        t.detach().to(dt).requires_grad_(grads) if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    ]
+    x64, xdt, xours = cast(torch.float64), cast(dtype), cast(dtype)
+    out64, outdt, out = ref(*x64), ref(*xdt), ours(*xours)
+    assert out.dtype == outdt.dtype, f"{name}: dtype {out.dtype} != reference {outdt.dtype}"
+    assert_2x_rule(out, outdt, out64, f"{name} output")
+    if not grads:
+        return out
+    g = torch.randn_like(out64)
+    tensors = lambda xs: [t for t in xs if isinstance(t, torch.Tensor)]
+    gr64 = torch.autograd.grad(out64, tensors(x64), g)
+    grdt = torch.autograd.grad(outdt, tensors(xdt), g.to(outdt.dtype))
+    gours = torch.autograd.grad(out, tensors(xours), g.to(out.dtype))
+    for i, (a, b, c) in enumerate(zip(gours, grdt, gr64)):
+        assert a.dtype == b.dtype, f"{name} grad {i}: dtype {a.dtype} != {b.dtype}"
+        assert_2x_rule(a, b, c, f"{name} grad of input {i}")
+    return out

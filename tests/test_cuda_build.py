@@ -28,7 +28,6 @@ import crossvit_fast
 from crossvit_fast.ops.cuda import build, kernels
 from crossvit_fast.ops.cuda import functional as CF
 
-from . import golden
 from . import test_cuda_ops as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +107,193 @@ def test_skip_env_knob(monkeypatch, capsys):
     monkeypatch.setenv("CROSSVIT_FAST_SKIP_CUDA_BUILD", "1")
     assert build.setup_extension() == ([], {})
     assert "CROSSVIT_FAST_SKIP_CUDA_BUILD" in capsys.readouterr().out
+
+
+def test_setup_py_does_not_import_the_package(tmp_path):
+    """pip runs setup.py through setuptools.build_meta from a helper script: the source tree is
+    not on sys.path and the package (not installed yet) is not importable. setup.py loads its
+    build helpers by file path, so it still says why the extension is or is not built."""
+    runner = tmp_path / "run_setup.py"
+    runner.write_text(
+        textwrap.dedent(f"""
+        import runpy, sys
+        sys.modules["crossvit_fast"] = None  # any `import crossvit_fast...` now fails
+        sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+        sys.argv = ["setup.py", "--version"]
+        runpy.run_path("setup.py", run_name="__main__")
+    """)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(runner)], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "crossvit_fast: building " in out.stdout and "No module named" not in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == crossvit_fast.__version__
+
+
+def _fake_toolkit(home: Path, version: str = "13.0", cudart: bool = True) -> Path:
+    """A folder shaped like a CUDA home: bin/nvcc (a script answering --version and --dryrun as
+    nvcc does), include/cuda_runtime_api.h, lib64/libcudart.so."""
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    (home / "lib64").mkdir()
+    (home / "include" / "cuda_runtime_api.h").write_text("")
+    if cudart:
+        (home / "lib64" / "libcudart.so").write_text("")
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(
+        textwrap.dedent(f"""\
+        #!/bin/sh
+        case "$*" in
+          *--version*) echo "Cuda compilation tools, release {version}, V{version}.1" ;;
+          *--dryrun*) echo "#$ _HERE_={home / "bin"}" >&2 ;;
+        esac
+    """)
+    )
+    nvcc.chmod(0o755)
+    return home
+
+
+def _wrapper(folder: Path, target: Path) -> Path:
+    """An `nvcc` outside the CUDA home that execs the real one (as /usr/local/bin/nvcc can)."""
+    folder.mkdir(parents=True)
+    w = folder / "nvcc"
+    w.write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+    w.chmod(0o755)
+    return w
+
+
+@pytest.fixture
+def no_cuda_env(monkeypatch, tmp_path):
+    """No CUDA_HOME / CUDA_PATH, an empty PATH and no standard install folders: each test then
+    adds exactly the toolkit layout it is about (and reads nothing outside tmp_path)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(build, "_standard_homes", lambda: [tmp_path / "usr-local-cuda"])
+    return monkeypatch
+
+
+def test_toolkit_from_cuda_home(no_cuda_env, tmp_path):
+    home = _fake_toolkit(tmp_path / "cuda")
+    no_cuda_env.setenv("CUDA_HOME", str(home))
+    tk, why = build.find_cuda_toolkit()
+    assert why == "" and (tk.home, tk.version, tk.found_by) == (home, "13.0", "CUDA_HOME")
+
+
+def test_wrong_cuda_home_is_refused_naming_what_is_missing(no_cuda_env, tmp_path):
+    home = _fake_toolkit(tmp_path / "cuda")
+    (home / "include" / "cuda_runtime_api.h").unlink()
+    _wrapper(tmp_path / "bin", _fake_toolkit(tmp_path / "other") / "bin" / "nvcc")
+    no_cuda_env.setenv("PATH", str(tmp_path / "bin"))
+    no_cuda_env.setenv("CUDA_HOME", str(home))  # explicit: not overridden by the nvcc on PATH
+    tk, why = build.find_cuda_toolkit()
+    assert tk is None
+    assert why == (f"CUDA_HOME={home} is not a usable CUDA toolkit "
+                   f"(no {home / 'include' / 'cuda_runtime_api.h'})")  # fmt: skip
+
+
+def test_toolkit_behind_an_nvcc_wrapper_script(no_cuda_env, tmp_path):
+    """The case torch guesses wrong: nvcc on PATH is a script in <prefix>/bin, the toolkit lives
+    elsewhere. The folder above the wrapper has a bin/nvcc but no headers."""
+    home = _fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper = _wrapper(tmp_path / "prefix" / "bin", home / "bin" / "nvcc")
+    no_cuda_env.setenv("PATH", str(wrapper.parent))
+    tk, why = build.find_cuda_toolkit()
+    assert why == "" and tk.home == home and tk.nvcc == home / "bin" / "nvcc"
+    assert tk.found_by == f"nvcc on PATH ({wrapper})"
+
+
+def test_toolkit_behind_an_nvcc_symlink(no_cuda_env, tmp_path):
+    home = _fake_toolkit(tmp_path / "cuda-13.0")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").symlink_to(home / "bin" / "nvcc")
+    no_cuda_env.setenv("PATH", str(tmp_path / "bin"))
+    assert build.find_cuda_toolkit()[0].home == home
+
+
+def test_toolkit_in_a_standard_folder_without_nvcc_on_path(no_cuda_env, tmp_path):
+    home = _fake_toolkit(tmp_path / "usr-local-cuda")
+    assert build.find_cuda_toolkit()[0].home == home
+
+
+def test_no_toolkit_reasons(no_cuda_env, tmp_path):
+    assert build.find_cuda_toolkit() == (
+        None,
+        "nvcc not found (install the CUDA toolkit, or set CUDA_HOME)",
+    )
+    # a wrapper whose toolkit has no libcudart: no usable home anywhere
+    home = _fake_toolkit(tmp_path / "cuda-13.0", cudart=False)
+    wrapper = _wrapper(tmp_path / "bin", home / "bin" / "nvcc")
+    no_cuda_env.setenv("PATH", str(wrapper.parent))
+    tk, why = build.find_cuda_toolkit()
+    assert tk is None and why.startswith(f"nvcc is on PATH ({wrapper}) but no CUDA toolkit")
+    assert "set CUDA_HOME" in why
+
+
+def test_toolkit_major_version_must_match_torch(tmp_path):
+    tk = build.CudaToolkit(tmp_path, tmp_path / "bin" / "nvcc", "12.8", "CUDA_HOME")
+    assert build._version_problem(tk, "12.6") is None  # torch's builder only warns on minors
+    assert "nvcc 12.8" in build._version_problem(tk, "13.0")
+
+
+def test_build_plan_is_what_why_no_build_reports(no_cuda_env, tmp_path):
+    """The plan the setup.py and JIT builds follow, with torch's CUDA version pretended: host
+    compiler, toolkit, version match; why_no_build gives the same answer."""
+    no_cuda_env.setattr(torch.version, "cuda", "13.0")
+    no_cuda_env.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert build._build_plan()[1].startswith(f"no C++ compiler ({tmp_path / 'no-such-c++'})")
+    no_cuda_env.delenv("CXX")
+    _wrapper(tmp_path / "hostbin", Path("/bin/true")).rename(tmp_path / "hostbin" / "c++")
+    no_cuda_env.setenv("PATH", str(tmp_path / "hostbin"))  # a c++, no nvcc
+    assert build._build_plan()[1] == build.why_no_build() == "nvcc not found (install the CUDA toolkit, or set CUDA_HOME)"  # fmt: skip
+    no_cuda_env.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda12", version="12.8")))
+    assert "does not match torch's CUDA 13.0" in build.why_no_build()
+    no_cuda_env.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda13")))
+    assert build.why_no_build() is None
+    assert build._build_plan()[0].home == tmp_path / "cuda13"
+
+
+def test_default_arch_list_embeds_ptx_of_the_newest_arch():
+    entries = build.DEFAULT_ARCH_LIST.split(";")
+    newest = max(entries, key=lambda e: float(e.removesuffix("+PTX")))
+    assert newest.endswith("+PTX") and entries[-1] == newest
+    assert build.cuda_archs(build.DEFAULT_ARCH_LIST) == ["sm_80", "sm_90"]
+    assert build.cuda_archs("9.0a 10.0+PTX") == ["sm_90a", "sm_100"]
+    with pytest.raises(ValueError, match="cannot read 'Hopper'"):
+        build.cuda_archs("8.0;Hopper")
+
+
+def test_jit_build_honours_the_arch_list_without_asking_the_gpu(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    def no_gpu_query():
+        raise AssertionError("the GPU was queried although TORCH_CUDA_ARCH_LIST is set")
+
+    seen = {}
+    monkeypatch.setattr(build, "_arch_list_of_visible_gpu", no_gpu_query)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(kw) or "module")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # restored after
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("CROSSVIT_FAST_BUILD_DIR", str(tmp_path / "jit"))
+    tk = build.CudaToolkit(tmp_path / "cuda", tmp_path / "cuda" / "bin" / "nvcc", "13.0", "test")
+    assert build._jit_build(tk) == "module"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    torch_home = cpp_extension.CUDA_HOME  # the home torch's builder uses: ours
+    assert torch_home == str(tmp_path / "cuda")
+    assert seen["name"] == "crossvit_fast_C"
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="torch has CUDA here")
+def test_info_reports_the_extension_state(capsys):
+    from crossvit_fast.__main__ import main
+
+    assert main(["info"]) == 0
+    line = next(
+        ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("CUDA extension")
+    )
+    assert "not built: torch" in line and "CPU-only build" in line
 
 
 def test_sources_exist_and_are_shipped():
@@ -343,6 +529,7 @@ def test_emu_cls_proj(emu, dtype, strided):
         (torch.float32, 2, 9, 100, 4, False),  # C % 8 != 0: element loads, padded tile
         (torch.float32, 2, 5, 80, 20, False),  # 20 heads: two head groups per sample
         (torch.float32, 0, 4, 64, 4, False),  # empty batch
+        (torch.float32, 1, 3, 2056, 8, False),  # C > 4 x 512: a second dx column pass
     ],
 )
 def test_emu_cross_attention(emu, dtype, B, N1, C, H, noncontig):
@@ -382,6 +569,5 @@ def test_emu_opcheck_and_compile(emu):
     T.check_fake_and_compile(CPU)
 
 
-@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
 def test_emu_golden_model(emu):
-    T.check_golden("tiny2b", CPU)
+    T.check_golden("plain", CPU)

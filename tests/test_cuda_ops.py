@@ -405,7 +405,6 @@ def test_registration_opcheck_and_compile():
     check_fake_and_compile(DEV)
 
 
-@pytest.mark.skipif(not golden.available(), reason="golden vectors not found")
 @pytest.mark.parametrize("case", golden.CASES)
 def test_golden_model(case):
     check_golden(case, DEV)

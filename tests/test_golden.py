@@ -1,10 +1,10 @@
-"""Every backend reproduces timm's golden vectors (shared/golden, produced by timm 1.0.31).
+"""Every backend reproduces timm's golden vectors (tests/data/golden, made by timm: its README).
 
 * reference, float64: logits within 1e-10 relative, input and parameter gradients within 1e-9.
-* reference, float32: within 2x of the error timm's own float32 run makes (golden/README.md),
+* reference, float32: within 2x of the error timm's own float32 run makes (stored in each case),
   1e-5 floor.
 * every other available backend (triton runs here in the CPU interpreter), float32: within 2x of
-  the reference backend's own float32 error on the same case, 1e-5 floor.
+  the reference backend's own float32 error on the same case, and within 2x of timm's, 1e-5 floor.
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import crossvit_fast
 
 from . import golden
 
-pytestmark = pytest.mark.skipif(
-    not golden.available(), reason=f"golden vectors not found in {golden.GOLDEN_DIR}"
-)
-
-KINDS = ("logits", "input_grad", "param_grads")
+KINDS = golden.KINDS
 
 
 @pytest.fixture(scope="module")
 def cases():
-    return {c: golden.load(c) for c in golden.CASES} if golden.available() else {}
+    return {c: golden.load(c) for c in golden.CASES}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +73,34 @@ def test_backend_float32_within_2x_of_reference(cases, reference_fp32_errors, ba
     g_dev["param_grads"] = {k: v.to(device) for k, v in g["param_grads"].items()}
     err = golden.run(g_dev, model, torch.float32)
     ref = reference_fp32_errors[case]
-    for kind in KINDS:
+    for kind, timm_err in zip(KINDS, golden.TIMM_FP32_ERR[case]):
         assert err[kind] <= max(2 * ref[kind], 1e-5), (kind, err[kind], ref[kind])
+        assert err[kind] <= max(2 * timm_err, 1e-5), (kind, err[kind], timm_err)
+
+
+def test_golden_files_are_in_the_repository():
+    """A fresh clone has every case (a missing file fails here, and in every test that uses it)."""
+    assert golden.available()
+    assert golden.GOLDEN_DIR.is_relative_to(golden.Path(__file__).resolve().parent)
+    size = sum(f.stat().st_size for f in golden.GOLDEN_DIR.iterdir())
+    assert size <= 5e6, f"golden data is {size / 1e6:.1f} MB (budget 5 MB)"
+
+
+@pytest.mark.parametrize("name", crossvit_fast.list_models())
+def test_registered_variants_equal_timms(name):
+    """Every registered name builds timm's architecture: keys in order, shapes, parameter count
+    (tests/data/golden/variants.json, recorded from timm), and names timm's weights repo."""
+    want = golden.variants()[name]
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        m = crossvit_fast.create_model(name)
+    assert [[k, list(v.shape)] for k, v in m.state_dict().items()] == want["state_dict"]
+    assert sum(p.numel() for p in m.parameters()) == want["num_params"]
+    assert [list(s) for s in m.img_size_scaled] == want["img_size_scaled"]
+    assert crossvit_fast.registry.pretrained_repo(name) == want["hf_hub_id"]
+
+
+def test_every_timm_variant_is_registered():
+    assert sorted(crossvit_fast.list_models()) == sorted(golden.variants())
 
 
 @pytest.mark.timm

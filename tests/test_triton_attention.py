@@ -14,8 +14,7 @@ from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import self_attention as tsa
 
 from .conftest import DEVICE
-from .numerics import assert_2x_rule
-from .test_triton_mlp import BWD_OPCHECK, check_against_reference
+from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
 
 EPS = 1e-6
 

@@ -280,14 +280,15 @@ def _count_launches(fn, inputs, num_heads, monkeypatch):
 
 def test_launch_count(monkeypatch):
     # One fusion step at a batch that needs no token split (B >= #SMs; 4 in the interpreter):
-    # forward 4 Triton + 7 cuBLAS/elementwise launches, backward 4 Triton + 16 (8 GEMMs, 4 batched
-    # GEMMs, 3 partial sums, 1 memset). The reference is counted the same way; all its launches
+    # forward 4 Triton + 7 cuBLAS/elementwise launches (one of them the (B, C) copy that merges
+    # the heads of o), backward 4 Triton + 17 (8 GEMMs, 4 batched GEMMs, 3 partial sums, 1 memset,
+    # the (B, C) head merge of dq). The reference is counted the same way; all its launches
     # but a few touch the whole (B, N, C) token tensor, ours only 2 (Triton) of each pass.
     inputs = fusion_inputs(8, 20, 32, 64)
     ours = _count_launches(fusion.cross_fusion, inputs, 4, monkeypatch)
     ref = _count_launches(reference.cross_fusion, inputs, 4, monkeypatch)
     print(f"\nlaunches of one fusion step (fwd, bwd): triton {ours}, reference {ref}")
-    assert ours == (11, 20)
+    assert ours == (11, 21)
     assert ref[0] >= 18 and ref[1] >= 35  # (20, 38) with torch 2.13
 
 

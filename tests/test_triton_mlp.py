@@ -17,41 +17,9 @@ from crossvit_fast.ops.triton import layer_norm as tln
 from crossvit_fast.ops.triton import mlp as tmlp
 
 from .conftest import DEVICE, HAS_GPU
-from .numerics import assert_2x_rule
+from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
 
 EPS = 1e-6
-# Backward ops: their autograd / AOT dispatch is already exercised through the forward op's
-# opcheck (its backward calls them); schema and fake-kernel checks are what is left to prove.
-BWD_OPCHECK = ("test_schema", "test_faketensor")
-
-
-# -- shared helper (the attention and patch-embedding tests import it) ---------------------------
-
-
-def check_against_reference(ours, ref, inputs, dtype, *, grads=True, name=""):
-    """Run `ours` and `ref` on `inputs` cast to `dtype` and `ref` in float64; assert the 2x rule
-    on the output and on the gradient of every floating input that is not None.
-
-    inputs: list of float64 tensors / None / other arguments (passed through)."""
-    cast = lambda dt: [
-        t.detach().to(dt).requires_grad_(grads) if isinstance(t, torch.Tensor) else t
-        for t in inputs
-    ]
-    x64, xdt, xours = cast(torch.float64), cast(dtype), cast(dtype)
-    out64, outdt, out = ref(*x64), ref(*xdt), ours(*xours)
-    assert out.dtype == outdt.dtype, f"{name}: dtype {out.dtype} != reference {outdt.dtype}"
-    assert_2x_rule(out, outdt, out64, f"{name} output")
-    if not grads:
-        return out
-    g = torch.randn_like(out64)
-    tensors = lambda xs: [t for t in xs if isinstance(t, torch.Tensor)]
-    gr64 = torch.autograd.grad(out64, tensors(x64), g)
-    grdt = torch.autograd.grad(outdt, tensors(xdt), g.to(outdt.dtype))
-    gours = torch.autograd.grad(out, tensors(xours), g.to(out.dtype))
-    for i, (a, b, c) in enumerate(zip(gours, grdt, gr64)):
-        assert a.dtype == b.dtype, f"{name} grad {i}: dtype {a.dtype} != {b.dtype}"
-        assert_2x_rule(a, b, c, f"{name} grad of input {i}")
-    return out
 
 
 def mlp_inputs(B, N, C, hidden, *, affine=True, bias=True, device=DEVICE):
@@ -349,97 +317,4 @@ def test_mlp_second_gpu():
     torch.testing.assert_close(out, reference.mlp(*inputs, EPS), rtol=1e-4, atol=1e-4)
 
 
-# -- every kernel compiles for Hopper (no GPU needed) ---------------------------------------------
-
-# Run in a subprocess: the test process runs Triton's interpreter, which accepts code the GPU
-# compiler rejects (e.g. non-constexpr globals). The script mocks the CUDA driver to report an
-# sm_90 target, turns each launch into a compile-only JIT warmup (first autotune config), runs
-# every op's forward and backward through the real launchers, and reports per kernel whether the
-# PTX uses wgmma and how much shared memory it needs.
-_SM90_SCRIPT = r"""
-import json, os, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime.autotuner import Autotuner
-
-class Sm90Driver:
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_active_torch_device(self): return torch.device("cpu")
-triton.runtime.driver.set_active(Sm90Driver())
-
-from crossvit_fast.ops.triton import layer_norm, mlp, patch_embed, self_attention
-seen = {}
-def compile_only(kernel, grid, *args, **meta):
-    if isinstance(kernel, Autotuner):
-        named = dict(zip(kernel.arg_names, args))
-        cfg = kernel.early_config_prune(kernel.configs, named)[0]
-        kernel, meta = kernel.fn, {**meta, **cfg.all_kwargs()}
-    k = kernel.warmup(*args, grid=(1,), **meta)
-    dt = str(next(a.dtype for a in args if isinstance(a, torch.Tensor))).replace("torch.", "")
-    seen[f"{kernel.fn.__name__}/{dt}/{meta.get('GELU', '')}{meta.get('P', '')}"] = {
-        "wgmma": "wgmma" in k.asm["ptx"], "shared": k.metadata.shared}
-for mod in (layer_norm, mlp, patch_embed, self_attention):
-    mod.launch = compile_only
-
-errors = {}
-def run(name, fn, *args):
-    try:
-        y = fn(*args)
-        y.backward(torch.randn_like(y))
-    except Exception as exc:  # reported per op, so one broken op does not hide the others
-        errors[name] = f"{type(exc).__name__}: {exc} (cause: {exc.__cause__!r})"[-3000:]
-for dt in (torch.bfloat16,):  # fp32 variants share every code path but the dot's operand type
-    r = lambda *s: torch.randn(*s, dtype=dt, requires_grad=True)
-    x = r(2, 5, 96)
-    run("mlp", mlp.mlp, x, r(96), r(96), r(288, 96), r(288), r(96, 288), r(96), 1e-6)
-    run("self_attention", self_attention.self_attention, x, r(96), r(96), r(288, 96), r(288), r(96, 96),
-        r(96), 3, 1e-6)
-    run("layer_norm", layer_norm.layer_norm, x, r(96), r(96), 1e-6)
-    for p in (12,):  # the padded-row path; 8 / 16 differ only by constexpr P == PP
-        run("patch_embed", patch_embed.patch_embed, r(2, 3, 24, 24), r(96, 3, p, p), r(96), r(1, 1, 96),
-            r(1, 1 + (24 // p) ** 2, 96))
-    feat = torch.randn(2, 96, 3, 4, dtype=dt).contiguous(memory_format=torch.channels_last).requires_grad_()
-    run("token_assemble", patch_embed.token_assemble, feat, r(1, 1, 96), r(1, 13, 96))
-print("SM90" + json.dumps({"kernels": seen, "errors": errors}))
-"""
-
-
-@pytest.mark.skipif(HAS_GPU, reason="the GPU tier compiles and runs every kernel for real")
-def test_all_kernels_compile_for_hopper():
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as cache:
-        # A fresh cache: a cached kernel would skip the front end's checks (e.g. on globals).
-        env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run(
-            [sys.executable, "-c", _SM90_SCRIPT],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-    if "SM90" not in proc.stdout:
-        if "Sm90Driver" in proc.stderr and "AttributeError" in proc.stderr:
-            pytest.skip(
-                "this Triton version's driver / warmup API differs from the one the mock targets"
-            )
-        raise AssertionError(f"compiling for sm_90 failed:\n{proc.stderr[-4000:]}")
-    report = json.loads(proc.stdout.split("SM90", 1)[1])
-    kernels, errors = report["kernels"], report["errors"]
-    # e.g. a plain Python global read inside @triton.jit: fine in the interpreter, a NameError here.
-    assert not errors, f"compiling for sm_90 failed: {errors}"
-    expected = {"_fused_linear_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_patch_embed_fwd_kernel",
-                "_patch_embed_bwd_kernel", "_patch_embed_bwd_input_kernel", "_token_assemble_fwd_kernel",
-                "_token_assemble_bwd_kernel"}  # fmt: skip
-    assert {k.split("/")[0] for k in kernels} == expected
-    for name, info in kernels.items():
-        assert info["shared"] <= 227 * 1024, f"{name} needs {info['shared']} bytes of shared memory"
-        if "bfloat16" in name and ("linear" in name or "patch_embed" in name):
-            assert info["wgmma"], f"{name}: 16-bit GEMM without Hopper wgmma"
+# Compiling every kernel for sm_90 (every config, zero spills): tests/test_toolchain_triton.py.

@@ -15,8 +15,7 @@ from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import patch_embed as tpe
 
 from .conftest import DEVICE
-from .numerics import assert_2x_rule
-from .test_triton_mlp import BWD_OPCHECK, check_against_reference
+from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
 
 
 def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference ops: the numerical spec of every op in the backend table.
 
 These follow timm's `crossvit.py` / `vision_transformer.py` op for op (see
-`shared/design/crossvit_reference.md`), so that the whole reference model matches timm to float64
+`docs/architecture.md`), so that the whole reference model matches timm to float64
 rounding. Every fast backend is tested against the functions here; tests and benchmarks import
 them, never copy them.
 
@@ -134,6 +134,11 @@ def cross_attention(
     cls: (B, C) projected CLS token; tokens: (B, 1 + N, C), rows 1.. are used (row 0, the other
     branch's own CLS, is ignored). Returns (B, C): `cls + proj(attn)` (`residual=True`) or the
     attention output alone. timm's manual path: scale applied *after* q @ k^T.
+
+    dtypes: timm runs the block on `cat(cls, tokens[:, 1:])`, which promotes (under autocast a
+    bf16 / fp16 projected CLS meets fp32 tokens: the sequence is fp32), and adds the residual to
+    row 0 of that sequence. So does this: the output is promote(cls, tokens) + y (fp32 under
+    autocast), never rounded to the low-precision dtype.
     """
     B, C = cls.shape
     H, d = num_heads, C // num_heads
@@ -150,7 +155,7 @@ def cross_attention(
     y = F.linear(o, proj_weight, proj_bias)
     if proj_drop > 0:
         y = F.dropout(y, proj_drop)
-    return _add_residual(cls, y, residual)
+    return _add_residual(s[:, 0], y, residual)
 
 
 def cross_fusion(

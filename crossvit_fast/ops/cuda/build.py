@@ -3,17 +3,27 @@
 Three ways the kernels in csrc/ reach Python:
 
 * prebuilt: `setup.py` calls `setup_extension()`, which returns a `CUDAExtension` when torch has
-  CUDA and nvcc exists (`pip install --no-build-isolation .` on a GPU machine), built for
-  TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS honoured by torch's ninja build. Otherwise
-  the package installs pure-Python and `setup_extension` says why in one line.
+  CUDA and a CUDA toolkit is found (`pip install --no-build-isolation [-e] .` on a machine with
+  nvcc; no GPU needed), built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80 and sm_90
+  machine code plus sm_90 PTX that newer GPUs' drivers compile), MAX_JOBS honoured by torch's
+  ninja build. Otherwise the package installs pure-Python and `setup_extension` says why in one
+  line. setup.py loads this file by path (the package is not importable while it is being
+  built), so this module imports only the standard library at import time and nothing of
+  `crossvit_fast`.
 * JIT: without a prebuilt module, `extension()` compiles the sources with
   `torch.utils.cpp_extension.load` on first use (into CROSSVIT_FAST_BUILD_DIR, default
   ~/.cache/crossvit_fast/<torch version>-<cuda version>), under an exclusive `flock` on a lock
   file. The kernel drops an flock when its holder dies, so a killed build leaves no lock behind;
   waiting is bounded (CROSSVIT_FAST_BUILD_TIMEOUT seconds, default 1800) and ends in a clear
   error. Under that lock the stale baton file of torch's own builder (`<build dir>/lock`, left by a
-  killed `load`, which would make torch wait forever) is removed first.
+  killed `load`, which would make torch wait forever) is removed first. It compiles for
+  TORCH_CUDA_ARCH_LIST when set, else for the visible GPU only.
 * tests: `use_extension(module)` installs another module (the CPU emulator of csrc/emu).
+
+The CUDA toolkit (`find_cuda_toolkit`) is looked up once, the same way for `why_no_build`, the
+setup.py build and the JIT build, and handed to torch's builder (`_use_toolkit`): torch's own
+guess takes the folder above the first `nvcc` on PATH, which is wrong when that `nvcc` is a
+wrapper script (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc).
 
 Nothing here runs at `import crossvit_fast`; `extension()` is first called by the backend's
 `availability("cuda")` or by the first op. Its outcome (module or the reason it is unavailable)
@@ -25,13 +35,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # .../crossvit_fast
-DEFAULT_ARCH_LIST = "8.0;9.0"
+# sm_80 (A100) and sm_90 (H100/H200) machine code, plus sm_90 PTX: a newer GPU's driver compiles the
+# PTX at load (forward compatibility), where machine code alone would not load at all.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 SOURCES = (
     "layer_norm.cu",
     "bias_gelu.cu",
@@ -64,28 +79,171 @@ def _nvcc_flags() -> list[str]:
     return ["-O3", "-lineinfo"]
 
 
-def why_no_build() -> str | None:
-    """None when this machine can compile the extension, else a one-line reason."""
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError as exc:  # pragma: no cover - torch is a dependency
-        return f"torch is not importable ({exc})"
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build (no CUDA)"
-    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=_nvcc_search_path()) is None:
-        return "nvcc not found (install the CUDA toolkit or set CUDA_HOME)"
-    if csrc_dir() is None:
-        return "the CUDA sources (csrc/) are not installed with this package"
+# -- the CUDA toolkit -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """A CUDA home that can build the extension: `home/bin/nvcc`, `home/include/*.h`, libcudart."""
+
+    home: Path
+    nvcc: Path
+    version: str  # "13.0", from `nvcc --version`
+    found_by: str  # how it was found, for messages: "CUDA_HOME", "nvcc on PATH", ...
+
+
+def _toolkit_problem(home: Path) -> str | None:
+    """None when `home` holds what torch's builder uses (nvcc, the runtime headers, libcudart),
+    else what is missing there."""
+    nvcc = home / "bin" / "nvcc"
+    if not (nvcc.is_file() and os.access(nvcc, os.X_OK)):
+        return f"no executable {nvcc}"
+    if not (home / "include" / "cuda_runtime_api.h").is_file():
+        return f"no {home / 'include' / 'cuda_runtime_api.h'}"
+    libs = [home / d for d in ("lib64", "lib")]  # the folders torch's CUDAExtension links from
+    if not any(next(d.glob("libcudart.so*"), None) for d in libs if d.is_dir()):
+        return f"no libcudart.so in {libs[0]} or {libs[1]}"
     return None
 
 
-def _nvcc_search_path() -> str:
+def _nvcc_version(nvcc: Path) -> str | None:
+    """'13.0' from `nvcc --version` (the check torch's builder makes), None if it does not run."""
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out.stdout)
+    return m.group(1) if m else None
+
+
+def _home_behind_nvcc(nvcc: str) -> Path | None:
+    """The CUDA home of the compiler that the `nvcc` on PATH really runs: symlinks resolved, and
+    for a wrapper script nvcc's own report of its folder (`_HERE_` in a `--dryrun`)."""
+    real = Path(os.path.realpath(nvcc))
+    if _toolkit_problem(real.parent.parent) is None:
+        return real.parent.parent
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return Path(m.group(1).strip()).parent if m else None
+
+
+def _standard_homes() -> list[Path]:
+    """/usr/local/cuda, then /usr/local/cuda-X.Y newest first (where CUDA's installers put it)."""
+    versioned = sorted(
+        Path("/usr/local").glob("cuda-*"),
+        key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)],
+        reverse=True,
+    )
+    return [Path("/usr/local/cuda"), *versioned]
+
+
+def find_cuda_toolkit() -> tuple[CudaToolkit | None, str]:
+    """(toolkit, "") or (None, the reason naming what is missing).
+
+    Order: CUDA_HOME / CUDA_PATH when set (and then only it: an explicit setting that is wrong is
+    refused, not overridden); else the toolkit behind the `nvcc` on PATH; else the standard
+    install folders. No GPU is needed.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            home = Path(os.environ[var])
+            problem = _toolkit_problem(home)
+            if problem is not None:
+                return None, f"{var}={home} is not a usable CUDA toolkit ({problem})"
+            return _checked(home, var)
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        home = _home_behind_nvcc(nvcc)
+        if home is not None and _toolkit_problem(home) is None:
+            return _checked(home, f"nvcc on PATH ({nvcc})")
+    for home in _standard_homes():
+        if _toolkit_problem(home) is None:
+            return _checked(home, "standard location")
+    if nvcc is not None:
+        return None, (
+            f"nvcc is on PATH ({nvcc}) but no CUDA toolkit was found behind it or in "
+            "/usr/local/cuda*: set CUDA_HOME to the folder holding bin/nvcc, include/ and lib64/"
+        )
+    return None, "nvcc not found (install the CUDA toolkit, or set CUDA_HOME)"
+
+
+def _checked(home: Path, found_by: str) -> tuple[CudaToolkit | None, str]:
+    nvcc = home / "bin" / "nvcc"
+    version = _nvcc_version(nvcc)
+    if version is None:
+        return None, f"{nvcc} (found by {found_by}) does not report its version"
+    return CudaToolkit(home, nvcc, version, found_by), ""
+
+
+def _version_problem(toolkit: CudaToolkit, torch_cuda: str) -> str | None:
+    """torch's builder refuses a toolkit whose major version differs from torch's CUDA."""
+    if toolkit.version.split(".")[0] != torch_cuda.split(".")[0]:
+        return (
+            f"nvcc {toolkit.version} ({toolkit.nvcc}) does not match torch's CUDA {torch_cuda} "
+            "(the major versions must agree; set CUDA_HOME to a matching toolkit)"
+        )
+    return None
+
+
+def _use_toolkit(toolkit: CudaToolkit) -> None:
+    """Point torch's builder at `toolkit`. torch reads its CUDA home once, at the import of
+    cpp_extension, into a module global that every later step (include and library paths, the
+    nvcc it runs, its version check) reads: that global is set, after CUDA_HOME in the environment
+    (read by that import, so that torch's own log line names the right folder)."""
+    os.environ["CUDA_HOME"] = str(toolkit.home)
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
-    extra = [os.path.join(home, "bin")] if home else []
-    return os.pathsep.join(extra + [os.environ.get("PATH", "")])
+    cpp_extension.CUDA_HOME = str(toolkit.home)
+
+
+def _build_plan() -> tuple[CudaToolkit | None, str]:
+    """(toolkit, "") when this machine can compile the extension, else (None, the reason)."""
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"torch is not importable ({exc})"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build (no CUDA)"
+    if csrc_dir() is None:
+        return None, "the CUDA sources (csrc/) are not installed with this package"
+    cxx = os.environ.get("CXX") or "c++"  # the host compiler torch's builder runs
+    if shutil.which(cxx.split()[0]) is None:
+        return None, f"no C++ compiler ({cxx}) for the host code (install g++ or set CXX)"
+    toolkit, reason = find_cuda_toolkit()
+    if toolkit is None:
+        return None, reason
+    problem = _version_problem(toolkit, torch.version.cuda)
+    return (None, problem) if problem else (toolkit, "")
+
+
+def why_no_build() -> str | None:
+    """None when this machine can compile the extension, else a one-line reason. The same
+    checks, in the same order, as the builds below make."""
+    toolkit, reason = _build_plan()
+    return None if toolkit is not None else reason
+
+
+def arch_list() -> str:
+    """The arch list the setup.py build compiles for: TORCH_CUDA_ARCH_LIST, else the default."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+
+
+def cuda_archs(arch_list: str) -> list[str]:
+    """The machine-code targets of a TORCH_CUDA_ARCH_LIST: "8.0;9.0+PTX" -> ["sm_80", "sm_90"]
+    (torch's syntax: ';' or ' ' between entries, "+PTX" also embeds that arch's PTX)."""
+    archs = []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
+        if m is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {entry!r} in {arch_list!r}")
+        archs.append(f"sm_{m.group(1)}{m.group(2)}{m.group(3)}")
+    return archs
 
 
 def setup_extension() -> tuple[list, dict]:
@@ -98,13 +256,15 @@ def setup_extension() -> tuple[list, dict]:
             "crossvit_fast: building without the CUDA extension (CROSSVIT_FAST_SKIP_CUDA_BUILD is set)"
         )
         return [], {}
-    reason = why_no_build()
-    if reason is not None:
+    toolkit, reason = _build_plan()
+    if toolkit is None:
         print(f"crossvit_fast: building without the CUDA extension ({reason})")
         return [], {}
+    _use_toolkit(toolkit)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    # torch's builder reads the arch list from the environment (never a GPU when it is set).
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
     root = csrc_dir()
     rel = [os.path.relpath(p, PACKAGE_DIR.parent) for p in source_paths(root)]
     ext = CUDAExtension(
@@ -114,9 +274,32 @@ def setup_extension() -> tuple[list, dict]:
         extra_compile_args={"cxx": ["-O3"], "nvcc": _nvcc_flags()},
     )
     print(
-        f"crossvit_fast: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        f"crossvit_fast: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list()} "
+        f"with nvcc {toolkit.version} ({toolkit.home}, found by {toolkit.found_by})"
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def prebuilt_state() -> str:
+    """One line for `info`: whether `crossvit_fast._C` is built and loads (with its path), or
+    why not. Never builds; importing the module needs no GPU or driver."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("crossvit_fast._C")
+    if spec is None:
+        reason = why_no_build()
+        if reason is not None:
+            return f"not built: {reason}"
+        return (
+            "not built (this machine can build it: pip install --no-build-isolation -e .; "
+            "else the cuda backend JIT-builds it on first use)"
+        )
+    try:
+        mod = importlib.import_module("crossvit_fast._C")
+    except ImportError as exc:
+        return f"built but does not load ({spec.origin}): {exc}"
+    return f"built, loads: {mod.__file__}"
 
 
 # -- JIT build with an inter-process lock -----------------------------------------------------
@@ -188,13 +371,15 @@ def _first_error_lines(text: str, n: int = 4) -> str:
     return " | ".join((errs or lines)[:n])[:600]
 
 
-def _jit_build():
+def _jit_build(toolkit: CudaToolkit):
+    _use_toolkit(toolkit)
     from torch.utils import cpp_extension
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get("CROSSVIT_FAST_BUILD_TIMEOUT", "1800"))
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _arch_list_of_visible_gpu())
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # set: honoured, and no GPU is queried
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list_of_visible_gpu()
     with build_lock(directory / "crossvit_fast.build.lock", timeout):
         remove_stale_torch_baton(directory)
         root = csrc_dir()
@@ -248,8 +433,8 @@ def _load():
         return _C
     except ImportError as exc:  # not prebuilt, or built for another torch (ABI / symbols)
         prebuilt_error = exc
-    reason = why_no_build()
-    if reason is not None:
+    toolkit, reason = _build_plan()
+    if toolkit is None:
         absent = isinstance(prebuilt_error, ModuleNotFoundError) or "cannot import name" in str(
             prebuilt_error
         )
@@ -258,7 +443,7 @@ def _load():
             f"the CUDA extension is not built and cannot be JIT-built: {reason}{extra}"
         )
     try:
-        return _jit_build()
+        return _jit_build(toolkit)
     except BuildLockTimeout:
         raise
     except Exception as exc:

@@ -142,7 +142,7 @@ class _KeyBias(torch.autograd.Function):
 
 def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias,
                     num_heads, eps, residual=True) -> Tensor:  # fmt: skip
-    """CLS cross-attention without K and V (shared/design/cls_cross_attention.md).
+    """CLS cross-attention without K and V (docs/cls_cross_attention.md).
 
     cls: (B, C); tokens: (B, 1 + N, C), rows 1.. attended in place (any row strides); C % heads
     == 0, C <= 4096. cuBLAS: q = Wq LN(cls) + bq, absorbed keys kt_h = Wk_h^T q_h, o_h = Wv_h u_h
@@ -182,7 +182,7 @@ def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv,
         if bv is not None:
             o = o + bv.to(ct)
         y = F.linear(o, proj_weight.to(ct), _to(proj_bias, ct))
-    return cls + y if residual else y
+    return x0 + y if residual else y  # residual on the promoted CLS, as the reference
 
 
 def cross_fusion(cls, tokens, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, attn_norm_weight,
@@ -196,7 +196,11 @@ def cross_fusion(cls, tokens, proj_norm_weight, proj_norm_bias, proj_weight, pro
     _check_ln("cross_fusion revert", c, revert_norm_weight, revert_norm_bias)
     _check_linear("cross_fusion revert", revert_weight, revert_bias, c, c.shape[-1])
     ct, ctx = _plan(c)
-    if y.dtype != c.dtype:  # only when c is wider than the GEMM dtype (autocast): promote as c + y
+    # The residual base is the CLS as the reference's cat([c, tokens]) promotes it (autocast:
+    # a bf16 c becomes fp32), so the sum LN(c + y) normalises is the reference's fp32 sum.
+    if c.dtype != tokens.dtype:
+        c = c.to(torch.promote_types(c.dtype, tokens.dtype))
+    if y.dtype != c.dtype:
         y = y.to(c.dtype)
     with ctx:
         g = _ln(y, c, revert_norm_weight, revert_norm_bias, eps, True, ct)

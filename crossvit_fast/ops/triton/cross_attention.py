@@ -1,6 +1,6 @@
 """CrossViT's CLS cross-attention in Triton, K/V-free (weight absorption), forward and backward.
 
-Spec: `crossvit_fast.ops.reference.cross_attention`; derivation: shared/design/cls_cross_attention.md.
+Spec: `crossvit_fast.ops.reference.cross_attention`; derivation: docs/cls_cross_attention.md.
 One CLS query per sample attends over itself and the other branch's patch tokens. Because there is
 a single query, the key and value projections move to the query side:
 
@@ -9,22 +9,32 @@ a single query, the key and value projections move to the query side:
 
 so K and V (2 N C^2 MACs per sample) never exist and the op reads each token row once.
 
-Memory plan (forward), per sample b:
-  LN(cls) -> q -> k~ are (B, C) / (H, B, C) GEMMs (cuBLAS, see `_cross_attention_fwd`);
-  `_cross_attention_fwd_kernel` streams the token rows of one (sample, split) program once:
-  per BLOCK_N rows it computes the LayerNorm statistics in registers, y = x^ * gamma, the logits
-  z = k~ y^T (tensor cores, heads padded to 16), an online softmax and u += p y; partials of
-  several splits are merged flash-decoding style by `_cross_attention_merge_kernel`.
+Memory plan, per sample b. LN(cls) -> q -> k~ are (B, C) / (H, B, C) GEMMs (cuBLAS, see
+`_cross_attention_fwd`). The token pass streams the 1 + N attended rows (the CLS row, then
+tokens[b, 1:] read in place) in blocks of BLOCK_N rows, and each block's width in BLOCK_C = 64
+column chunks: no tile ever holds a whole row or a whole (heads x C) accumulator, so the working
+set is the same at every width and dtype (sm_90: 64-150 registers, zero spills; checked by
+tests/test_toolchain_triton.py). The price is a second read of the rows, in two phases of one
+program:
+  forward phase 1: LayerNorm statistics (chunked two-pass), logits z = k~ y^T (tensor cores,
+  heads padded to 16), the softmax max / sum; z (64 B a row, fp32) and the statistics (8 B a
+  row) go to a small scratch. Phase 2, per width chunk: u~ += exp2(z - max) y over the same
+  rows. The token rows are read twice (2 x 2C bytes a row in 16-bit), the second time right after
+  the first by the same program, so mostly from L2; the scratch adds 72 B a row (< 10% at
+  C >= 384). Partials of several splits are merged flash-decoding style
+  (`_cross_attention_merge_kernel`, one program per (sample, width chunk)).
   LayerNorm's beta and the key bias shift every logit of a head by the same constant, so both
   are dropped from z (softmax is shift invariant; db_k is exactly 0) and beta is added to u once.
-  Saved for backward: LN(cls), q, k~, u and u~ = u - beta (H x C per sample, not N x C), o and
-  the base-2 log-sum-exp.
+  Saved for backward: LN(cls), q, k~, u and u~ = u - beta (H x C per sample, not N x C), o, the
+  base-2 log-sum-exp and the rows' LayerNorm statistics (8 B a row).
 
-Backward recomputes the softmax weights from the log-sum-exp (flash-attention style) in one
-more pass over the tokens (`_cross_attention_bwd_kernel`), writes d tokens once and per-program
-partials of dk~, dgamma, dbeta, which are reduced in a fixed order (deterministic: no float
-atomics). The CLS row finishes last (`_cls_norm_bwd_kernel`): its LayerNorm gradient needs dq,
-which needs the complete dk~.
+Backward recomputes the softmax weights from the log-sum-exp (flash-attention style), with the
+same two phases: phase 1 computes per row the weights a, dz and the two row means LayerNorm's
+backward needs (they reduce to per-head dot products, see `_cross_attention_bwd_kernel`; 136 B a
+row of scratch), phase 2 per width chunk writes d tokens once and the per-program partials of
+dk~, dgamma, dbeta, which are reduced in a fixed order (deterministic: no float atomics). The CLS
+row finishes last (`_cls_norm_bwd_kernel`): its LayerNorm gradient needs dq, which needs the
+complete dk~.
 
 Also here: `_cls_norm_fwd_kernel` / `_cls_norm_bwd_kernel`, the row-wise LayerNorm (+ erf-GELU)
 of CLS rows shared with `cls_proj` (crossvit_fast.ops.triton.fusion).
@@ -40,27 +50,25 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import KERNEL_DTYPES, autocast_dtype, check_tensor
-from . import interpreter_enabled
 from .utils import (
     device_guard,
-    dot_in_fp32,
+    dot_flags,
     gelu_erf,
     gelu_erf_grad,
     launch,
     next_pow2,
     register_op,
+    sm_count,
 )
 
 __all__ = ["OPS", "cls_norm_bwd", "cls_norm_fwd", "cross_attention", "register_op"]
 
-_INTERPRET = interpreter_enabled()  # fixed when Triton is first imported, as Triton's own mode
 _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in base 2
 _MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
 _HEAD_DIMS = (8, 128)
 _MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
-# On the GPU the token pass keeps (16 x C) dot operands in shared memory (227 KB per SM on sm_90;
-# Triton 3.9: bf16 33 / 65 KB forward / backward at C = 448, 131 KB backward at C <= 1024; fp32
-# 67 / 100 KB at 448, 132 / 199 KB at 1024): C <= 1024 fits every dtype and pass.
+# The token pass works in width chunks at any C, but the CLS-row LayerNorm kernels hold whole rows
+# in registers; the sm_90 toolchain tier checks them (zero spills) up to CrossViT's C = 768.
 _GPU_MAX_WIDTH = 1024
 
 
@@ -78,13 +86,9 @@ def _normalize_rows(x, mask_c, C, eps):
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """fp32-accumulating tl.dot. IEEE: exact fp32 products (fp32 inputs; TF32 would cost ~1e-3
-    relative error), else the operands' own precision (bf16/fp16 tensor cores)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def _mm(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b, fp32 accumulation; PRECISION: tl.dot's input precision (`utils.dot_flags`)."""
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -208,41 +212,80 @@ def _cls_norm_bwd_kernel(
         _col_sums(part + 2 * C + 2 * CE, e2_ptr, stride_e2m, stride_e2c, rows, mask_m, CE, BLOCK_E)
 
 
-# -- the token pass: forward ------------------------------------------------------------------------
+# -- the token pass: shared row access ------------------------------------------------------------
+#
+# The attended sequence of sample b is rows r = 0..N: row 0 is the CLS row (cls[b]), rows 1..N are
+# tokens[b, 1..N] read in place. Every tile below is BLOCK_N rows x BLOCK_C columns of it, never a
+# whole row: widths up to 1024 stream through in BLOCK_C-wide chunks, so the live registers are a
+# few (BLOCK_N x BLOCK_C) and (BLOCK_H x BLOCK_C) tiles at any width and dtype (no spills).
 
 
 @triton.jit
-def _attend_rows(x, mask_n, mask_c, w, kt, m_i, l_i, acc, C, eps, qk_scale,
-                 HAS_W: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One block of rows x (BLOCK_N, BLOCK_C) into the online softmax state of all heads:
-    m_i, l_i (BLOCK_H,) running max / sum in base 2, acc (BLOCK_H, BLOCK_C) = sum p y."""
-    y, _ = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
+def _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b, rows,
+               mask_r, c0, C, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Columns c0 .. c0 + BLOCK_C of rows `rows` of sample b's sequence, fp32, masked 0.
+    Returns (x, cols, mask_c)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    p_tok = (
+        tok_ptr + b * stride_tb + rows.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc
+    )
+    p_cls = cls_ptr + b * stride_cb + rows[:, None] * 0 + cols[None, :] * stride_cc
+    mask = mask_r[:, None] & mask_c[None, :]
+    is_cls = (rows == 0)[:, None]
+    # two predicated loads, not one select of pointers: cls and tokens may differ in dtype
+    x = tl.load(p_tok, mask=mask & ~is_cls, other=0.0).to(tl.float32)
+    x += tl.load(p_cls, mask=mask & is_cls, other=0.0).to(tl.float32)
+    return x, cols, mask_c
+
+
+@triton.jit
+def _row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b, rows,
+               mask_r, C, eps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """LayerNorm (mean, rstd) of BLOCK_N rows, fp32: two passes over the chunks (mean, then the
+    centred sum of squares: biased variance, as F.layer_norm). The second pass re-reads the
+    block from L1 / L2, not DRAM (it was loaded a moment ago by the same program)."""
+    s1 = tl.zeros([BLOCK_N], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        x, _, _ = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
+                             stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
+        s1 += tl.sum(x, axis=1)
+    mean = s1 / C
+    s2 = tl.zeros([BLOCK_N], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        x, _, mask_c = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
+                                  stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
+        xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
+        s2 += tl.sum(xc * xc, axis=1)
+    return mean, 1.0 / tl.sqrt(s2 / C + eps)
+
+
+@triton.jit
+def _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b,
+                  rows, mask_r, c0, C, mean, rstd, w_ptr, HAS_W: tl.constexpr,
+                  BLOCK_C: tl.constexpr):  # fmt: skip
+    """(x^, y = x^ * gamma, cols, mask_c) of one chunk, fp32, masked 0."""
+    x, cols, mask_c = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
+                                 stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
+    xhat = tl.where(mask_c[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+    y = xhat
     if HAS_W:
-        y = y * w[None, :]
-    y = y.to(kt.dtype)  # the dot operand dtype (bf16/fp16 on the GPU: tensor cores)
-    z = _mm(kt, tl.trans(y), IEEE) * qk_scale  # (BLOCK_H, BLOCK_N) logits, base 2
-    z = tl.where(mask_n[None, :], z, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(z, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(z - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _mm(p.to(y.dtype), y, IEEE)
-    return m_new, l_i, acc
+        y = y * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    return xhat, y, cols, mask_c
 
 
 @triton.jit
-def _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H,
-                 C, HAS_B: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    """u~_h = acc_h / l_h -> ut (B, H, C) fp32 (for backward's delta); u_h = u~_h + beta -> u
-    (B, H, C) in the GEMM dtype; lse (B, BLOCK_H) fp32 in base 2."""
-    ut = acc / l_i[:, None]
-    offs = b * H * C + heads[:, None] * C + cols[None, :]
-    mask = mask_h[:, None] & mask_c[None, :]
-    tl.store(ut_ptr + offs, ut, mask=mask)
-    if HAS_B:
-        ut = ut + beta[None, :]  # sum_n a_hn = 1: beta passes through the average exactly
-    tl.store(u_ptr + offs, ut, mask=mask)
-    tl.store(lse_ptr + b * BLOCK_H + heads, m_i + tl.log2(l_i))
+def _head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr):
+    """(BLOCK_H, BLOCK_C) chunk of a per-head (H, C) slab with unit column stride, in its own
+    dtype (the dot dtype) — fp32 under the interpreter, whose 16-bit dots are wrong."""
+    t = tl.load(ptr + heads[:, None] * stride_h + cols[None, :],
+                mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+    if EMULATE:
+        t = t.to(tl.float32)
+    return t
+
+
+# -- the token pass: forward ------------------------------------------------------------------------
 
 
 @triton.jit
@@ -251,65 +294,88 @@ def _cross_attention_fwd_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,  # (B, 1 + N, C): rows 1..N are read in place
     kt_ptr, stride_kh, stride_kb,  # k~ (H, B, C), unit column stride, dot dtype
     w_ptr, b_ptr,  # norm1 affine (C,)
+    z_ptr, mean_ptr, rstd_ptr,  # (B, BLOCK_H, 1 + N) logits (scratch), (B, 1 + N) LN statistics
     u_ptr, ut_ptr, lse_ptr,  # SINGLE: u, u~ (B, H, C), lse (B, BLOCK_H)
     m_ptr, l_ptr, acc_ptr,  # else partials (B, S, BLOCK_H) x2, (B, S, H, C) fp32
-    N, C, H, rows_per_split, eps, qk_scale,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr, DOT_F32: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    N1, C, H, rows_per_split, eps, qk_scale,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr, EMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, S): program (b, s) attends over token rows 1 + s*R .. 1 + (s+1)*R - 1 (R =
-    rows_per_split); split 0 also takes the CLS row. It reads each of its rows exactly once."""
+    """Grid (B, S): program (b, s) attends over rows s*R .. (s+1)*R - 1 of the N1 = 1 + N rows
+    (R = rows_per_split).
+
+    Phase 1, per row block: LayerNorm statistics (stored: backward reuses them), the logits
+    z = k~ . y^T accumulated chunk by chunk over the width (stored, fp32 (BLOCK_H x rows): 64
+    bytes a row), and the softmax max / sum of every head over the program's rows.
+    Phase 2, per width chunk: u~_chunk = sum_rows exp2(z - max) y_chunk over the same rows,
+    re-read from L2 (this program read them a moment ago) and the stored logits.
+    """
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
     heads = tl.arange(0, BLOCK_H)
     mask_h = heads < H
-    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
-    # k~ stays on chip for the whole pass; padded heads are 0 (their logits are 0, never stored)
-    kt = tl.load(kt_ptr + heads[:, None] * stride_kh + b * stride_kb + cols[None, :],
-                 mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-    if DOT_F32:  # the interpreter's bf16/fp16 dots are wrong
-        kt = kt.to(tl.float32)
+    kt_b = kt_ptr + b * stride_kb
+    start = s * rows_per_split
+    end = tl.minimum(start + rows_per_split, N1)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-    rows = tl.arange(0, BLOCK_N)
-    if s == 0:  # the CLS row, as a block with one valid row
-        mask_n = rows < 1
-        x = tl.load(cls_ptr + b * stride_cb + rows[:, None] * 0 + cols[None, :] * stride_cc,
-                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-        m_i, l_i, acc = _attend_rows(x, mask_n, mask_c, w, kt, m_i, l_i, acc, C, eps, qk_scale,
-                                     HAS_W, IEEE)  # fmt: skip
-    start = 1 + s * rows_per_split
-    end = tl.minimum(start + rows_per_split, N + 1)
-    # Prefetch: the next row block's load is issued before the current block is worked on. Left
-    # to itself, Triton 3.9 does not pipeline this bf16 tile (sm_90 compile: shared memory does
-    # not grow with num_stages), and ~200 registers leave one program per SM at C = 448, so this
-    # doubles the bytes in flight per SM (228 registers, no spills). num_stages=1 at launch.
-    tok = tok_ptr + b * stride_tb
-    offs_n = start + rows
-    x = tl.load(tok + offs_n.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc,
-                mask=(offs_n < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-    for n0 in range(start, end, BLOCK_N):
-        mask_n = (n0 + rows) < end
-        offs_n = n0 + BLOCK_N + rows
-        x_next = tl.load(tok + offs_n.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc,
-                         mask=(offs_n < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-        m_i, l_i, acc = _attend_rows(x, mask_n, mask_c, w, kt, m_i, l_i, acc, C, eps, qk_scale,
-                                     HAS_W, IEEE)  # fmt: skip
-        x = x_next
+    for r0 in range(start, end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        mask_r = rows < end
+        mean, rstd = _row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
+                                stride_tc, b, rows, mask_r, C, eps, BLOCK_N, BLOCK_C)  # fmt: skip
+        tl.store(mean_ptr + b * N1 + rows, mean, mask=mask_r)
+        tl.store(rstd_ptr + b * N1 + rows, rstd, mask=mask_r)
+        z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+                                               stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
+                                               rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
+            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            z = _mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
+        z = tl.where(mask_r[None, :], z * qk_scale, float("-inf"))  # base 2
+        tl.store(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :], z,
+                 mask=mask_r[None, :])  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.debug_barrier()  # phase 2 reads what other threads of this program stored above
+    S = tl.num_programs(1)
+    dt = kt_ptr.dtype.element_ty  # the dot operand dtype (fp32 under the interpreter)
+    if EMULATE:
+        dt = tl.float32
+    for c0 in range(0, C, BLOCK_C):
+        acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+        for r0 in range(start, end, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            mask_r = rows < end
+            mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+                                               stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
+                                               rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
+            z = tl.load(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :],
+                        mask=mask_r[None, :], other=float("-inf"))  # fmt: skip
+            p = tl.exp2(z - m_i[:, None])
+            acc = _mm(p.to(dt), y.to(dt), acc, PRECISION)
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_h[:, None] & (cols < C)[None, :]
+        if SINGLE:
+            ut = acc / l_i[:, None]
+            offs = (b * H + heads[:, None]) * C + cols[None, :]
+            tl.store(ut_ptr + offs, ut, mask=mask)
+            if HAS_B:  # sum_n a_hn = 1: beta passes through the average exactly
+                ut += tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+            tl.store(u_ptr + offs, ut, mask=mask)
+        else:
+            offs = ((b * S + s) * H + heads[:, None]) * C + cols[None, :]
+            tl.store(acc_ptr + offs, acc, mask=mask)
     if SINGLE:
-        beta = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_B else None
-        _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c,
-                     H, C, HAS_B, BLOCK_H)  # fmt: skip
+        tl.store(lse_ptr + b * BLOCK_H + heads, m_i + tl.log2(l_i))
     else:
-        S = tl.num_programs(1)
         ml = (b * S + s) * BLOCK_H + heads
         tl.store(m_ptr + ml, m_i)
         tl.store(l_ptr + ml, l_i)
-        offs = ((b * S + s) * H + heads)[:, None] * C + cols[None, :]
-        tl.store(acc_ptr + offs, acc, mask=mask_h[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -317,9 +383,10 @@ def _cross_attention_merge_kernel(
     m_ptr, l_ptr, acc_ptr, b_ptr, u_ptr, ut_ptr, lse_ptr, S, C, H,
     HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B,): merge the S (max, sum, acc) partials of one sample in split order."""
+    """Grid (B, cdiv(C, BLOCK_C)): merge the S (max, sum, acc) partials of one sample's width
+    chunk in split order (deterministic)."""
     b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
     heads = tl.arange(0, BLOCK_H)
     mask_h = heads < H
@@ -338,33 +405,17 @@ def _cross_attention_merge_kernel(
                         other=0.0)  # fmt: skip
         acc = acc * alpha[:, None] + acc_s * alpha_s[:, None]
         m_i = m_new
-    beta = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_B else None
-    _store_u_lse(u_ptr, ut_ptr, lse_ptr, b, acc, m_i, l_i, beta, heads, cols, mask_h, mask_c, H, C,
-                 HAS_B, BLOCK_H)  # fmt: skip
+    ut = acc / l_i[:, None]
+    offs = (b * H + heads[:, None]) * C + cols[None, :]
+    tl.store(ut_ptr + offs, ut, mask=mask)
+    if HAS_B:
+        ut += tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(u_ptr + offs, ut, mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(lse_ptr + b * BLOCK_H + heads, m_i + tl.log2(l_i))
 
 
 # -- the token pass: backward -----------------------------------------------------------------------
-
-
-@triton.jit
-def _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C, eps, qk_scale, scale,
-                     HAS_W: tl.constexpr, IEEE: tl.constexpr, ONE_KEY: tl.constexpr):  # fmt: skip
-    """Gradient of one block of rows. Returns dn = dL/dLN(x) (BLOCK_N, BLOCK_C) fp32, x^, rstd
-    and dkt += dz^T y (times `scale` by the caller)."""
-    xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
-    y = xhat
-    if HAS_W:
-        y = y * w[None, :]
-    y = y.to(kt.dtype)
-    yt = tl.trans(y)
-    p = tl.exp2(_mm(kt, yt, IEEE) * qk_scale - lse[:, None])  # softmax weights, recomputed
-    p = tl.where(mask_n[None, :], p, 0.0)
-    dn = _mm(tl.trans(p).to(y.dtype), du, IEEE)
-    if not ONE_KEY:  # (one key: a = 1 is constant, dz = 0 exactly, not rounding noise)
-        dz = p * (_mm(du, yt, IEEE) - delta[:, None])  # a (da - sum a da), da_hn = du_h . LN(x_n)
-        dn += _mm(tl.trans(dz * scale).to(y.dtype), kt, IEEE)
-        dkt += _mm(dz.to(y.dtype), y, IEEE)
-    return dn, xhat, rstd, dkt
 
 
 @triton.jit
@@ -374,80 +425,133 @@ def _cross_attention_bwd_kernel(
     kt_ptr, stride_kh, stride_kb,  # k~ (H, B, C)
     du_ptr, stride_duh, stride_dub,  # dL/du (H, B, C)
     ut_ptr, lse_ptr,  # u~ = u - beta (B, H, C) fp32, lse (B, BLOCK_H)
+    mean_ptr, rstd_ptr,  # (B, 1 + N) LayerNorm statistics of the forward
     w_ptr,  # norm1 weight (C,); beta only enters through u~
+    p_ptr, dz_ptr, c1_ptr, c2_ptr,  # scratch: (B, BLOCK_H, 1 + N) x2, (B, 1 + N) x2, fp32
     dtok_ptr, stride_db, stride_dn,  # (B, 1 + N, C), unit column stride
     dn0_ptr,  # (B, C): the attention part of dL/dLN(cls), written by split 0
     dkt_ptr, stride_dks, stride_dkh, stride_dkb,  # (S, H, B, C) partials of dL/dk~
     part_ptr,  # (B, S, 2, C) fp32 partials of dgamma, dbeta over the token rows
-    N, C, H, rows_per_split, eps, qk_scale, scale,
-    HAS_W: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, ONE_KEY: tl.constexpr,
+    N1, C, H, rows_per_split, qk_scale, scale,
+    HAS_W: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, S), the same row ranges as the forward. One pass over the rows: recompute p from
-    the log-sum-exp, write dL/dtokens, accumulate dk~ and dgamma/dbeta per program."""
+    """Grid (B, S), the forward's row ranges.
+
+    With y_n = LN(x_n) (no beta), a_hn = softmax_n(s k~_h . y_n), da_hn = du_h . y_n:
+      dz_hn = a_hn (da_hn - delta_h),  delta_h = du_h . u~_h
+      dn_n  = dL/dy_n = sum_h a_hn du_h + s dz_hn k~_h,     dk~_h = s sum_n dz_hn y_n
+    and LayerNorm's backward dx_n = rstd_n (g_n - mean(g_n) - x^_n mean(g_n x^_n)), g = dn * gamma,
+    whose two row means reduce to per-head dot products phase 1 already has:
+      mean(g_n) = sum_h (a_hn (du_h . gamma) + s dz_hn (k~_h . gamma)) / C
+      mean(g_n x^_n) = sum_h (a_hn da_hn + s dz_hn (k~_h . y_n)) / C.
+    Phase 1, per row block (width in chunks): a and dz (stored, 128 bytes a row) and the two
+    means. Phase 2, per width chunk over the same rows: dn, dx (written once), dk~ and
+    dgamma / dbeta partials. Rows are read twice, the second time from L2.
+    """
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     S = tl.num_programs(1)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
     heads = tl.arange(0, BLOCK_H)
     mask_h = heads < H
-    mask_hc = mask_h[:, None] & mask_c[None, :]
-    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
-    kt = tl.load(kt_ptr + heads[:, None] * stride_kh + b * stride_kb + cols[None, :], mask=mask_hc,
-                 other=0.0)  # fmt: skip
-    du = tl.load(du_ptr + heads[:, None] * stride_duh + b * stride_dub + cols[None, :],
-                 mask=mask_hc, other=0.0)  # fmt: skip
-    if DOT_F32:
-        kt = kt.to(tl.float32)
-        du = du.to(tl.float32)
+    kt_b = kt_ptr + b * stride_kb
+    du_b = du_ptr + b * stride_dub
+    # per-head constants: delta_h = du_h . u~_h (the beta parts of da and u cancel in da - delta),
+    # du_h . gamma, k~_h . gamma
+    delta = tl.zeros([BLOCK_H], tl.float32)
+    duw = tl.zeros([BLOCK_H], tl.float32)
+    ktw = tl.zeros([BLOCK_H], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask_c = cols < C
+        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        ut = tl.load(ut_ptr + (b * H + heads[:, None]) * C + cols[None, :],
+                     mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+        delta += tl.sum(du * ut, axis=1)
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        duw += tl.sum(du * w[None, :], axis=1)
+        ktw += tl.sum(kt * w[None, :], axis=1)
     lse = tl.load(lse_ptr + b * BLOCK_H + heads)
-    # delta_h = sum_n a_hn da_hn = du_h . u_h; the beta parts of da and u cancel in da - delta,
-    # so delta = du_h . u~_h from the fp32 u~ (no rounding of u~ + beta - beta)
-    ut = tl.load(ut_ptr + b * H * C + heads[:, None] * C + cols[None, :], mask=mask_hc, other=0.0)
-    delta = tl.sum(du.to(tl.float32) * ut, axis=1)
+    start = s * rows_per_split
+    end = tl.minimum(start + rows_per_split, N1)
 
-    dkt = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-    dw = tl.zeros([BLOCK_C], tl.float32)
-    db = tl.zeros([BLOCK_C], tl.float32)
-    rows = tl.arange(0, BLOCK_N)
-    if s == 0:  # the CLS row: its LayerNorm backward waits for dq (see cls_norm_bwd)
-        mask_n = rows < 1
-        mask = mask_n[:, None] & mask_c[None, :]
-        x = tl.load(cls_ptr + b * stride_cb + rows[:, None] * 0 + cols[None, :] * stride_cc,
-                    mask=mask, other=0.0)  # fmt: skip
-        dn, _, _, dkt = _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C, eps,
-                                         qk_scale, scale, HAS_W, IEEE, ONE_KEY)  # fmt: skip
-        offs = b * C + rows[:, None] * 0 + cols[None, :]
-        tl.store(dn0_ptr + offs, dn, mask=mask)
-        # row 0 of tokens (the other branch's own CLS) is not used: zero gradient
-        tl.store(dtok_ptr + b * stride_db + rows[:, None] * 0 + cols[None, :],
-                 tl.zeros([BLOCK_N, BLOCK_C], tl.float32), mask=mask)  # fmt: skip
-    start = 1 + s * rows_per_split
-    end = tl.minimum(start + rows_per_split, N + 1)
-    tok = tok_ptr + b * stride_tb
-    offs_n = (start + rows).to(tl.int64)  # prefetched one block ahead, as in the forward
-    x = tl.load(tok + offs_n[:, None] * stride_tn + cols[None, :] * stride_tc,
-                mask=(offs_n < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = (n0 + rows).to(tl.int64)
-        mask_n = offs_n < end
-        mask = mask_n[:, None] & mask_c[None, :]
-        x_next = tl.load(tok + (offs_n + BLOCK_N)[:, None] * stride_tn + cols[None, :] * stride_tc,
-                         mask=(offs_n + BLOCK_N < end)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-        dn, xhat, rstd, dkt = _attend_rows_bwd(x, mask_n, mask_c, w, kt, du, lse, delta, dkt, C,
-                                               eps, qk_scale, scale, HAS_W, IEEE, ONE_KEY)  # fmt: skip
-        x = x_next
-        dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
-        tl.store(dtok_ptr + b * stride_db + offs_n[:, None] * stride_dn + cols[None, :], dx,
-                 mask=mask)  # fmt: skip
-        dw += tl.sum(dn * xhat, axis=0)  # masked rows have dn = 0 and x^ = 0
-        db += tl.sum(dn, axis=0)
-    dkt_offs = s * stride_dks + heads[:, None] * stride_dkh + b * stride_dkb + cols[None, :]
-    tl.store(dkt_ptr + dkt_offs, dkt * scale, mask=mask_hc)
-    part = part_ptr + (b * S + s) * 2 * C
-    tl.store(part + cols, dw, mask=mask_c)
-    tl.store(part + C + cols, db, mask=mask_c)
+    for r0 in range(start, end, BLOCK_N):  # phase 1
+        rows = r0 + tl.arange(0, BLOCK_N)
+        mask_r = rows < end
+        mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+        z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        da = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+                                               stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
+                                               rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
+            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
+            yt = tl.trans(y.to(kt.dtype))
+            z = _mm(kt, yt, z, PRECISION)
+            da = _mm(du, yt, da, PRECISION)
+        p = tl.where(mask_r[None, :], tl.exp2(z * qk_scale - lse[:, None]), 0.0)
+        dz = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        if not ONE_KEY:  # (one key: a = 1 is constant, dz = 0 exactly, not rounding noise)
+            dz = p * (da - delta[:, None])
+        c1 = tl.sum(p * duw[:, None] + scale * dz * ktw[:, None], axis=0) / C
+        c2 = tl.sum(p * da + scale * dz * z, axis=0) / C
+        offs = (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :]
+        tl.store(p_ptr + offs, p, mask=mask_r[None, :])
+        tl.store(dz_ptr + offs, dz, mask=mask_r[None, :])
+        tl.store(c1_ptr + b * N1 + rows, c1, mask=mask_r)
+        tl.store(c2_ptr + b * N1 + rows, c2, mask=mask_r)
+    tl.debug_barrier()  # phase 2 reads what other threads of this program stored above
+
+    for c0 in range(0, C, BLOCK_C):  # phase 2
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask_c = cols < C
+        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        dkt = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+        dw = tl.zeros([BLOCK_C], tl.float32)
+        db = tl.zeros([BLOCK_C], tl.float32)
+        for r0 in range(start, end, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            mask_r = rows < end
+            mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            xhat, y, _, _ = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+                                          stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
+                                          rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
+            offs = (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :]
+            p = tl.load(p_ptr + offs, mask=mask_r[None, :], other=0.0)
+            dz = tl.load(dz_ptr + offs, mask=mask_r[None, :], other=0.0)
+            dn = _mm(
+                tl.trans(p).to(kt.dtype), du, tl.zeros([BLOCK_N, BLOCK_C], tl.float32), PRECISION
+            )
+            dn = _mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, PRECISION)
+            dkt = _mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, PRECISION)
+            c1 = tl.load(c1_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            c2 = tl.load(c2_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            dx = rstd[:, None] * (dn * w[None, :] - c1[:, None] - xhat * c2[:, None])
+            mask = mask_r[:, None] & mask_c[None, :]
+            is_cls = (rows == 0)[:, None]
+            # row 0 of tokens (the other branch's own CLS) is not attended: zero gradient; the
+            # CLS row's LayerNorm backward waits for dq (cls_norm_bwd), so it gets dn itself
+            tl.store(dtok_ptr + b * stride_db + rows.to(tl.int64)[:, None] * stride_dn
+                     + cols[None, :], tl.where(is_cls, 0.0, dx), mask=mask)  # fmt: skip
+            tl.store(dn0_ptr + b * C + rows[:, None] * 0 + cols[None, :], dn, mask=mask & is_cls)
+            tok_dn = tl.where(is_cls, 0.0, dn)  # masked rows have dn = 0 and x^ = 0
+            dw += tl.sum(tok_dn * xhat, axis=0)
+            db += tl.sum(tok_dn, axis=0)
+        offs = s * stride_dks + heads[:, None] * stride_dkh + b * stride_dkb + cols[None, :]
+        tl.store(dkt_ptr + offs, dkt * scale, mask=mask_h[:, None] & mask_c[None, :])
+        part = part_ptr + (b * S + s) * 2 * C
+        tl.store(part + cols, dw, mask=mask_c)
+        tl.store(part + C + cols, db, mask=mask_c)
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -458,45 +562,36 @@ def _launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
         launch(kernel, grid, *args, **meta)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the CPU interpreter: a pretend 4-SM device, so that small tests exercise splits
-
-
 def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the row kernels: whole rows in registers."""
     block_c = next_pow2(max(C, 16))
     return max(1, min(16, cap // block_c)), block_c, 4 if block_c <= 512 else 8
 
 
-def _token_tiles(C: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) of the token pass. Whole rows stay on chip (the row's
-    LayerNorm and its dot with every head need all C columns); BLOCK_N >= 16 (tl.dot minimum).
-    sm_90 (Triton 3.9, ptxas): bf16 forward 168 / 198 / 64 registers per thread at C = 224 / 448
-    / 768 (4 / 8 / 16 warps), no spills; the backward is capped at 255, no spills."""
-    block_c = next_pow2(max(C, 16))
-    block_n = 32 if block_c <= 256 else 16
-    num_warps = 4 if block_c <= 256 else (8 if block_c <= 512 else 16)
-    return block_n, block_c, num_warps
+# Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
+# 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
+# registers, backward 101 (16-bit) / 150 (fp32), zero spills; with 4 warps, or Triton's 2-stage
+# pipelining, the backward spilled 16-488 bytes (tests/test_toolchain_triton.py checks this).
+# The interpreter runs the same tiles.
+_TOKEN_TILES = {"BLOCK_N": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
 
 
-def _split_plan(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(S splits over the tokens, rows per split). One sample is one program unless the batch
-    alone cannot fill the GPU (B < #SMs): then each sample's rows are split over up to
+def _token_tiles(dt: torch.dtype) -> dict:
+    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`)."""
+    return dict(_TOKEN_TILES)
+
+
+def _split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(S splits over the N1 = 1 + N rows, rows per split). One sample is one program unless the
+    batch alone cannot fill the GPU (B < #SMs): then each sample's rows are split over up to
     2 * #SMs / B programs (flash-decoding), each of at least _MIN_BLOCKS_PER_SPLIT blocks."""
-    n_blocks = triton.cdiv(max(N, 1), block_n)
-    sms = _sm_count(device)
+    n_blocks = triton.cdiv(N1, block_n)
+    sms = sm_count(device)
     splits = 1
     if sms > B:
         splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
     rows = triton.cdiv(n_blocks, splits) * block_n
-    return triton.cdiv(max(N, 1), rows), rows
-
-
-def _dot_flags(dt: torch.dtype) -> dict:
-    interp = dot_in_fp32()
-    return {"DOT_F32": interp, "IEEE": interp or dt == torch.float32}
+    return triton.cdiv(N1, rows), rows
 
 
 def cls_norm_fwd(
@@ -579,6 +674,13 @@ def _head_view(t: Tensor, H: int) -> Tensor:
     return t.view(t.shape[0], H, t.shape[1] // H).transpose(0, 1)
 
 
+def _merge_heads(t: Tensor) -> Tensor:
+    """(H, B, d) -> (B, H * d): a (B x C) copy, tiny next to the tokens. (Writing the batched
+    GEMM straight into a strided view of the output with `out=` is what AOTAutograd cannot
+    functionalise, so the GPU path would not trace under torch.compile.)"""
+    return t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2])
+
+
 # -- registered ops ---------------------------------------------------------------------------------
 
 
@@ -599,16 +701,17 @@ def _cross_attention_fwd(
     num_heads: int,
     eps: float,
     residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out (B, C), and for backward: LN(cls) (B, C), q (B, C), k~ (H, B, C),
-    u (B, H, C), u~ = u - beta (B, H, C) fp32, lse (B, 16) fp32 base 2, o (B, C)).
+    u (B, H, C), u~ = u - beta (B, H, C) fp32, lse (B, 16) fp32 base 2, o (B, C), and the
+    LayerNorm statistics of the attended rows (2, B, 1 + N) fp32 (mean, rstd)).
 
     Weights are in the compute dtype `wq.dtype`; cls / tokens / norm params may be any of
     fp32 / fp16 / bf16 (autocast: LayerNorm math in fp32). bk is unused: it cancels in the
     softmax (it is an input so that it gets its exactly-zero gradient)."""
     B, C = cls.shape
     H, d = num_heads, C // num_heads
-    N = tokens.shape[1] - 1
+    N1 = tokens.shape[1]  # the CLS row + N token rows
     dt = wq.dtype
     # The (B x C)(C x C) GEMMs and per-head (B x d)(d x C) batched GEMMs go to cuBLAS: at these
     # sizes they run near its latency floor, and a fused Triton GEMM would have to re-read
@@ -620,36 +723,38 @@ def _cross_attention_fwd(
     u = cls.new_empty((B, H, C), dtype=dt)
     ut = cls.new_empty((B, H, C), dtype=torch.float32)
     lse = cls.new_empty((B, _MAX_HEADS), dtype=torch.float32)
+    stats = cls.new_empty((2, B, N1), dtype=torch.float32)
     if B > 0:
-        block_n, block_c, num_warps = _token_tiles(C)
-        S, rows = _split_plan(B, N, block_n, cls.device)
+        tiles = _token_tiles(dt)
+        S, rows = _split_plan(B, N1, tiles["BLOCK_N"], cls.device)
         single = S == 1
         part_m = part_l = part_acc = None
         if not single:
             part_m = cls.new_empty((B, S, _MAX_HEADS), dtype=torch.float32)
             part_l = torch.empty_like(part_m)
             part_acc = cls.new_empty((B, S, H, C), dtype=torch.float32)
-        flags = dict(HAS_W=norm_weight is not None, HAS_B=norm_bias is not None,
-                     BLOCK_C=block_c, BLOCK_H=_MAX_HEADS)  # fmt: skip
+        z = cls.new_empty((B, _MAX_HEADS, N1), dtype=torch.float32)  # logits, read back once
+        has_b = norm_bias is not None
         _launch(
             _cross_attention_fwd_kernel, (B, S), cls.device,
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
-            kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias,
-            u, ut, lse, part_m, part_l, part_acc, N, C, H, rows, eps, d**-0.5 * _LOG2E,
-            SINGLE=single, BLOCK_N=block_n, num_warps=num_warps, **flags, **_dot_flags(dt),
-            num_stages=1,  # the kernel prefetches itself; no Triton pipeline buffers
+            kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias, z, stats[0], stats[1],
+            u, ut, lse, part_m, part_l, part_acc, N1, C, H, rows, eps, d**-0.5 * _LOG2E,
+            HAS_W=norm_weight is not None, HAS_B=has_b, SINGLE=single, BLOCK_H=_MAX_HEADS,
+            **tiles, **dot_flags(dt),
         )  # fmt: skip
         if not single:
+            block_c = tiles["BLOCK_C"]
             _launch(
-                _cross_attention_merge_kernel, (B,), cls.device,
+                _cross_attention_merge_kernel, (B, triton.cdiv(C, block_c)), cls.device,
                 part_m, part_l, part_acc, norm_bias, u, ut, lse, S, C, H,
-                HAS_B=flags["HAS_B"], BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=num_warps,
+                HAS_B=has_b, BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=4,
             )  # fmt: skip
-    o = cls.new_empty((B, C), dtype=dt)
-    torch.bmm(u.transpose(0, 1), wv.reshape(H, d, C).transpose(1, 2), out=_head_view(o, H))
-    if bv is not None:
-        o += bv
+    wv_h = wv.reshape(H, d, C).transpose(1, 2)  # (H, C, d)
+    u_h = u.transpose(0, 1)  # (H, B, C)
+    o_h = torch.baddbmm(bv.view(H, 1, d), u_h, wv_h) if bv is not None else torch.bmm(u_h, wv_h)
+    o = _merge_heads(o_h)
     if r is not None:  # r = cls + b_o: the GEMM accumulates into it (one launch, no copy)
         out = r.addmm_(o, proj_weight.t())
     else:
@@ -659,7 +764,7 @@ def _cross_attention_fwd(
             else o @ proj_weight.t()
         )
         out = cls + y if residual else y
-    return out, n0, q, kt, u, ut, lse, o
+    return out, n0, q, kt, u, ut, lse, o, stats
 
 
 @register_op("crossvit_fast::cross_attention_bwd")
@@ -679,6 +784,7 @@ def _cross_attention_bwd(
     ut: Tensor,
     lse: Tensor,
     o: Tensor,
+    stats: Tensor,
     num_heads: int,
     eps: float,
     residual: bool,
@@ -687,39 +793,38 @@ def _cross_attention_bwd(
     db_o | db_v | db_q (db_k is exactly 0)."""
     B, C = cls.shape
     H, d = num_heads, C // num_heads
-    N = tokens.shape[1] - 1
+    N1 = tokens.shape[1]
     dt = wq.dtype
     dy = dout.to(dt)  # the out-proj GEMM ran in dt; the residual gets dout as it is
     do = dy @ proj_weight
     dwo = dy.t() @ o
     du = torch.bmm(_head_view(do, H), wv.reshape(H, d, C))  # (H, B, C)
-    dwv = cls.new_empty((C, C), dtype=dt)
-    torch.bmm(_head_view(do, H).transpose(1, 2), u.transpose(0, 1), out=dwv.reshape(H, d, C))
-    dtokens = tokens.new_empty((B, N + 1, C))
+    dwv = torch.bmm(_head_view(do, H).transpose(1, 2), u.transpose(0, 1)).reshape(C, C)
+    dtokens = tokens.new_empty((B, N1, C))
     dn0 = cls.new_empty((B, C), dtype=dt)
-    block_n, block_c, num_warps = _token_tiles(C)
-    S, rows = _split_plan(B, N, block_n, cls.device)
+    tiles = _token_tiles(dt)
+    S, rows = _split_plan(B, N1, tiles["BLOCK_N"], cls.device)
     # S == 1: the kernel writes dk~ in its final dtype; else fp32 partials, summed in split order
     dkt_part = cls.new_empty((S, H, B, C), dtype=dt if S == 1 else torch.float32)
     part = cls.new_empty((B, S, 2, C), dtype=torch.float32)
     if B > 0:
+        pdz = cls.new_empty((2, B, _MAX_HEADS, N1), dtype=torch.float32)  # scratch: a, dz
+        means = cls.new_empty((2, B, N1), dtype=torch.float32)  # scratch: mean(g), mean(g x^)
         _launch(
             _cross_attention_bwd_kernel, (B, S), cls.device,
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), du, du.stride(0), du.stride(1), ut, lse,
-            norm_weight, dtokens, dtokens.stride(0), dtokens.stride(1), dn0,
+            stats[0], stats[1], norm_weight, pdz[0], pdz[1], means[0], means[1],
+            dtokens, dtokens.stride(0), dtokens.stride(1), dn0,
             dkt_part, *dkt_part.stride()[:3], part,
-            N, C, H, rows, eps, d**-0.5 * _LOG2E, d**-0.5,
-            HAS_W=norm_weight is not None, ONE_KEY=N == 0, BLOCK_N=block_n, BLOCK_C=block_c,
-            BLOCK_H=_MAX_HEADS, num_warps=num_warps, **_dot_flags(dt),
-            num_stages=1,
+            N1, C, H, rows, d**-0.5 * _LOG2E, d**-0.5,
+            HAS_W=norm_weight is not None, ONE_KEY=N1 == 1, BLOCK_H=_MAX_HEADS, **tiles,
+            **dot_flags(dt),
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
-    dq = cls.new_empty((B, C), dtype=dt)
-    torch.bmm(dkt, wk.reshape(H, d, C).transpose(1, 2), out=_head_view(dq, H))  # dq_h = W_k,h dk~_h
-    dwk = cls.new_empty((C, C), dtype=dt)
-    torch.bmm(_head_view(q, H).transpose(1, 2), dkt, out=dwk.reshape(H, d, C))
+    dq = _merge_heads(torch.bmm(dkt, wk.reshape(H, d, C).transpose(1, 2)))  # dq_h = W_k,h dk~_h
+    dwk = torch.bmm(_head_view(q, H).transpose(1, 2), dkt).reshape(C, C)
     dwq = dq.t() @ n0
     dn0.addmm_(dq, wq)  # dL/dLN(cls): attention part + W_q^T dq
     dcls, sums = cls_norm_bwd(cls, dn0, norm_weight, None, eps, gelu=False,
@@ -729,23 +834,21 @@ def _cross_attention_bwd(
 
 def _setup_context(ctx, inputs, output) -> None:
     cls, tokens, nw, nb, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual = inputs
-    _, n0, q, kt, u, ut, lse, o = output
-    ctx.mark_non_differentiable(n0, q, kt, u, ut, lse, o)
+    _, n0, q, kt, u, ut, lse, o, stats = output
+    ctx.mark_non_differentiable(n0, q, kt, u, ut, lse, o, stats)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o)
+    ctx.save_for_backward(cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o, stats)
     ctx.args = (num_heads, eps, residual)
     # dtypes of the optional inputs (None: absent, no gradient)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bq, bk, bv, bo))
 
 
 def _backward(ctx, dout, *_):
-    cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o = ctx.saved_tensors
-    C = cls.shape[1]
+    saved = ctx.saved_tensors
+    C = saved[0].shape[1]
     if dout is None:
         return (None,) * 15
-    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_bwd(
-        dout, cls, tokens, nw, wq, wk, wv, wo, n0, q, kt, u, ut, lse, o, *ctx.args
-    )
+    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_bwd(dout, *saved, *ctx.args)
     dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
     dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
@@ -832,7 +935,7 @@ def cross_attention(
     _check_heads(C, num_heads)
     if cls.device.type == "cuda" and C > _GPU_MAX_WIDTH:
         raise ValueError(
-            f"width C={C}: the GPU kernels keep (16 x C) tiles in shared memory and support "
+            f"width C={C}: the GPU kernels keep whole CLS rows in registers and support "
             f"C <= {_GPU_MAX_WIDTH} (CrossViT's widths are <= 768)"
         )
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("bq", bq), ("bk", bk),
@@ -840,6 +943,10 @@ def cross_attention(
         check_tensor(name, t, shape=(C,), like=cls, optional=True)
     for name, t in (("wq", wq), ("wk", wk), ("wv", wv), ("proj_weight", proj_weight)):
         check_tensor(name, t, shape=(C, C), like=cls)
+    # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
+    # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
+    if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)
+        cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
     dt = compute_dtype(cls, {"tokens": tokens, "norm_weight": norm_weight, "norm_bias": norm_bias,
                              "wq": wq, "bq": bq, "wk": wk, "bk": bk, "wv": wv, "bv": bv,
                              "proj_weight": proj_weight, "proj_bias": proj_bias})  # fmt: skip

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import autocast_dtype, check_tensor
-from .utils import device_guard, dot_in_fp32, launch, next_pow2, register_op
+from .utils import device_guard, dot_in_fp32, launch, next_pow2, register_op, sm_count
 
 __all__ = ["OPS", "layer_norm", "layer_norm_bwd", "layer_norm_fwd"]
 
@@ -41,9 +41,7 @@ def on_device(t: Tensor):
 
 def program_slots(device: torch.device) -> int:
     """How many programs a persistent-style reduction grid should use on `device`."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # CPU interpreter: few programs keep tests fast
+    return 4 * sm_count(device)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

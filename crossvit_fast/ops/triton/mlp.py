@@ -41,7 +41,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import check_tensor
-from . import interpreter_enabled
 from .layer_norm import (
     as_rows,
     check_param_dtype,
@@ -53,7 +52,7 @@ from .layer_norm import (
     register_op,
     round_to,
 )
-from .utils import dot_in_fp32, gelu_erf, gelu_erf_grad, grouped_tile, next_pow2
+from .utils import dot_flags, gelu_erf, gelu_erf_grad, grouped_tile
 
 __all__ = ["OPS", "fused_linear", "mlp"]
 
@@ -156,34 +155,40 @@ def _fused_linear_kernel(
 # -- configs -------------------------------------------------------------------------------------
 
 # Hopper: 128x128 tiles with 8 warps (two wgmma warpgroups) or 128x64 / 64x128 with 4, 64-deep K
-# steps, 4 pipeline stages (<= 132 KB of shared memory at 16 bits). Checked by compiling for sm_90
-# offline: every variant lowers to wgmma with cp.async pipelining and no register spills, whereas
-# 128x256 tiles spilled (up to 752 bytes with the GELU-gradient epilogue) and were dropped. fp32
-# (IEEE products: no tensor cores) gets smaller tiles. The autotuner picks per (N, K, variant, dtypes).
+# steps, 4 pipeline stages (<= 132 KB of shared memory at 16 bits). Every config of every variant
+# is compiled for sm_90 in the toolchain tier (tests/test_toolchain_triton.py: wgmma, shared memory,
+# zero spills). What that tier found: 128x256 tiles spilled (up to 752 bytes with the
+# GELU-gradient epilogue); the GELU-gradient epilogue also holds the pre-activation tile, and with
+# 4 warps a 128x64 / 64x128 fp16 tile spilled 32 bytes, so that variant runs them with 8 warps
+# (123 / 80 registers); fp32 (IEEE products on the FMA units, no tensor cores) spilled ~320 bytes
+# at 32-deep K steps and uses 16-deep ones (198-206 registers). The autotuner picks per
+# (N, K, variant, dtypes) among the configs `_prune` keeps.
 _CONFIGS_16 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]  # fmt: skip
+_CONFIGS_16_GELU_BWD = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+]  # fmt: skip
 _CONFIGS_32 = [
-    triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3
-    ),
-    triton.Config(
-        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3
-    ),
-]
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]  # fmt: skip
 # Partial-sum rows are indexed by pid_m: sized for the smallest BLOCK_M any config may use.
 _MIN_BLOCK_M = 64
 
 
 def _prune(configs, named_args, **kwargs):
-    wide = named_args["w_ptr"].element_size() >= 4
-    return [c for c in configs if (c in _CONFIGS_32) == wide]
+    if named_args["w_ptr"].element_size() >= 4:
+        return list(_CONFIGS_32)
+    return list(_CONFIGS_16_GELU_BWD if kwargs.get("GELU") == GELU_BWD else _CONFIGS_16)
 
 
 _fused_linear_tuned = triton.autotune(
-    configs=_CONFIGS_16 + _CONFIGS_32,
+    configs=_CONFIGS_16 + _CONFIGS_16_GELU_BWD + _CONFIGS_32,
     key=["N", "K", "LN", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
     prune_configs_by={"early_config_prune": _prune},
     # Autotuning launches every config; the partial-sum buffers are rows per pid_m, so zero them
@@ -192,25 +197,12 @@ _fused_linear_tuned = triton.autotune(
 )(_fused_linear_kernel)
 
 
-def _interpreter_meta(M: int, N: int, K: int) -> dict:
-    # Few, large program instances: each instance costs milliseconds in the interpreter.
-    clamp = lambda n, hi: max(16, min(hi, next_pow2(n)))
-    return {"BLOCK_M": clamp(M, 64), "BLOCK_N": clamp(N, 64), "BLOCK_K": clamp(K, 64), "GROUP_M": 4}
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow torch's float32 matmul precision (IEEE unless TF32 is allowed)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit operands
-
-
 # -- launcher ------------------------------------------------------------------------------------
 
 
 def sum_rows(M: int) -> int:
     """Rows of a partial column-sum buffer for an M-row GEMM (see `fused_linear`)."""
-    return triton.cdiv(M, 16 if interpreter_enabled() else _MIN_BLOCK_M)
+    return triton.cdiv(M, _MIN_BLOCK_M)
 
 
 def fused_linear(
@@ -244,16 +236,11 @@ def fused_linear(
     flags = dict(
         LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None, HAS_BIAS=bias is not None,
         GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
-        C_SUM=c_sum is not None, EMULATE=dot_in_fp32(), PRECISION=dot_precision(w.dtype),
+        C_SUM=c_sum is not None, **dot_flags(w.dtype),
     )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     with on_device(a):
-        if interpreter_enabled():
-            meta = _interpreter_meta(M, N, K)
-            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            launch(_fused_linear_kernel, grid, *args, **flags, **meta, num_warps=4)
-        else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            launch(_fused_linear_tuned, grid, *args, **flags)
+        launch(_fused_linear_tuned, grid, *args, **flags)
     return out
 
 

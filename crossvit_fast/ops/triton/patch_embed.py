@@ -37,10 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import autocast_dtype, check_tensor
-from . import interpreter_enabled
 from .layer_norm import check_param_dtype, launch, on_device, program_slots, register_op, round_to
-from .mlp import dot_precision
-from .utils import dot_in_fp32, grouped_tile, next_pow2
+from .utils import dot_flags, dot_in_fp32, grouped_tile, next_pow2
 
 __all__ = ["OPS", "patch_embed", "token_assemble"]
 
@@ -294,31 +292,32 @@ def _token_assemble_bwd_kernel(
 
 # -- configs -------------------------------------------------------------------------------------
 
+# 16-bit weights: Hopper wgmma tiles. An fp32 image cast in-kernel (AMP) holds the fp32 A tile as
+# well: 128x64 / 64x128 with 4 warps spilled 8-40 bytes (sm_90 toolchain tier), so that case runs
+# them with 8 warps. fp32 weights: IEEE products, smaller tiles.
 _CONFIGS_16 = [
-    triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
-    ),
-    triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
-    ),
-    triton.Config(
-        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
-    ),
-]
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]  # fmt: skip
+_CONFIGS_16_FP32_IMAGE = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+]  # fmt: skip
 _CONFIGS_32 = [
-    triton.Config(
-        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3
-    ),
-]
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
-    wide = named_args["w_ptr"].element_size() >= 4
-    return [c for c in configs if (c in _CONFIGS_32) == wide]
+    if named_args["w_ptr"].element_size() >= 4:
+        return list(_CONFIGS_32)
+    return list(_CONFIGS_16_FP32_IMAGE if named_args["x_ptr"].element_size() >= 4 else _CONFIGS_16)
 
 
 _patch_embed_fwd_tuned = triton.autotune(
-    configs=_CONFIGS_16 + _CONFIGS_32,
+    configs=_CONFIGS_16 + _CONFIGS_16_FP32_IMAGE + _CONFIGS_32,
     key=["N", "K", "P"],
     prune_configs_by={"early_config_prune": _prune},
 )(_patch_embed_fwd_kernel)
@@ -332,8 +331,6 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _token_tile(T: int, D: int) -> tuple[int, int]:
-    if interpreter_enabled():
-        return _clamp_pow2(T, 16, 64), _clamp_pow2(D, 16, 128)
     return 32, _clamp_pow2(D, 16, 128)
 
 
@@ -365,17 +362,10 @@ def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: T
     args = (x, w2, bias, cls_token.reshape(D), pos, out, M, D, K, Np, Wp,
             *x.stride(), w2.stride(0), w2.stride(1), pos.stride(0), pos.stride(1),
             out.stride(0), out.stride(1))  # fmt: skip
-    flags = dict(P=p, PP=pp, HAS_BIAS=bias is not None, EMULATE=dot_in_fp32(),
-                 PRECISION=dot_precision(weight.dtype))  # fmt: skip
+    flags = dict(P=p, PP=pp, HAS_BIAS=bias is not None, **dot_flags(weight.dtype))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
     with on_device(x):
-        if interpreter_enabled():
-            meta = {"BLOCK_M": _clamp_pow2(M, 16, 64), "BLOCK_N": _clamp_pow2(D, 16, 64),
-                    "BLOCK_K": _clamp_pow2(K, 16, 64), "GROUP_M": 4}  # fmt: skip
-            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-            launch(_patch_embed_fwd_kernel, grid, *args, **flags, **meta, num_warps=4)
-        else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-            launch(_patch_embed_fwd_tuned, grid, *args, **flags)
+        launch(_patch_embed_fwd_tuned, grid, *args, **flags)
     return out
 
 
@@ -417,17 +407,9 @@ def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need
     cdt = weight.dtype
     dpos = token_grads(dout, None)
     dw = dx = None
-    emulate, precision = dot_in_fp32(), dot_precision(cdt)
+    dots = dot_flags(cdt)
     if need_dw:
-        if interpreter_enabled():
-            bn, bk, bm, warps, stages = (
-                _clamp_pow2(D, 16, 64),
-                _clamp_pow2(K, 16, 64),
-                _clamp_pow2(M, 16, 64),
-                4,
-                1,
-            )
-        elif cdt == torch.float32:
+        if cdt == torch.float32:
             bn, bk, bm, warps, stages = 64, 64, 32, 4, 3
         else:  # Hopper: 128x64 output tiles, 64-row K steps, two warpgroups
             bn, bk, bm, warps, stages = 128, 64, 64, 8, 3
@@ -442,29 +424,21 @@ def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need
                 launch(
                     _patch_embed_bwd_kernel, (tiles, splits),
                     x, dout, weight, part, M, D, K, Np, Wp, rows, *x.stride(), *dout.stride(),
-                    P=p, PP=pp, EMULATE=emulate, PRECISION=precision,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                    P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                    num_stages=stages, **dots,
                 )  # fmt: skip
         dw = part.sum(0).view(D, Cin, p, pp)[..., :p].to(cdt).contiguous()
     if need_dx:
         dx = torch.empty_like(x)  # keeps x's memory format; fully overwritten
         w2, _ = _padded_weight(weight)
-        if interpreter_enabled():
-            bm, bn, bk, warps = (
-                _clamp_pow2(M, 16, 64),
-                _clamp_pow2(D, 16, 64),
-                _clamp_pow2(K, 16, 64),
-                4,
-            )
-        else:
-            bm, bn, bk, warps = (64, 32, 64, 4) if cdt == torch.float32 else (128, 64, 64, 8)
+        bm, bn, bk, warps = (64, 32, 64, 4) if cdt == torch.float32 else (128, 64, 64, 8)
         if M > 0:
             with on_device(x):
                 launch(
                     _patch_embed_bwd_input_kernel, (triton.cdiv(M, bm) * triton.cdiv(K, bk),),
                     dout, w2, dx, M, D, K, Np, Wp, *dout.stride(), w2.stride(0), w2.stride(1),
-                    *dx.stride(), P=p, PP=pp, EMULATE=emulate, PRECISION=precision,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                    *dx.stride(), P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    num_warps=warps, **dots,
                 )  # fmt: skip
     return dx, dw, dpos
 

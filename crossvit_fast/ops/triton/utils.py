@@ -1,8 +1,27 @@
-"""Small pieces shared by the Triton kernels (imports Triton: only kernel modules import this)."""
+"""Small pieces shared by the Triton kernels (imports Triton: only kernel modules import this).
+
+What the CPU interpreter (TRITON_INTERPRET=1, how CI runs every kernel) does differently from the
+GPU path — the whole list, each forced by the interpreter; everything else (kernels, tile plans,
+autotune configs, launchers) is the same program:
+
+1. Registration (`register_op`): an opaque `custom_op` instead of `triton_op`, because
+   `wrap_triton` cannot put an interpreted kernel into a graph. The GPU path's tracing is checked
+   by the toolchain tier (tests/fake_cuda_compile.py).
+2. Launches with fake tensors (shape propagation of that custom op) are skipped (`launch`).
+3. `EMULATE` (`dot_flags`): the interpreter computes 16-bit `tl.dot` and fp32 -> bf16 casts
+   wrongly, so kernels upcast dot operands to fp32 (IEEE products) and round to bf16 on the bits
+   (`round_to`). On the GPU the operands stay 16-bit (tensor cores).
+4. Autotuning (`launch`): the interpreter cannot time configs, so an autotuned kernel runs the
+   first config its pruning keeps — or the one a test forces with `force_configs`, which is how
+   every config of every op is checked against the reference (tests/test_triton_configs.py).
+5. The SM count (`sm_count`): CPU tensors have no device properties; a pretend 4-SM device makes
+   small tests exercise the split (flash-decoding) plans.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import triton
@@ -10,18 +29,23 @@ import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
+from triton.runtime.autotuner import Autotuner
 
 from . import interpreter_enabled
 
 __all__ = [
     "device_guard",
+    "dot_flags",
     "dot_in_fp32",
+    "dot_precision",
+    "force_configs",
     "gelu_erf",
     "gelu_erf_grad",
     "grouped_tile",
     "launch",
     "next_pow2",
     "register_op",
+    "sm_count",
 ]
 
 
@@ -45,12 +69,52 @@ def register_op(name: str):
     return deco
 
 
+# kernel name -> index into its pruned autotune configs; set only by `force_configs` (tests)
+_FORCED_CONFIGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "forced", default=None
+)
+
+
+@contextlib.contextmanager
+def force_configs(choice: dict[str, int]):
+    """Inside the block, autotuned kernels run under the interpreter with config number
+    `choice[kernel name]` of their pruned list (default 0). Tests only: the GPU path autotunes."""
+    token = _FORCED_CONFIGS.set(dict(choice))
+    try:
+        yield
+    finally:
+        _FORCED_CONFIGS.reset(token)
+
+
+def _interpreter_config(kernel: Autotuner, args: tuple, meta: dict) -> dict:
+    """The config an autotuned kernel runs with under the interpreter (see the module docstring)."""
+    named = dict(zip(kernel.arg_names, args))
+    prune = kernel.early_config_prune
+    configs = prune(kernel.configs, named, **meta) if prune else kernel.configs
+    index = (_FORCED_CONFIGS.get() or {}).get(kernel.fn.__name__, 0)
+    if not 0 <= index < len(configs):
+        raise IndexError(f"{kernel.fn.__name__}: config {index} of {len(configs)} forced")
+    cfg = configs[index]
+    return {**cfg.all_kwargs(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
 def launch(kernel, grid, *args, **meta) -> None:
     """Launch `kernel` through `wrap_triton` (on the current stream). Fake tensors (shape
     propagation of an interpreted op, see `register_op`) have no data: nothing to launch."""
-    if interpreter_enabled() and any(isinstance(a, Tensor) and is_fake(a) for a in args):
-        return
+    if interpreter_enabled():
+        if any(isinstance(a, Tensor) and is_fake(a) for a in args):
+            return
+        if isinstance(kernel, Autotuner):
+            meta = {**meta, **_interpreter_config(kernel, args, meta)}
+            kernel = kernel.fn
     wrap_triton(kernel)[grid](*args, **meta)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`: what grid plans size themselves by."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter: a pretend 4-SM device, so that small tests exercise splits
 
 
 def device_guard(device: torch.device):
@@ -69,6 +133,22 @@ def dot_in_fp32() -> bool:
     """Whether kernels must upcast tl.dot operands to fp32: the CPU interpreter computes bf16/fp16
     dots wrongly; on the GPU we keep bf16/fp16 operands for the tensor cores."""
     return interpreter_enabled()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of `dtype`: fp32 follows torch's float32 matmul
+    precision (IEEE products unless TF32 is allowed; TF32 costs ~1e-3 relative error); ignored
+    for 16-bit operands."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The dot constexprs every GEMM-like kernel takes: EMULATE (see the module docstring) and
+    PRECISION ("ieee" whenever EMULATE: its fp32 copies must multiply exactly)."""
+    emulate = dot_in_fp32()
+    return {"EMULATE": emulate, "PRECISION": "ieee" if emulate else dot_precision(dtype)}
 
 
 def next_pow2(n: int) -> int:
