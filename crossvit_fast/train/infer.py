@@ -197,8 +197,8 @@ def cmd_export(args) -> int:
         from safetensors.torch import save_file
     except ImportError as exc:
         raise TrainError(
-            "export needs the safetensors package: pip install safetensors (or "
-            "'crossvit_fast[train]')"
+            "export needs the safetensors package (a crossvit_fast dependency): pip install "
+            "safetensors"
         ) from exc
     _, cfg, weights, classes = _load(args)
     os.makedirs(args.outdir, exist_ok=True)
