@@ -158,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--warmup-steps", type=int, default=None, help="linear warm-up (default: 5%% of the steps)"
     )
-    g.add_argument("--label-smoothing", type=float, default=0.1, help="(default: %(default)s)")
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.1,
+        help="cross-entropy label smoothing (default: %(default)s)",
+    )
     g.add_argument(
         "--ema",
         type=float,
@@ -175,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast dtype; auto (default) = bf16 on a GPU that has it, off on CPU; fp16 adds "
         "a GradScaler",
     )
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model init, data order and augmentation (default: %(default)s)",
+    )
     g = p.add_argument_group("run")
     g.add_argument(
         "--device",
