@@ -4,6 +4,7 @@
 * `check` — every available backend against the reference on a small model on this machine,
   forward and backward, as a table of max errors and times.
 * `train` — the training run (`crossvit_fast.train`).
+* `cost`  — estimated launches, DRAM bytes, FLOPs and GPU time of a step (`crossvit_fast.cost`).
 """
 
 from __future__ import annotations
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--batch", type=int, default=2)
     sub.add_parser("train", help="train a CrossViT (see `train --help`)")
+    from . import cost  # the cost ledger: estimates without a GPU
+
+    cost.add_arguments(sub.add_parser("cost", help="estimated launches / bytes / time of a step"))
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check}[args.command](args)
+    return {"info": cmd_info, "check": cmd_check, "cost": cost.main}[args.command](args)
 
 
 if __name__ == "__main__":
