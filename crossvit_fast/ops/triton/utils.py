@@ -197,3 +197,12 @@ def register_cost(kernel_name: str):
         return fn
 
     return deco
+
+
+def esize(t) -> int:
+    """Bytes per element of a pointer argument (0 for None: that load / store is compiled out)."""
+    return t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
