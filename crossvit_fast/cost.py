@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["GPUS", "GPU", "Ledger", "format_table", "ledger", "main"]
+__all__ = ["GPU", "GPUS", "Ledger", "format_table", "ledger", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +292,7 @@ def _triton_as_on_gpu(ledger: Ledger, gpu: GPU):
         setattr(obj, attr, value)
 
     real_sm_count = utils.sm_count
-    fake_sm_count = lambda device: gpu.sm_count  # noqa: E731
+    fake_sm_count = lambda device: gpu.sm_count
     patch(triton_backend, "availability", lambda device_type: (True, f"ledger for {gpu.name}"))
     patch(utils, "interpreter_enabled", lambda: False)
     patch(utils, "wrap_triton", _Recorder(ledger))
