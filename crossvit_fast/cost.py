@@ -21,8 +21,10 @@ How it counts (`python -m crossvit_fast cost`, or `ledger(...)`):
   grid, arguments and constexprs (an autotuned kernel: the first config its pruning keeps, the
   config the interpreter runs) and costed by the formula registered beside the kernel
   (`utils.register_cost`), computed from the grid and tile plan. Those formulas count the bytes
-  the kernel's programs load and store — re-reads of a GEMM tile included, which L2 may serve —
-  and are checked against Triton's interpreter at small shapes (tests/test_cost.py).
+  the kernel's programs load and store (`issued_bytes`, checked against Triton's interpreter at
+  small shapes, tests/test_cost.py) and, as DRAM bytes, the same less the repeats that L2 serves:
+  a GEMM operand re-read by every tile of a row or column (as for cuBLAS, whose GEMMs count each
+  operand once), a program re-reading its own rows.
 * Time per kernel: max(bytes / bandwidth, FLOPs / rate) + a fixed launch cost (the roofline, no
   overlap between kernels, no L2). The rate is the tensor-core rate for 16-bit matrix ops and the
   fp32 rate otherwise. These are estimates: calibrate them against `benchmarks/bench_model.py`.
@@ -142,6 +144,11 @@ class Entry:
     flops: int
     matrix: bool  # FLOPs on the tensor cores (16-bit) or the fp32 units
     low_precision: bool
+    issued_bytes: int = -1  # Triton: bytes its programs load + store (L2 hits included)
+
+    def __post_init__(self):
+        if self.issued_bytes < 0:
+            self.issued_bytes = self.dram_bytes
 
 
 class Ledger(TorchDispatchMode):
@@ -222,15 +229,16 @@ class Ledger(TorchDispatchMode):
         if formula is None:  # an upper-bound guess: every tensor argument read once
             self.missing_formulas.add(name)
             nbytes, flops = sum(_distinct_bytes(t) for t in _tensors(list(args))), 0
-            mm = False
+            issued, mm = nbytes, False
         else:
-            nbytes, flops = formula(named, meta, grid)
+            issued, flops, *dram = formula(named, meta, grid)
+            nbytes = dram[0] if dram else issued
             mm = flops > 0
         low = any(
             t.dtype in (torch.float16, torch.bfloat16) for t in _tensors(list(args)) if t.ndim > 1
         )
         self.entries.append(
-            Entry(self.phase, f"triton:{name}", 1, int(nbytes), int(flops), mm, low)
+            Entry(self.phase, f"triton:{name}", 1, int(nbytes), int(flops), mm, low, int(issued))
         )
 
     # -- summary ----------------------------------------------------------------------------
@@ -239,11 +247,14 @@ class Ledger(TorchDispatchMode):
         return max(e.dram_bytes / gpu.dram_bytes_per_s, e.flops / rate) + e.launches * gpu.launch_s
 
     def ops(self, gpu: GPU) -> list[dict]:
-        rows: dict = defaultdict(lambda: {"launches": 0, "dram_bytes": 0, "flops": 0, "est_s": 0.0})
+        rows: dict = defaultdict(
+            lambda: {"launches": 0, "dram_bytes": 0, "issued_bytes": 0, "flops": 0, "est_s": 0.0}
+        )
         for e in self.entries:
             r = rows[(e.phase, e.name)]
             r["launches"] += e.launches
             r["dram_bytes"] += e.dram_bytes
+            r["issued_bytes"] += e.issued_bytes
             r["flops"] += e.flops
             r["est_s"] += self.seconds(e, gpu)
         out = [
@@ -375,6 +386,7 @@ def ledger(
     totals = {
         "launches": sum(r["launches"] for r in ops),
         "dram_bytes": sum(r["dram_bytes"] for r in ops),
+        "issued_bytes": sum(r["issued_bytes"] for r in ops),
         "flops": sum(r["flops"] for r in ops),
         "est_ms": sum(r["est_ms"] for r in ops),
     }
@@ -395,7 +407,9 @@ def ledger(
             "sm_count": g.sm_count,
             "time": "per kernel max(bytes / bandwidth, flops / rate) + launch; no overlap, no L2",
             "aten": "each kernel reads its inputs once and writes its outputs once",
-            "triton": "bytes its programs load and store (formula beside each kernel)",
+            "triton": "DRAM: bytes its programs load and store less the repeats L2 serves "
+            "(GEMM operand tiles, a program re-reading its own rows); issued_bytes: all of them "
+            "(the formula beside each kernel, checked against the interpreter)",
             "optimizer": "AdamW foreach (CUDA's default), multi_tensor_apply launch counts",
             "autocast": "CPU policy on fake CPU tensors (see crossvit_fast.cost)",
             "missing_formulas": sorted(rec.missing_formulas),
@@ -444,17 +458,19 @@ def format_table(report: dict, top: int = 0) -> str:
         f"{a['matrix_flops_16bit'] / 1e12:.0f} TFLOP/s 16-bit matrix, "
         f"{a['fp32_flops'] / 1e12:.0f} TFLOP/s fp32, {a['launch_s'] * 1e6:.0f} us per launch, "
         f"{a['sm_count']} SMs; {a['time']}",
-        f"{'phase':10s} {'op':42s} {'launches':>8s} {'DRAM':>10s} {'GFLOP':>9s} {'est ms':>8s}",
+        f"{'phase':10s} {'op':42s} {'launches':>8s} {'DRAM':>10s} {'issued':>10s} {'GFLOP':>9s} "
+        f"{'est ms':>8s}",
     ]
     ops = report["ops"] if not top else sorted(report["ops"], key=lambda r: -r["est_ms"])[:top]
     for r in ops:
         lines.append(
-            f"{r['phase']:10s} {r['op'][:42]:42s} {r['launches']:8d} {_fmt_bytes(r['dram_bytes']):>10s} "
+            f"{r['phase']:10s} {r['op'][:42]:42s} {r['launches']:8d} "
+            f"{_fmt_bytes(r['dram_bytes']):>10s} {_fmt_bytes(r['issued_bytes']):>10s} "
             f"{r['flops'] / 1e9:9.1f} {r['est_ms']:8.3f}"
         )
     lines.append(
         f"{'total':10s} {'':42s} {t['launches']:8d} {_fmt_bytes(t['dram_bytes']):>10s} "
-        f"{t['flops'] / 1e9:9.1f} {t['est_ms']:8.3f}"
+        f"{_fmt_bytes(t['issued_bytes']):>10s} {t['flops'] / 1e9:9.1f} {t['est_ms']:8.3f}"
     )
     if a["missing_formulas"]:
         lines.append(f"no cost formula (all tensor args counted once): {a['missing_formulas']}")

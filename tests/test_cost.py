@@ -78,8 +78,10 @@ def _record_launches(rows: list):
                 name = self.kernel.fn.__name__
                 named = dict(zip(self.kernel.arg_names, args))
                 formula = utils.KERNEL_COSTS.get(name)
-                est = formula(named, meta, g)[0] if formula else None
-                rows.append((name, counter.bytes, est))
+                est = formula(named, meta, g) if formula else None
+                if est is not None and len(est) == 3:  # DRAM: the issued bytes less L2 repeats
+                    assert 0 < est[2] <= est[0], (name, est)
+                rows.append((name, counter.bytes, est[0] if est else None))
 
             return run
 

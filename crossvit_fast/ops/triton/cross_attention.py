@@ -1010,7 +1010,7 @@ def _cost_cross_attention_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, in
     B, C, H, BH = grid[0], a["C"], a["H"], meta["BLOCK_H"]
     bn, n_c = meta["BLOCK_N"], cdiv(C, meta["BLOCK_C"])
     ew = esize(a["w_ptr"]) * meta["HAS_W"]
-    total = flops = 0
+    total = flops = dram = 0
     for R, has_cls in _token_pass_splits(a, grid):
         nb = cdiv(R, bn)
         b = 4 * _row_pass(a, R, has_cls) + 2 * nb * C * ew + nb * H * C * esize(a["kt_ptr"])
@@ -1022,8 +1022,11 @@ def _cost_cross_attention_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, in
         else:
             b += H * C * esize(a["acc_ptr"]) + 8 * BH
         total += B * b
+        # DRAM: the program's own rows and k~ once (the repeats come from L1 / L2)
+        l2 = 3 * _row_pass(a, R, has_cls) + (nb - 1) * H * C * esize(a["kt_ptr"])
+        dram += B * (b - l2)
         flops += B * 4 * BH * R * C  # logits + weighted sum (on the padded head tile)
-    return total, flops
+    return total, flops, dram
 
 
 @register_cost("_cross_attention_merge_kernel")
@@ -1042,7 +1045,7 @@ def _cost_cross_attention_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, in
     bn, n_c = meta["BLOCK_N"], cdiv(C, meta["BLOCK_C"])
     ew = esize(a["w_ptr"]) * meta["HAS_W"]
     heads = H * C * (esize(a["kt_ptr"]) + esize(a["du_ptr"]))
-    total = flops = 0
+    total = flops = dram = 0
     for R, has_cls in _token_pass_splits(a, grid):
         nb = cdiv(R, bn)
         b = heads + H * C * esize(a["ut_ptr"]) + C * ew + 4 * BH  # constants, lse
@@ -1054,5 +1057,6 @@ def _cost_cross_attention_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, in
         b += R * C * esize(a["dtok_ptr"]) + has_cls * C * esize(a["dn0_ptr"])
         b += H * C * esize(a["dkt_ptr"]) + 2 * C * 4
         total += B * b
+        dram += B * (b - _row_pass(a, R, has_cls) - nb * heads)  # repeats served by L2
         flops += B * 10 * BH * R * C  # z, da, dn (2), dk~ on the padded head tile
-    return total, flops
+    return total, flops, dram

@@ -186,8 +186,10 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 # -- cost formulas (the `python -m crossvit_fast cost` ledger) -------------------------------------
 
 # kernel name -> f(args: {arg name: value}, meta: constexprs incl. the config, grid: 3-tuple)
-#   -> (bytes its programs load + store, FLOPs). Each lives beside its kernel; tests/test_cost.py
-#   checks the bytes against what the interpreter's loads and stores touch.
+#   -> (bytes its programs load + store, FLOPs[, DRAM bytes]). Each lives beside its kernel;
+#   tests/test_cost.py checks the issued bytes against what the interpreter's loads and stores
+#   touch. The optional DRAM bytes leave out repeats that L2 serves (a GEMM's operand re-read by
+#   every tile of a row / column; a program re-reading its own rows), stated beside each formula.
 KERNEL_COSTS: dict = {}
 
 
