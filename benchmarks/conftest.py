@@ -18,6 +18,44 @@ def pytest_addoption(parser):
         default=False,
         help="one case per benchmark (and per backward flag), at its largest batch",
     )
+    # bench_model.py: comma-separated selections (defaults depend on GPU / CPU, see its docstring)
+    for name in ("model", "batch", "impl"):
+        parser.addoption(f"--bench-{name}", default=None, help=f"bench_model.py: {name}(s), a,b")
+    parser.addoption("--bench-dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.addoption("--bench-rounds", type=int, default=None, help="bench_model.py: timed steps")
+    parser.addoption(
+        "--bench-no-ledger", action="store_true", help="bench_model.py: skip the cost estimates"
+    )
+
+
+def pytest_configure(config):
+    config._bench_model_rows, config._bench_model_medians, config._bench_model_ledgers = [], {}, {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """bench_model.py's rows as one table (printed without -s)."""
+    rows = getattr(config, "_bench_model_rows", [])
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("bench_model: whole model, images/s (ratios measured in this run)")
+    head = (f"{'model':24s} {'B':>4s} {'dtype':5s} {'mode':5s} {'impl':20s} {'img/s':>9s} "
+            f"{'ms':>8s} {'x ref':>6s} {'x cmp':>6s} {'est ms':>7s} {'TFLOP/s':>8s} "
+            f"{'GB/s':>7s} {'mem GB':>6s} {'compile s':>9s}")  # fmt: skip
+    tr.write_line(head)
+    fmt = lambda v, f: format(v, f) if v is not None else "-"
+    for r in rows:
+        tr.write_line(
+            f"{r['model']:24s} {r['batch']:4d} {r['dtype']:5s} {r['mode']:5s} {r['impl']:20s} "
+            f"{r['images_per_s']:9.1f} {r['median_ms']:8.2f} "
+            f"{fmt(r.get('ratio_vs_reference'), '6.2f'):>6s} "
+            f"{fmt(r.get('ratio_vs_reference_compiled'), '6.2f'):>6s} "
+            f"{fmt(r.get('est_ms'), '7.2f'):>7s} {fmt(r.get('tflops'), '8.1f'):>8s} "
+            f"{fmt(r.get('gbs'), '7.0f'):>7s} {fmt(r.get('peak_mem_gb'), '6.2f'):>6s} "
+            f"{r['compile_s']:9.1f}"
+        )
+    tr.write_line("(x ref / x cmp: speed-up over reference eager / compiled; est ms, TFLOP/s and "
+                  "GB/s from the cost ledger's estimates of the same step)")  # fmt: skip
 
 
 def _params(item) -> dict:
@@ -59,4 +97,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU (none visible to torch)")
     for item in items:
-        item.add_marker(skip)
+        if item.get_closest_marker("bench_cpu") is None:  # bench_model.py also runs on a CPU
+            item.add_marker(skip)
