@@ -6,7 +6,8 @@ run.
     pytest benchmarks/bench_model.py --benchmark-only --bench-model crossvit_18_240 \\
         --bench-batch 64,256 --bench-dtype bf16 --bench-impl reference,reference_compiled,triton
 
-(--bench-model also takes a CrossViTConfig .json; --bench-rounds N sets the timed steps.)
+(--bench-model also takes a CrossViTConfig .json; --bench-mode train|infer; --bench-rounds N
+sets the timed steps.)
 
 Implementations (rows): `timm` (timm's CrossVit, when timm is importable), `reference` (this
 package, pure PyTorch, eager), `reference_compiled` (the same under torch.compile), each fast
@@ -69,7 +70,7 @@ def pytest_generate_tests(metafunc):
         pytest.param(m, int(b), dtype, mode, impl, id=f"{m}-b{b}-{dtype}-{mode}-{impl}")
         for m in pick("model")
         for b in pick("batch")
-        for mode in ("train", "infer")
+        for mode in (opt("--bench-mode") or "train,infer").split(",")
         for impl in pick("impl")
     ]
     metafunc.parametrize("model_name,batch,dtype,mode,impl", cases)

@@ -19,7 +19,7 @@ def pytest_addoption(parser):
         help="one case per benchmark (and per backward flag), at its largest batch",
     )
     # bench_model.py: comma-separated selections (defaults depend on GPU / CPU, see its docstring)
-    for name in ("model", "batch", "impl"):
+    for name in ("model", "batch", "impl", "mode"):
         parser.addoption(f"--bench-{name}", default=None, help=f"bench_model.py: {name}(s), a,b")
     parser.addoption("--bench-dtype", default=None, choices=["bf16", "fp16", "fp32"])
     parser.addoption("--bench-rounds", type=int, default=None, help="bench_model.py: timed steps")
