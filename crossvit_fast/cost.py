@@ -341,6 +341,11 @@ def ledger(
     from .model import CrossViT
 
     g = GPUS[gpu]
+    if backend not in ("reference", "triton", "auto"):
+        raise ValueError(
+            f"cost: backend {backend!r} has no cost model (its kernels are not Triton launches "
+            "with formulas); use reference, triton or auto"
+        )
     cfg = model if isinstance(model, CrossViTConfig) else _model_config(model)
     name = model if isinstance(model, str) else "config"
     rec = Ledger()
@@ -477,6 +482,35 @@ def format_table(report: dict, top: int = 0) -> str:
     return "\n".join(lines)
 
 
+def format_compare(a: dict, b: dict) -> str:
+    """Two reports of the same step side by side, per op (phase + op name), e.g. reference vs
+    triton; ops only one of them runs show '-' for the other."""
+    rows: dict = {}
+    for side, rep in ((0, a), (1, b)):
+        for r in rep["ops"]:
+            rows.setdefault((r["phase"], r["op"]), [None, None])[side] = r
+    order = sorted(rows, key=lambda k: (_PHASES.index(k[0]), -max(
+        (r["est_ms"] for r in rows[k] if r), default=0)))  # fmt: skip
+    na, nb = a["backend"], b["backend"]
+    lines = [
+        f"ESTIMATES (no GPU was used): {a['model']} B={a['batch']} amp={a['amp']}, {a['step']}, "
+        f"on a modelled {a['assumptions']['gpu']}: {na} vs {nb}",
+        f"{'phase':9s} {'op':40s} | {'launches':>8s} {'DRAM':>9s} {'ms':>7s} | {'launches':>8s} "
+        f"{'DRAM':>9s} {'ms':>7s}",
+    ]
+    cell = lambda r: (
+        f"{r['launches']:8d} {_fmt_bytes(r['dram_bytes']):>9s} {r['est_ms']:7.2f}"
+        if r
+        else f"{'-':>8s} {'-':>9s} {'-':>7s}"
+    )
+    for k in order:
+        ra, rb = rows[k]
+        lines.append(f"{k[0]:9s} {k[1][:40]:40s} | {cell(ra)} | {cell(rb)}")
+    ta, tb = a["totals"], b["totals"]
+    lines.append(f"{'total':9s} {'':40s} | {cell(ta)} | {cell(tb)}")
+    return "\n".join(lines)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="registered name or a config .json")
     p.add_argument("--batch", type=int, default=256)
@@ -486,6 +520,8 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--top", type=int, default=0, help="print only the N most expensive rows")
+    p.add_argument("--compare", default=None, metavar="BACKEND",
+                   help="a second backend's ledger of the same step, side by side per op")  # fmt: skip
 
 
 def main(args) -> int:
@@ -493,6 +529,13 @@ def main(args) -> int:
         args.model, args.batch, args.amp, args.backend, inference=args.inference, gpu=args.gpu
     )
     print(format_table(report, args.top))
+    out = report
+    if args.compare:
+        other = ledger(
+            args.model, args.batch, args.amp, args.compare, inference=args.inference, gpu=args.gpu
+        )
+        print("\n" + format_compare(report, other))
+        out = {"reports": [report, other]}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -174,10 +174,14 @@ def test_cost_cli_json(tmp_path, capsys):
     cfg.write_text(json.dumps(_SMALL.to_dict()))
     out = tmp_path / "cost.json"
     assert main(["cost", "--model", str(cfg), "--batch", "2", "--inference", "--json", str(out),
-                 "--gpu", "h200"]) == 0  # fmt: skip
+                 "--gpu", "h200", "--compare", "triton"]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "ESTIMATES" in text and "H200" in text
-    rep = json.loads(out.read_text())
-    assert rep["gpu"] == "h200" and rep["totals"]["launches"] == sum(
-        r["launches"] for r in rep["ops"]
-    )
+    assert "ESTIMATES" in text and "H200" in text and "reference vs triton" in text
+    assert "triton:_fused_linear_kernel" in text  # the side-by-side table
+    ref, fast = json.loads(out.read_text())["reports"]
+    for rep in (ref, fast):
+        assert rep["gpu"] == "h200"
+        assert rep["totals"]["launches"] == sum(r["launches"] for r in rep["ops"])
+    assert fast["backend"] == "triton"
+    with pytest.raises(ValueError, match="no cost model"):
+        cost.ledger(_SMALL, 2, "bf16", "cuda")
