@@ -73,6 +73,12 @@ _NO_LAUNCH = {
     "sym_size", "sym_stride", "sym_numel", "is_same_size", "result_type",
 }  # fmt: skip
 
+# Ops whose tensor arguments are not read: factories "like" a tensor and fills.
+_WRITE_ONLY = {
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "zero_",
+    "fill_", "uniform_", "normal_", "random_",
+}  # fmt: skip
+
 # CUDA's multi_tensor_apply (the `_foreach_*` kernels): tensors and 64K-element chunks per launch,
 # by the number of tensor lists of the op (ATen's depth_to_max_tensors / depth_to_max_blocks).
 _MTA_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
@@ -171,7 +177,12 @@ class Ledger(TorchDispatchMode):
         if ns not in ("aten", "prims") or base in _NO_LAUNCH or func.is_view:
             return out
         outputs = _tensors(out)
-        inputs = _tensors(list(args) + list(kwargs.values()))
+        if base in _WRITE_ONLY or base.startswith("new_"):
+            inputs = []  # `self` gives the shape / dtype / device, or is only written
+        elif base == "copy_":
+            inputs = _tensors(args[1:2])  # dst is written, not read
+        else:
+            inputs = _tensors(list(args) + list(kwargs.values()))
         if not outputs and not base.endswith("_"):
             return out
         if base.startswith("_foreach_") and all(t.ndim == 0 for t in inputs):
