@@ -1,5 +1,9 @@
 """Benchmarks run on a GPU: `pytest benchmarks/ --benchmark-only` (see README). Without one they
-skip, since CPU timings of GPU kernels mean nothing.
+skip, since CPU timings of GPU kernels mean nothing — except those marked `bench_cpu`
+(bench_model.py: the reference and timm models are a real comparison on a CPU too).
+
+bench_model.py's options (`--bench-model/-batch/-dtype/-mode/-impl/-rounds`, `--bench-no-ledger`)
+and its summary table (printed at the end, without -s) live here too.
 
 `--bench-quick` keeps, per benchmark function (and value of `backward` where it has one), only
 the first case at that function's largest batch: every benchmark once at a realistic size, in the
