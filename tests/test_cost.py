@@ -185,3 +185,14 @@ def test_cost_cli_json(tmp_path, capsys):
     assert fast["backend"] == "triton"
     with pytest.raises(ValueError, match="no cost model"):
         cost.ledger(_SMALL, 2, "bf16", "cuda")
+
+
+@pytest.mark.slow
+def test_reference_ledger_agrees_with_the_independent_count():
+    # Issue 11's independent model of one crossvit_18_240 training step (B=256, bf16 autocast,
+    # reference eager): 1,886 launches, ~193 GB, ~76-79 ms on an H100. Within 20% (torch 2.13:
+    # 1,799 launches, 176.9 GB, 68.8 ms). ~15 s: the whole model's fake step at full size.
+    t = cost.ledger("crossvit_18_240", 256, "bf16", "reference")["totals"]
+    assert t["launches"] == pytest.approx(1886, rel=0.2)
+    assert t["dram_bytes"] == pytest.approx(193e9, rel=0.2)
+    assert 0.8 * 76 <= t["est_ms"] <= 1.2 * 79
