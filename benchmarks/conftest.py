@@ -32,12 +32,49 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.fixture(autouse=True)
+def _harness_extra_info(request):
+    """harness.record puts each row of the running benchmark into its extra_info too."""
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    import harness
+
+    harness.CURRENT_EXTRA_INFO = request.getfixturevalue("benchmark").extra_info
+    yield
+    harness.CURRENT_EXTRA_INFO = None
+
+
+def _op_rows_table(tr) -> None:
+    """The op benchmarks' rows (harness.record) as one table."""
+    import harness
+
+    if not harness.SESSION_ROWS:
+        return
+    tr.section("op benchmarks (ratios measured in this run)")
+    skip = {"bench", "op", "impl", "pass", "backward", "dtype", "median_ms", "p20_ms", "p80_ms",
+            "gbs", "gb_per_s", "tflops", "vs_reference", "vs_compiled", "speedup_vs_eager",
+            "speedup_vs_compiled", "pct_hbm_peak", "pct_bf16_peak"}  # fmt: skip
+    for r in harness.SESSION_ROWS:
+        case = " ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
+        rate = (f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r
+                else f"{r.get('gbs', r.get('gb_per_s', 0)):.0f} GB/s")  # fmt: skip
+        eager = r.get("speedup_vs_eager", r.get("vs_reference"))
+        comp = r.get("speedup_vs_compiled", r.get("vs_compiled"))
+        tr.write_line(
+            f"{r.get('op', r['bench']):15s} {harness._pass_name(r):8s} {r.get('impl', '?'):19s} "
+            f"{r['median_ms']:9.3f} ms {rate:>15s} x{eager or 0:5.2f} eager "
+            f"x{comp or 0:5.2f} compiled  {case}"
+        )
+
+
 def pytest_configure(config):
     config._bench_model_rows, config._bench_model_medians, config._bench_model_ledgers = [], {}, {}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """bench_model.py's rows as one table (printed without -s)."""
+    """The op benchmarks' rows and bench_model.py's rows as tables (printed without -s)."""
+    _op_rows_table(terminalreporter)
     rows = getattr(config, "_bench_model_rows", [])
     if not rows:
         return

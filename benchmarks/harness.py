@@ -109,12 +109,28 @@ def add_speedups(rows: dict) -> None:
         )
 
 
+# This pytest session's rows, for the summary table pytest prints at the end without -s
+# (benchmarks/conftest.py), and the running benchmark's extra_info (conftest sets it per test).
+SESSION_ROWS: list[dict] = []
+CURRENT_EXTRA_INFO: dict | None = None
+
+
+def _pass_name(row: dict) -> str:
+    return row.get("pass") or ("fwd+bwd" if row.get("backward") else "fwd")
+
+
 def record(bench: str, row: dict) -> None:
     """Append one result row (plus the environment) to the file CROSSVIT_BENCH_RESULTS names —
     only when it is set: nothing is written into the source tree unless asked (e.g.
     CROSSVIT_BENCH_RESULTS=benchmarks/results/NVIDIA_H100.json to commit a run; or pytest's
     --benchmark-json / --benchmark-save). Only GPU results are recorded: CPU timings of GPU
     kernels mean nothing. Rows are written one at a time, so a run cut short keeps its rows."""
+    SESSION_ROWS.append({"bench": bench, **row})
+    if CURRENT_EXTRA_INFO is not None:  # ratios, GB/s, TFLOP/s per (impl, pass)
+        key = f"{row.get('impl', '?')}/{_pass_name(row)}"
+        CURRENT_EXTRA_INFO[key] = {
+            k: v for k, v in row.items() if v is None or isinstance(v, (bool, int, float, str))
+        }
     env = environment()
     if env["device"] == "cpu" and not os.environ.get("CROSSVIT_BENCH_RECORD_CPU"):
         return

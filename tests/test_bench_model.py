@@ -66,3 +66,42 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _load(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # conftest imports `harness` by name
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_op_rows_reach_extra_info_and_the_summary_table(monkeypatch):
+    """harness.record (every op benchmark's row): into the running benchmark's extra_info and
+    the end-of-session table; nothing written without CROSSVIT_BENCH_RESULTS."""
+    harness = _load("harness", monkeypatch)
+    monkeypatch.setitem(sys.modules, "harness", harness)
+    monkeypatch.delenv("CROSSVIT_BENCH_RESULTS", raising=False)
+    harness.CURRENT_EXTRA_INFO = extra = {}
+    row = {"op": "mlp", "impl": "triton", "pass": "fwd+bwd", "model": "crossvit_18", "batch": 256,
+           "median_ms": 2.0, "tflops": 300.0, "speedup_vs_eager": 1.5, "speedup_vs_compiled": 1.1}  # fmt: skip
+    harness.record("mlp", row)
+    assert extra["triton/fwd+bwd"]["speedup_vs_compiled"] == 1.1
+    assert harness.SESSION_ROWS[-1]["bench"] == "mlp"
+
+    lines = []
+
+    class _Reporter:
+        def section(self, title):
+            lines.append(title)
+
+        def write_line(self, line):
+            lines.append(line)
+
+    _load("conftest", monkeypatch)._op_rows_table(_Reporter())
+    assert lines[0].startswith("op benchmarks")
+    assert "300.0 TFLOP/s" in lines[1] and "x 1.50 eager" in lines[1] and "batch=256" in lines[1]
