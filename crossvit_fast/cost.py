@@ -25,9 +25,12 @@ How it counts (`python -m crossvit_fast cost`, or `ledger(...)`):
   small shapes, tests/test_cost.py) and, as DRAM bytes, the same less the repeats that L2 serves:
   a GEMM operand re-read by every tile of a row or column (as for cuBLAS, whose GEMMs count each
   operand once), a program re-reading its own rows.
-* Time per kernel: max(bytes / bandwidth, FLOPs / rate) + a fixed launch cost (the roofline, no
-  overlap between kernels, no L2). The rate is the tensor-core rate for 16-bit matrix ops and the
-  fp32 rate otherwise. These are estimates: calibrate them against `benchmarks/bench_model.py`.
+* Time per kernel: max(DRAM bytes / DRAM bandwidth, issued bytes / L2 bandwidth, FLOPs / rate)
+  + a fixed launch cost (the roofline, no overlap between kernels). The L2 term is what a Triton
+  kernel pays for its repeats (a GEMM re-reading its A operand per column tile); for an aten op
+  issued = DRAM bytes, so it never binds. The rate is the tensor-core rate for 16-bit matrix ops
+  and the fp32 rate otherwise. These are estimates: calibrate them against
+  `benchmarks/bench_model.py`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = ["GPU", "GPUS", "Ledger", "format_table", "ledger", "main"]
 class GPU:
     name: str
     dram_bytes_per_s: float  # achievable device-memory bandwidth
+    l2_bytes_per_s: float  # achievable L2 bandwidth: bounds kernels whose loads mostly hit L2
     matrix_flops_16: float  # dense bf16 / fp16 tensor-core rate reached by cuBLAS
     fp32_flops: float  # fp32 FMA rate (no TF32: torch's default float32 matmul precision)
     launch_s: float  # fixed cost per kernel launch (launch + tail of a short kernel)
@@ -57,8 +61,8 @@ class GPU:
 
 
 GPUS = {
-    "h100": GPU("H100 SXM", 3.0e12, 790e12, 60e12, 4e-6, 132),
-    "h200": GPU("H200 SXM", 4.3e12, 790e12, 60e12, 4e-6, 132),
+    "h100": GPU("H100 SXM", 3.0e12, 7.0e12, 790e12, 60e12, 4e-6, 132),
+    "h200": GPU("H200 SXM", 4.3e12, 7.0e12, 790e12, 60e12, 4e-6, 132),
 }
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -255,7 +259,8 @@ class Ledger(TorchDispatchMode):
     # -- summary ----------------------------------------------------------------------------
     def seconds(self, e: Entry, gpu: GPU) -> float:
         rate = gpu.matrix_flops_16 if (e.matrix and e.low_precision) else gpu.fp32_flops
-        return max(e.dram_bytes / gpu.dram_bytes_per_s, e.flops / rate) + e.launches * gpu.launch_s
+        memory = max(e.dram_bytes / gpu.dram_bytes_per_s, e.issued_bytes / gpu.l2_bytes_per_s)
+        return max(memory, e.flops / rate) + e.launches * gpu.launch_s
 
     def ops(self, gpu: GPU) -> list[dict]:
         rows: dict = defaultdict(
@@ -417,11 +422,13 @@ def ledger(
         "assumptions": {
             "gpu": g.name,
             "dram_bytes_per_s": g.dram_bytes_per_s,
+            "l2_bytes_per_s": g.l2_bytes_per_s,
             "matrix_flops_16bit": g.matrix_flops_16,
             "fp32_flops": g.fp32_flops,
             "launch_s": g.launch_s,
             "sm_count": g.sm_count,
-            "time": "per kernel max(bytes / bandwidth, flops / rate) + launch; no overlap, no L2",
+            "time": "per kernel max(DRAM bytes / DRAM bandwidth, issued bytes / L2 bandwidth, "
+            "flops / rate) + launch; no overlap between kernels",
             "aten": "each kernel reads its inputs once and writes its outputs once",
             "triton": "DRAM: bytes its programs load and store less the repeats L2 serves "
             "(GEMM operand tiles, a program re-reading its own rows); issued_bytes: all of them "
@@ -471,6 +478,7 @@ def format_table(report: dict, top: int = 0) -> str:
         f"ESTIMATES (no GPU was used): {report['model']} B={report['batch']} amp={report['amp']} "
         f"backend={report['backend']}, {report['step']}, on a modelled {a['gpu']}",
         f"assumptions: {a['dram_bytes_per_s'] / 1e12:.1f} TB/s DRAM, "
+        f"{a['l2_bytes_per_s'] / 1e12:.1f} TB/s L2, "
         f"{a['matrix_flops_16bit'] / 1e12:.0f} TFLOP/s 16-bit matrix, "
         f"{a['fp32_flops'] / 1e12:.0f} TFLOP/s fp32, {a['launch_s'] * 1e6:.0f} us per launch, "
         f"{a['sm_count']} SMs; {a['time']}",
