@@ -5,7 +5,8 @@ Run on a GPU: `pytest benchmarks/bench_cross_attention.py --benchmark-only -s` (
 for one model). Each case times the forward, the backward alone (repeated on one retained
 graph) and forward + backward of all three implementations in the same run (CUDA events, median
 with p20 / p80), prints one row per (implementation, pass) and appends it to
-benchmarks/results/<device>.json through `harness.record`. pytest-benchmark's own table shows the
+the extra_info and the end-of-session table through `harness.record` (a results file only when
+CROSSVIT_BENCH_RESULTS names one). pytest-benchmark's own table shows the
 Triton forward + backward.
 
 Roofline: the step is bound by the token tensor of the other branch (B, 1 + N, C). Reading it once

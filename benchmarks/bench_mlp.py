@@ -4,7 +4,8 @@
 Run on a GPU: `pytest benchmarks/bench_mlp.py --benchmark-only -s` (`-k crossvit_18` for one
 model). Each case times forward and forward + backward of all three implementations in the same
 run (CUDA events, median with p20 / p80), prints a table row per implementation and appends it to
-benchmarks/results/<device>.json through `harness.record`. pytest-benchmark's own table shows the
+the extra_info and the end-of-session table through `harness.record` (a results file only when
+CROSSVIT_BENCH_RESULTS names one). pytest-benchmark's own table shows the
 Triton forward + backward.
 
 FLOP formulas (M = batch * tokens rows, C = width, Hd = hidden, N = tokens, B = batch):

@@ -2,8 +2,8 @@
 bias + CLS + position embedding) and `token_assemble` (dagger stems), Triton vs the reference
 eager vs the reference under torch.compile (bf16, image and stem output in bf16).
 
-Run on a GPU: `pytest benchmarks/bench_patch_embed.py --benchmark-only -s`. Rows go to
-benchmarks/results/<device>.json via `harness.record`; see bench_mlp.py for the table format.
+Run on a GPU: `pytest benchmarks/bench_patch_embed.py --benchmark-only -s`. Rows go to the
+extra_info and the end-of-session table via `harness.record`; see bench_mlp.py.
 
 Formulas (B = batch, N = patches, D = width, K = 3 * p * p, e = bytes per element):
   patch_embed     forward 2*B*N*K*D FLOPs; forward + backward (weight gradient, the image does

@@ -6,9 +6,12 @@
 #   info    python -m crossvit_fast info (is _C built and loadable, which backends are available)
 #   tests   the GPU test tier: pytest -m gpu tests
 #   bench   the op benchmarks at reduced size: pytest benchmarks --benchmark-only --bench-quick
-#   model   benchmarks/bench_model.py, when it exists as a script (a pytest benchmark runs in bench)
+#   model   benchmarks/bench_model.py at reduced size (crossvit_18_240 B=64 bf16 training step;
+#           GPU_SESSION_MODEL_ARGS replaces its options) with the cost ledger's estimate of each
+#           row, then `python -m crossvit_fast cost` for the same shapes: measured vs estimated
 # and writes under OUTDIR, few files (a device command brings back at most 8):
 #   summary.md  session.json  build.log  tests.log  bench.log  bench.json  bench_rows.json
+#   model.json
 # then prints a short table last.
 #
 # Usage: benchmarks/gpu_session.sh OUTDIR [--dry-run]      (or GPU_SESSION_DRY_RUN=1)
@@ -96,7 +99,7 @@ print('arch list', build.arch_list(), '| why_no_build:', build.why_no_build())"
   stage tests 120 tests.log "dry run: collection" "$PY" -m pytest -m gpu tests --collect-only -q \
     -p no:cacheprovider
   stage bench 90 bench.log "dry run: collection" "$PY" -m pytest benchmarks --bench-quick \
-    --collect-only -q -p no:cacheprovider
+    --ignore "$MODEL" --collect-only -q -p no:cacheprovider
 else
   stage build 150 build.log "sm_${ARCH/./}" bash -c "$BUILD"
   stage info 30 build.log "" "$PY" -m crossvit_fast info
@@ -106,17 +109,18 @@ else
     -p no:cacheprovider --durations=10 "${timeout_opt[@]}"
   stage bench 120 bench.log "--bench-quick" env CROSSVIT_BENCH_RESULTS="$OUT/bench_rows.json" \
     "$PY" -m pytest benchmarks --benchmark-only --bench-quick --benchmark-json "$OUT/bench.json" \
-    -s -q -p no:cacheprovider "${timeout_opt[@]}"
+    --ignore "$MODEL" -s -q -p no:cacheprovider "${timeout_opt[@]}"
 fi
-if [[ ! -f $MODEL ]]; then
-  record model skipped - 0 0 bench.log "no $MODEL yet"
-elif grep -q '^def test_' "$MODEL"; then
-  record model skipped - 0 0 bench.log "pytest benchmark: ran in bench"
-elif [[ $DRY == 1 ]]; then
-  stage model 30 bench.log "dry run: compiles" "$PY" -m py_compile "$MODEL"
+MODEL_ARGS=${GPU_SESSION_MODEL_ARGS:---bench-model crossvit_18_240 --bench-batch 64 \
+--bench-dtype bf16 --bench-mode train --bench-impl reference,reference_compiled,triton}
+COST_ARGS="--model crossvit_18_240 --batch 64 --amp bf16 --top 12" # the same shapes
+if [[ $DRY == 1 ]]; then
+  stage model 60 bench.log "dry run: collection" bash -c "$PY -m pytest $MODEL --collect-only \
+-q -p no:cacheprovider $MODEL_ARGS"
 else
-  # shellcheck disable=SC2086  # GPU_SESSION_MODEL_ARGS: the script's own options, word-split
-  stage model 60 bench.log "" "$PY" "$MODEL" ${GPU_SESSION_MODEL_ARGS:-}
+  stage model 180 bench.log "measured vs cost" bash -c "$PY -m pytest $MODEL --benchmark-only \
+-q -p no:cacheprovider $MODEL_ARGS --benchmark-json '$OUT/model.json'; rc=\$?
+for b in reference triton; do $PY -m crossvit_fast cost $COST_ARGS --backend \$b; done; exit \$rc"
 fi
 
 dry_flag=()

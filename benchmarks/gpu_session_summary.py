@@ -76,6 +76,23 @@ def bench_table(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+MODEL_HEADER = ["model", "B", "mode", "impl", "measured ms", "est ms", "est / measured", "x eager",
+                "x compiled", "img/s"]  # fmt: skip
+
+
+def model_table(path: Path) -> list[list[str]]:
+    """bench_model.py's rows (its --benchmark-json): measured vs the cost ledger's estimate."""
+    if not path.exists():
+        return []
+    rows = [b.get("extra_info", {}) for b in json.loads(path.read_text()).get("benchmarks", [])]
+    f = lambda v, spec: format(v, spec) if v is not None else ""
+    return [[r["model"], str(r["batch"]), f"{r['dtype']} {r['mode']}", r["impl"],
+             f(r["median_ms"], ".2f"), f(r.get("est_ms"), ".2f"),
+             f(r["est_ms"] / r["median_ms"] if r.get("est_ms") else None, ".2f"),
+             f(r.get("ratio_vs_reference"), ".2f"), f(r.get("ratio_vs_reference_compiled"), ".2f"),
+             f(r["images_per_s"], ".0f")] for r in rows if "impl" in r]  # fmt: skip
+
+
 def _probe(cmd: list[str], timeout: float = 30) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
@@ -156,6 +173,9 @@ def main(argv: list[str]) -> int:
     md += [f"- `{t}`" for t in session["failed_tests"]]
     md += ["", "## Op benchmarks (`--bench-quick`)", ""]
     md.append(_md_table(bench_header, brows) if brows else "no benchmark rows recorded")
+    mrows = model_table(outdir / "model.json")
+    md += ["", "## Whole model (`bench_model.py`): measured vs the cost ledger's estimate", ""]
+    md.append(_md_table(MODEL_HEADER, mrows) if mrows else "no bench_model rows recorded")
     (outdir / "summary.md").write_text("\n".join(md) + "\n")
 
     print(f"\n{title}: {env.get('device', 'no GPU')}, torch {env.get('torch')}, "
@@ -165,6 +185,8 @@ def main(argv: list[str]) -> int:
     if brows:  # short: the op, impl and ratios of each row
         print(_text_table(["op", "pass", "impl", "ms", "x eager", "x compiled"],
                           [[r[0], r[2], r[3], r[4], r[6], r[7]] for r in brows[:24]]))  # fmt: skip
+    if mrows:
+        print(_text_table(MODEL_HEADER, mrows))
     return 0
 
 

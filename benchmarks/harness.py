@@ -2,9 +2,9 @@
 
 Every benchmark compares, in one run, the reference eager, the reference under torch.compile and
 the fast backend(s); it reports the median time with spread, the ratio to the baseline and the
-achieved GB/s or TFLOP/s from an explicit byte / FLOP formula. Results are appended to
-`benchmarks/results/<device>.json` with the device name, torch / triton / CUDA versions and the
-git commit (see `record`).
+achieved GB/s or TFLOP/s from an explicit byte / FLOP formula. Results are appended to the file
+CROSSVIT_BENCH_RESULTS names (e.g. `benchmarks/results/<device>.json`), when set, with the device
+name, torch / triton / CUDA versions and the git commit (see `record`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Dense peaks used for "% of peak" (H100 SXM, per the NVIDIA datasheet, without sparsity).
 PEAKS = {
@@ -111,18 +109,34 @@ def add_speedups(rows: dict) -> None:
         )
 
 
+# This pytest session's rows, for the summary table pytest prints at the end without -s
+# (benchmarks/conftest.py), and the running benchmark's extra_info (conftest sets it per test).
+SESSION_ROWS: list[dict] = []
+CURRENT_EXTRA_INFO: dict | None = None
+
+
+def _pass_name(row: dict) -> str:
+    return row.get("pass") or ("fwd+bwd" if row.get("backward") else "fwd")
+
+
 def record(bench: str, row: dict) -> None:
-    """Append one result row (plus the environment) to benchmarks/results/<device>.json (or to
-    the file CROSSVIT_BENCH_RESULTS names). Only GPU results are recorded: CPU timings of GPU
+    """Append one result row (plus the environment) to the file CROSSVIT_BENCH_RESULTS names —
+    only when it is set: nothing is written into the source tree unless asked (e.g.
+    CROSSVIT_BENCH_RESULTS=benchmarks/results/NVIDIA_H100.json to commit a run; or pytest's
+    --benchmark-json / --benchmark-save). Only GPU results are recorded: CPU timings of GPU
     kernels mean nothing. Rows are written one at a time, so a run cut short keeps its rows."""
+    SESSION_ROWS.append({"bench": bench, **row})
+    if CURRENT_EXTRA_INFO is not None:  # ratios, GB/s, TFLOP/s per (impl, pass)
+        key = f"{row.get('impl', '?')}/{_pass_name(row)}"
+        CURRENT_EXTRA_INFO[key] = {
+            k: v for k, v in row.items() if v is None or isinstance(v, (bool, int, float, str))
+        }
     env = environment()
     if env["device"] == "cpu" and not os.environ.get("CROSSVIT_BENCH_RECORD_CPU"):
         return
-    # CROSSVIT_BENCH_RESULTS=FILE: this run's rows alone, e.g. for benchmarks/gpu_session.sh
-    path = Path(
-        os.environ.get("CROSSVIT_BENCH_RESULTS")
-        or RESULTS_DIR / (env["device"].replace(" ", "_") + ".json")
-    )
+    if not os.environ.get("CROSSVIT_BENCH_RESULTS"):
+        return
+    path = Path(os.environ["CROSSVIT_BENCH_RESULTS"])
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text()) if path.exists() else []
     rows.append({"bench": bench, **env, **row})

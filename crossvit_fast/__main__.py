@@ -5,6 +5,8 @@
   forward and backward, as a table of max errors and times.
 * `train` — the training run (`crossvit_fast.train`); `eval`, `predict`, `export` — use its
   checkpoints (`crossvit_fast.train.infer`).
+* `cost`  — estimated launches, DRAM bytes, FLOPs and GPU time of a step (`crossvit_fast.cost`).
+* `plot`  — the speed-up chart of a `benchmarks/bench_model.py` JSON (`crossvit_fast.plot`).
 """
 
 from __future__ import annotations
@@ -176,8 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     for name, what in _TRAIN_COMMANDS.items():
         sub.add_parser(name, help=what)
+    from . import cost  # the cost ledger: estimates without a GPU
+
+    cost.add_arguments(sub.add_parser("cost", help="estimated launches / bytes / time of a step"))
+    from . import plot  # matplotlib is imported only when plotting
+
+    p = sub.add_parser("plot", help="speed-up chart of a bench_model.py --benchmark-json file")
+    p.add_argument("results")
+    p.add_argument("out")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check}[args.command](args)
+    commands = {"info": cmd_info, "check": cmd_check, "cost": cost.main, "plot": plot.main}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_dry_run_runs_every_stage_and_survives_a_timed_out_one(tmp_path):
     status = {s["name"]: s["status"] for s in session["stages"]}
     assert list(status) == STAGES
     assert status == {"build": "ok", "info": "ok", "tests": "timeout", "bench": "ok",
-                      "model": "skipped"}  # fmt: skip
+                      "model": "ok"}  # fmt: skip
     assert "why_no_build" in (out / "build.log").read_text()
     assert "CUDA extension" in (out / "build.log").read_text()  # info ran
     assert "tests collected" in (out / "bench.log").read_text()  # the --bench-quick selection
@@ -71,7 +71,7 @@ def test_dry_run_past_its_deadline_skips_stages_but_writes_the_summary(tmp_path)
     session = json.loads((out / "session.json").read_text())
     status = {s["name"]: s["status"] for s in session["stages"]}
     assert status == {"build": "no_time", "info": "no_time", "tests": "no_time",
-                      "bench": "no_time", "model": "skipped"}  # fmt: skip
+                      "bench": "no_time", "model": "no_time"}  # fmt: skip
     assert (out / "summary.md").is_file()
 
 
@@ -105,3 +105,17 @@ def test_bench_table_reads_both_row_styles():
          "4.00", "2.00"],
         ["layer_norm", "C=128", "fwd+bwd", "cuda", "0.250", "1200 GB/s", "3.00", ""],
     ]  # fmt: skip
+
+
+def test_model_table_puts_measured_beside_estimated(tmp_path):
+    s = _summary_module()
+    path = tmp_path / "model.json"
+    info = {"model": "crossvit_18_240", "batch": 64, "dtype": "bf16", "mode": "train",
+            "impl": "triton", "median_ms": 20.0, "est_ms": 15.0, "ratio_vs_reference": 1.25,
+            "ratio_vs_reference_compiled": None, "images_per_s": 3200.0}  # fmt: skip
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": info}]}))
+    assert s.model_table(path) == [
+        ["crossvit_18_240", "64", "bf16 train", "triton", "20.00", "15.00", "0.75", "1.25", "",
+         "3200"]
+    ]  # fmt: skip
+    assert s.model_table(tmp_path / "absent.json") == []

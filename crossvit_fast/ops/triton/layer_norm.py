@@ -353,3 +353,30 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 
 OPS = {"layer_norm": layer_norm}
+
+
+# -- cost formulas (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` --------
+
+
+from .utils import esize, register_cost  # noqa: E402
+
+
+@register_cost("_layer_norm_fwd_kernel")
+def _cost_layer_norm_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    M, C, P = a["M"], a["C"], grid[0]
+    b = M * C * esize(a["x_ptr"]) + 8 * M  # x once; fp32 mean, rstd
+    if meta["STORE_Y"]:
+        b += M * C * esize(a["y_ptr"])
+        b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
+    return b, 0
+
+
+@register_cost("_layer_norm_bwd_kernel")
+def _cost_layer_norm_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    M, C, P = a["M"], a["C"], grid[0]
+    per_row = esize(a["x_ptr"]) + esize(a["dy_ptr"]) + esize(a["dx_ptr"])
+    per_row += esize(a["dres_ptr"]) * meta["HAS_DRES"] + esize(a["y_ptr"]) * meta["STORE_Y"]
+    b = M * C * per_row + 8 * M  # + mean, rstd
+    b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
+    b += P * C * 4 * (meta["STORE_DW"] + meta["STORE_DB"])  # fp32 partial rows
+    return b, 0

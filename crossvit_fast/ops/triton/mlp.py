@@ -391,3 +391,38 @@ def mlp(
 
 
 OPS = {"mlp": mlp}
+
+
+# -- cost formula (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` ---------
+
+
+from .utils import cdiv, esize, register_cost  # noqa: E402
+
+
+def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
+    """Bytes loaded + stored when A is read by `tn` column tiles and W by `tm` row tiles."""
+    M, N, K = a["M"], a["N"], a["K"]
+    rows_out = cdiv(M, meta["BLOCK_M"])  # partial-sum rows: written, one per row tile
+    b = M * K * tn * esize(a["a_ptr"]) + N * K * tm * esize(a["w_ptr"])
+    if meta["LN"]:
+        b += 8 * M * tn  # mean, rstd per program
+        b += tm * tn * K * (esize(a["lnw_ptr"]) * meta["LN_W"] + esize(a["lnb_ptr"]) * meta["LN_B"])
+    if meta["A_SUM"]:
+        b += 4 * rows_out * K
+    b += tm * N * esize(a["bias_ptr"]) * meta["HAS_BIAS"]
+    if (meta["GELU"] == GELU_FWD and meta["STORE_AUX"]) or meta["GELU"] == GELU_BWD:
+        b += M * N * esize(a["aux_ptr"])
+    b += M * N * (esize(a["res_ptr"]) * meta["HAS_RES"] + esize(a["c_ptr"]))
+    if meta["C_SUM"]:
+        b += 4 * rows_out * N
+    return b
+
+
+@register_cost("_fused_linear_kernel")
+def _cost_fused_linear(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]:
+    """Every program streams its BLOCK_M rows of A and BLOCK_N columns of W over all of K: A is
+    issued once per column tile, W once per row tile. DRAM: once each — the grouped tile order
+    (GROUP_M row tiles share a column tile) keeps the repeats in L2, as cuBLAS's do."""
+    M, N, K = a["M"], a["N"], a["K"]
+    tm, tn = cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"])
+    return _fused_linear_bytes(a, meta, tm, tn), 2 * M * N * K, _fused_linear_bytes(a, meta, 1, 1)

@@ -649,3 +649,77 @@ def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor
 
 
 OPS = {"patch_embed": patch_embed, "token_assemble": token_assemble}
+
+
+# -- cost formulas (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` --------
+
+
+from .utils import cdiv, esize, register_cost  # noqa: E402
+
+
+def _pixels_per_patch(a: dict, meta: dict) -> int:
+    """Real (unpadded) k of the padded patch row index: C_in * P * P of K = C_in * P * PP."""
+    return a["K"] // meta["PP"] * meta["P"]
+
+
+# Each returns (bytes issued, FLOPs, DRAM bytes): the GEMM operands' repeats across tiles (issued)
+# are served by L2 (grouped tile order / small operands), so DRAM counts each operand once.
+
+
+def _patch_embed_fwd_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
+    M, N, K, B = a["M"], a["N"], a["K"], a["M"] // a["Np"]
+    eo, ep = esize(a["out_ptr"]), esize(a["pos_ptr"])
+    b = M * _pixels_per_patch(a, meta) * tn * esize(a["x_ptr"]) + N * K * tm * esize(a["w_ptr"])
+    b += tm * N * (esize(a["bias_ptr"]) * meta["HAS_BIAS"] + esize(a["cls_ptr"]) + ep)
+    return b + M * N * (ep + eo) + B * N * eo  # pos + tokens; the CLS rows
+
+
+@register_cost("_patch_embed_fwd_kernel")
+def _cost_patch_embed_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]:
+    tm, tn = cdiv(a["M"], meta["BLOCK_M"]), cdiv(a["N"], meta["BLOCK_N"])
+    flops = 2 * a["M"] * a["N"] * a["K"]
+    return _patch_embed_fwd_bytes(a, meta, tm, tn), flops, _patch_embed_fwd_bytes(a, meta, 1, 1)
+
+
+def _patch_embed_bwd_bytes(a: dict, meta: dict, tn: int, tk: int, splits: int) -> int:
+    M, N, K = a["M"], a["N"], a["K"]
+    b = M * N * tk * esize(a["g_ptr"]) + M * _pixels_per_patch(a, meta) * tn * esize(a["x_ptr"])
+    return b + splits * N * K * 4  # + fp32 partials per split
+
+
+@register_cost("_patch_embed_bwd_kernel")
+def _cost_patch_embed_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]:
+    M, N, K = a["M"], a["N"], a["K"]
+    tn, tk = cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"])
+    issued = _patch_embed_bwd_bytes(a, meta, tn, tk, grid[1])
+    return issued, 2 * M * N * K, _patch_embed_bwd_bytes(a, meta, 1, 1, grid[1])
+
+
+def _patch_embed_bwd_input_bytes(a: dict, meta: dict, tm: int, tk: int) -> int:
+    M, N, K = a["M"], a["N"], a["K"]
+    b = M * N * tk * esize(a["g_ptr"]) + N * K * tm * esize(a["w_ptr"])
+    return b + M * _pixels_per_patch(a, meta) * esize(a["dx_ptr"])
+
+
+@register_cost("_patch_embed_bwd_input_kernel")
+def _cost_patch_embed_bwd_input(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]:
+    M, N, K = a["M"], a["N"], a["K"]
+    tm, tk = cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_K"])
+    issued = _patch_embed_bwd_input_bytes(a, meta, tm, tk)
+    return issued, 2 * M * N * K, _patch_embed_bwd_input_bytes(a, meta, 1, 1)
+
+
+@register_cost("_token_assemble_fwd_kernel")
+def _cost_token_assemble_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    T, D, B = a["T"], a["D"], grid[2]
+    b = B * (T - 1) * D * esize(a["f_ptr"]) + grid[0] * B * D * esize(a["cls_ptr"])
+    return b + B * T * D * (esize(a["pos_ptr"]) + esize(a["out_ptr"])), 0
+
+
+@register_cost("_token_assemble_bwd_kernel")
+def _cost_token_assemble_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    B, T, D = a["B"], a["T"], a["D"]
+    b = B * T * D * esize(a["g_ptr"]) + grid[2] * T * D * 4
+    if meta["HAS_DFEAT"]:
+        b += B * (T - 1) * D * esize(a["df_ptr"])
+    return b, 0

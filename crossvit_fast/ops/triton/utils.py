@@ -181,3 +181,30 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     first_m = (pid // group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     return first_m + (pid % group) % group_m, (pid % group) // group_m
+
+
+# -- cost formulas (the `python -m crossvit_fast cost` ledger) -------------------------------------
+
+# kernel name -> f(args: {arg name: value}, meta: constexprs incl. the config, grid: 3-tuple)
+#   -> (bytes its programs load + store, FLOPs[, DRAM bytes]). Each lives beside its kernel;
+#   tests/test_cost.py checks the issued bytes against what the interpreter's loads and stores
+#   touch. The optional DRAM bytes leave out repeats that L2 serves (a GEMM's operand re-read by
+#   every tile of a row / column; a program re-reading its own rows), stated beside each formula.
+KERNEL_COSTS: dict = {}
+
+
+def register_cost(kernel_name: str):
+    def deco(fn):
+        KERNEL_COSTS[kernel_name] = fn
+        return fn
+
+    return deco
+
+
+def esize(t) -> int:
+    """Bytes per element of a pointer argument (0 for None: that load / store is compiled out)."""
+    return t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
