@@ -33,11 +33,8 @@ same two phases: phase 1 computes per row the weights a, dz and the two row mean
 backward needs (they reduce to per-head dot products, see `_cross_attention_bwd_kernel`; 136 B a
 row of scratch), phase 2 per width chunk writes d tokens once and the per-program partials of
 dk~, dgamma, dbeta, which are reduced in a fixed order (deterministic: no float atomics). The CLS
-row finishes last (`_cls_norm_bwd_kernel`): its LayerNorm gradient needs dq, which needs the
-complete dk~.
-
-Also here: `_cls_norm_fwd_kernel` / `_cls_norm_bwd_kernel`, the row-wise LayerNorm (+ erf-GELU)
-of CLS rows shared with `cls_proj` (crossvit_fast.ops.triton.fusion).
+row finishes last (`cls_norm_bwd`, crossvit_fast.ops.triton.layer_norm): its LayerNorm gradient
+needs dq, which needs the complete dk~.
 """
 
 from __future__ import annotations
@@ -49,19 +46,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import KERNEL_DTYPES, autocast_dtype, check_tensor
-from .utils import (
-    device_guard,
-    dot_flags,
-    gelu_erf,
-    gelu_erf_grad,
-    launch,
-    next_pow2,
-    register_op,
-    sm_count,
-)
+from ..common import cast, check_tensor, compute_dtype
+from .layer_norm import cls_norm_bwd, cls_norm_fwd
+from .utils import dot_flags, launch, register_op, sm_count
 
-__all__ = ["OPS", "cls_norm_bwd", "cls_norm_fwd", "cross_attention", "register_op"]
+__all__ = ["OPS", "cross_attention"]
 
 _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in base 2
 _MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
@@ -76,140 +65,9 @@ _GPU_MAX_WIDTH = 1024
 
 
 @triton.jit
-def _normalize_rows(x, mask_c, C, eps):
-    """Rows of x (fp32, masked columns 0) -> ((x - mean) * rstd with masked columns 0, rstd).
-    Two-pass statistics from the row already in registers (biased variance, as F.layer_norm)."""
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    return xc * rstd[:, None], rstd
-
-
-@triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b, fp32 accumulation; PRECISION: tl.dot's input precision (`utils.dot_flags`)."""
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W: tl.constexpr):
-    """LayerNorm backward of rows: dn = dL/d(x^ * w + b) -> dL/dx (fp32)."""
-    g = dn
-    if HAS_W:
-        g = g * w[None, :]
-    g = tl.where(mask_c[None, :], g, 0.0)
-    mean_g = tl.sum(g, axis=1) / C
-    mean_gx = tl.sum(g * xhat, axis=1) / C
-    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-
-
-# -- CLS-row LayerNorm (+ erf-GELU): also the first half of cls_proj ------------------------------
-
-
-@triton.jit
-def _cls_norm_fwd_kernel(
-    x_ptr, stride_xm, stride_xc,
-    w_ptr, b_ptr,
-    y_ptr,  # (M, C) contiguous: [GELU](LN(x))
-    add_ptr, r_ptr,  # HAS_R: r = x + add (C) -> (M, C) contiguous, the residual base of out-proj
-    M, C, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr,
-    HAS_R: tl.constexpr, HAS_ADD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    rows = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    h, _ = _normalize_rows(x, mask_c, C, eps)
-    if HAS_W:
-        h = h * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        h = h + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        h = gelu_erf(h)
-    offs = rows[:, None] * C + cols[None, :]
-    tl.store(y_ptr + offs, h, mask=mask)
-    if HAS_R:
-        r = x
-        if HAS_ADD:
-            r = r + tl.load(add_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        tl.store(r_ptr + offs, r, mask=mask)
-
-
-@triton.jit
-def _col_sums(part_ptr, e_ptr, stride_em, stride_ec, rows, mask_m, CE, BLOCK_E: tl.constexpr):
-    """Store the column sums of rows `rows` of e (M, CE) at part_ptr (fp32)."""
-    ecols = tl.arange(0, BLOCK_E)
-    emask = mask_m[:, None] & (ecols < CE)[None, :]
-    e = tl.load(
-        e_ptr + rows[:, None] * stride_em + ecols[None, :] * stride_ec, mask=emask, other=0.0
-    )
-    tl.store(part_ptr + ecols, tl.sum(e.to(tl.float32), axis=0), mask=ecols < CE)
-
-
-@triton.jit
-def _cls_norm_bwd_kernel(
-    x_ptr, stride_xm, stride_xc,
-    dy_ptr, stride_dym, stride_dyc,  # dL/d [GELU](LN(x)), (M, C)
-    w_ptr, b_ptr,
-    res_ptr, stride_rm, stride_rc,  # HAS_RES: added to dx (the residual's gradient)
-    pre_ptr, S,  # HAS_PRE: (M, S, 2, C) fp32 partial (dgamma, dbeta) of the same LayerNorm
-    e0_ptr, stride_e0m, stride_e0c,  # NUM_E extra (M, CE) tensors whose column sums are wanted
-    e1_ptr, stride_e1m, stride_e1c,  # (bias gradients), so they need no launch of their own
-    e2_ptr, stride_e2m, stride_e2c,
-    dx_ptr,  # (M, C) contiguous
-    part_ptr,  # (P, 2C + NUM_E*CE) fp32 per-program partials: dgamma | dbeta | e0 | e1 | e2
-    M, C, CE, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_PRE: tl.constexpr, NUM_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    mask_m = rows < M
-    mask_c = cols < C
-    mask = mask_m[:, None] & mask_c[None, :]
-    rows = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
-    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
-    dn = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask,
-                 other=0.0).to(tl.float32)  # fmt: skip
-    if GELU:  # recompute the pre-activation h = LN(x) instead of saving it
-        h = xhat
-        if HAS_W:
-            h = h * w[None, :]
-        if HAS_B:
-            h = h + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        dn = dn * gelu_erf_grad(h)
-    dn = tl.where(mask, dn, 0.0)
-    dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
-    if HAS_RES:
-        dx += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rc, mask=mask,
-                      other=0.0).to(tl.float32)  # fmt: skip
-    tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx, mask=mask)
-
-    dw = tl.sum(dn * xhat, axis=0)
-    db = tl.sum(dn, axis=0)
-    if HAS_PRE:  # fold in the token rows' partials of these samples, split by split: fixed order
-        for s in range(S):
-            p = pre_ptr + ((rows * S + s) * 2 * C)[:, None] + cols[None, :]
-            dw += tl.sum(tl.load(p, mask=mask, other=0.0), axis=0)
-            db += tl.sum(tl.load(p + C, mask=mask, other=0.0), axis=0)
-    part = part_ptr + pid.to(tl.int64) * (2 * C + NUM_E * CE)
-    tl.store(part + cols, dw, mask=mask_c)
-    tl.store(part + C + cols, db, mask=mask_c)
-    if NUM_E > 0:
-        _col_sums(part + 2 * C, e0_ptr, stride_e0m, stride_e0c, rows, mask_m, CE, BLOCK_E)
-    if NUM_E > 1:
-        _col_sums(part + 2 * C + CE, e1_ptr, stride_e1m, stride_e1c, rows, mask_m, CE, BLOCK_E)
-    if NUM_E > 2:
-        _col_sums(part + 2 * C + 2 * CE, e2_ptr, stride_e2m, stride_e2c, rows, mask_m, CE, BLOCK_E)
 
 
 # -- the token pass: shared row access ------------------------------------------------------------
@@ -557,17 +415,6 @@ def _cross_attention_bwd_kernel(
 # -- launchers ----------------------------------------------------------------------------------
 
 
-def _launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
-    with device_guard(device):
-        launch(kernel, grid, *args, **meta)
-
-
-def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for the row kernels: whole rows in registers."""
-    block_c = next_pow2(max(C, 16))
-    return max(1, min(16, cap // block_c)), block_c, 4 if block_c <= 512 else 8
-
-
 # Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
 # 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
 # registers, backward 101 (16-bit) / 150 (fp32), zero spills; with 4 warps, or Triton's 2-stage
@@ -592,81 +439,6 @@ def _split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[in
         splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
     rows = triton.cdiv(n_blocks, splits) * block_n
     return triton.cdiv(N1, rows), rows
-
-
-def cls_norm_fwd(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    out_dtype: torch.dtype,
-    gelu: bool,
-    residual_base: bool = False,
-    add: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Row-wise [GELU](LayerNorm(x)). x: (M, C) any strides, fp32/fp16/bf16; statistics in fp32.
-
-    Returns (y (M, C) in out_dtype, r) with r = x + add (M, C) in out_dtype when residual_base
-    (the residual base that the out-projection GEMM then accumulates into), else None.
-    """
-    M, C = x.shape
-    y = x.new_empty((M, C), dtype=out_dtype)
-    r = x.new_empty((M, C), dtype=out_dtype) if residual_base else None
-    if M == 0:
-        return y, r
-    block_m, block_c, num_warps = _row_tiles(C, 4096)
-    _launch(
-        _cls_norm_fwd_kernel, (triton.cdiv(M, block_m),), x.device,
-        x, x.stride(0), x.stride(1), weight, bias, y, add, r, M, C, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu, HAS_R=residual_base,
-        HAS_ADD=add is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
-    return y, r
-
-
-def cls_norm_bwd(
-    x: Tensor,
-    dy: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    gelu: bool,
-    res: Tensor | None = None,
-    pre: Tensor | None = None,
-    extras: tuple[Tensor, ...] = (),
-) -> tuple[Tensor, Tensor]:
-    """Backward of `cls_norm_fwd`. x, dy: (M, C); res: (M, C) added to dx; pre: (M, S, 2, C)
-    fp32 partial (dgamma, dbeta) of the same LayerNorm from other rows; extras: up to 3 tensors
-    (M, CE) whose column sums are wanted (bias gradients).
-
-    Returns dx (M, C) in x.dtype and sums (2C + len(extras) * CE,) fp32 = dgamma | dbeta |
-    colsum(extras[0]) | ... — reduced from per-program partials in a fixed order.
-    """
-    M, C = x.shape
-    CE = extras[0].shape[1] if extras else 0
-    width = 2 * C + len(extras) * CE
-    dx = x.new_empty((M, C))
-    if M == 0:
-        return dx, x.new_zeros((width,), dtype=torch.float32)
-    block_m, _, num_warps = _row_tiles(max(C, CE), 2048)  # rows of both tiles fit registers
-    block_c = next_pow2(max(C, 16))
-    P = triton.cdiv(M, block_m)
-    part = x.new_empty((P, width), dtype=torch.float32)
-    e = list(extras) + [None] * (3 - len(extras))
-    es = [(t.stride(0), t.stride(1)) if t is not None else (0, 0) for t in e]
-    _launch(
-        _cls_norm_bwd_kernel, (P,), x.device,
-        x, x.stride(0), x.stride(1), dy, dy.stride(0), dy.stride(1), weight, bias,
-        res, *((res.stride(0), res.stride(1)) if res is not None else (0, 0)),
-        pre, pre.shape[1] if pre is not None else 0,
-        e[0], *es[0], e[1], *es[1], e[2], *es[2],
-        dx, part, M, C, CE, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu, HAS_RES=res is not None,
-        HAS_PRE=pre is not None, NUM_E=len(extras), BLOCK_M=block_m, BLOCK_C=block_c,
-        BLOCK_E=next_pow2(max(CE, 16)), num_warps=num_warps,
-    )  # fmt: skip
-    # P <= M / BLOCK_M rows: one small deterministic reduction for every LN / bias gradient
-    return dx, part.sum(0)
 
 
 def _head_view(t: Tensor, H: int) -> Tensor:
@@ -735,8 +507,8 @@ def _cross_attention_fwd(
             part_acc = cls.new_empty((B, S, H, C), dtype=torch.float32)
         z = cls.new_empty((B, _MAX_HEADS, N1), dtype=torch.float32)  # logits, read back once
         has_b = norm_bias is not None
-        _launch(
-            _cross_attention_fwd_kernel, (B, S), cls.device,
+        launch(
+            _cross_attention_fwd_kernel, (B, S),
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias, z, stats[0], stats[1],
@@ -746,8 +518,8 @@ def _cross_attention_fwd(
         )  # fmt: skip
         if not single:
             block_c = tiles["BLOCK_C"]
-            _launch(
-                _cross_attention_merge_kernel, (B, triton.cdiv(C, block_c)), cls.device,
+            launch(
+                _cross_attention_merge_kernel, (B, triton.cdiv(C, block_c)),
                 part_m, part_l, part_acc, norm_bias, u, ut, lse, S, C, H,
                 HAS_B=has_b, BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=4,
             )  # fmt: skip
@@ -810,8 +582,8 @@ def _cross_attention_bwd(
     if B > 0:
         pdz = cls.new_empty((2, B, _MAX_HEADS, N1), dtype=torch.float32)  # scratch: a, dz
         means = cls.new_empty((2, B, N1), dtype=torch.float32)  # scratch: mean(g), mean(g x^)
-        _launch(
-            _cross_attention_bwd_kernel, (B, S), cls.device,
+        launch(
+            _cross_attention_bwd_kernel, (B, S),
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), du, du.stride(0), du.stride(1), ut, lse,
@@ -876,28 +648,6 @@ def _check_heads(C: int, num_heads: int) -> None:
         )
 
 
-def compute_dtype(x: Tensor, named: dict) -> torch.dtype:
-    """The GEMM dtype: the autocast dtype if autocast is on, else x.dtype; without autocast
-    every tensor in `named` must share x's dtype (as the reference requires)."""
-    dt = autocast_dtype(x.device.type)
-    if dt is not None:
-        if dt not in KERNEL_DTYPES:
-            raise ValueError(
-                f"autocast dtype {dt} is not supported (expected one of {KERNEL_DTYPES})"
-            )
-        return dt
-    for name, t in named.items():
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(
-                f"{name}: expected dtype {x.dtype} (as the input; no autocast), got {t.dtype}"
-            )
-    return x.dtype
-
-
-def cast(t: Tensor | None, dt: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dt)
-
-
 def cross_attention(
     cls: Tensor,
     tokens: Tensor,
@@ -947,9 +697,9 @@ def cross_attention(
     # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
     if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)
         cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
-    dt = compute_dtype(cls, {"tokens": tokens, "norm_weight": norm_weight, "norm_bias": norm_bias,
-                             "wq": wq, "bq": bq, "wk": wk, "bk": bk, "wv": wv, "bv": bv,
-                             "proj_weight": proj_weight, "proj_bias": proj_bias})  # fmt: skip
+    dt = compute_dtype(cls, tokens=tokens, norm_weight=norm_weight, norm_bias=norm_bias, wq=wq,
+                       bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, proj_weight=proj_weight,
+                       proj_bias=proj_bias)  # fmt: skip
     return _cross_attention_fwd(
         cls, tokens, norm_weight, norm_bias, cast(wq, dt), cast(bq, dt), cast(wk, dt),
         cast(bk, dt), cast(wv, dt), cast(bv, dt), cast(proj_weight, dt), cast(proj_bias, dt),

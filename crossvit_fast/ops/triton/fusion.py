@@ -23,15 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import check_tensor
-from .cross_attention import (
-    cast,
-    cls_norm_bwd,
-    cls_norm_fwd,
-    compute_dtype,
-    cross_attention,
-    register_op,
-)
+from ..common import cast, check_tensor, compute_dtype
+from .cross_attention import cross_attention
+from .layer_norm import cls_norm_bwd, cls_norm_fwd
+from .utils import register_op
 
 __all__ = ["OPS", "cls_proj", "cross_fusion"]
 
@@ -122,8 +117,7 @@ def cls_proj(
     check_tensor("norm_weight", norm_weight, shape=(C_in,), like=x, optional=True)
     check_tensor("norm_bias", norm_bias, shape=(C_in,), like=x, optional=True)
     check_tensor("bias", bias, shape=(C_out,), like=x, optional=True)
-    dt = compute_dtype(x, {"norm_weight": norm_weight, "norm_bias": norm_bias, "weight": weight,
-                           "bias": bias})  # fmt: skip
+    dt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
     y = _cls_proj_fwd(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)

@@ -36,9 +36,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import autocast_dtype, check_tensor
-from .layer_norm import check_param_dtype, launch, on_device, program_slots, register_op, round_to
-from .utils import dot_flags, dot_in_fp32, grouped_tile, next_pow2
+from ..common import cast, check_tensor, compute_dtype
+from .utils import (
+    dot_flags,
+    dot_in_fp32,
+    empty,
+    gemm_configs,
+    grouped_tile,
+    launch,
+    next_pow2,
+    program_slots,
+    prune_by_dtype,
+    register_op,
+    round_to,
+)
 
 __all__ = ["OPS", "patch_embed", "token_assemble"]
 
@@ -295,25 +306,17 @@ def _token_assemble_bwd_kernel(
 # 16-bit weights: Hopper wgmma tiles. An fp32 image cast in-kernel (AMP) holds the fp32 A tile as
 # well: 128x64 / 64x128 with 4 warps spilled 8-40 bytes (sm_90 toolchain tier), so that case runs
 # them with 8 warps. fp32 weights: IEEE products, smaller tiles.
-_CONFIGS_16 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]  # fmt: skip
-_CONFIGS_16_FP32_IMAGE = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-]  # fmt: skip
-_CONFIGS_32 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-]  # fmt: skip
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_CONFIGS_16 = gemm_configs((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+_CONFIGS_16_FP32_IMAGE = gemm_configs(
+    (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)
+)
+_CONFIGS_32 = gemm_configs((64, 64, 32, 4, 3))
 
-
-def _prune(configs, named_args, **kwargs):
-    if named_args["w_ptr"].element_size() >= 4:
-        return list(_CONFIGS_32)
-    return list(_CONFIGS_16_FP32_IMAGE if named_args["x_ptr"].element_size() >= 4 else _CONFIGS_16)
+_prune = prune_by_dtype(
+    _CONFIGS_32, _CONFIGS_16, _CONFIGS_16_FP32_IMAGE,
+    lambda named, meta: named["x_ptr"].element_size() >= 4,
+)  # fmt: skip
 
 
 _patch_embed_fwd_tuned = triton.autotune(
@@ -364,8 +367,7 @@ def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: T
             out.stride(0), out.stride(1))  # fmt: skip
     flags = dict(P=p, PP=pp, HAS_BIAS=bias is not None, **dot_flags(weight.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-    with on_device(x):
-        launch(_patch_embed_fwd_tuned, grid, *args, **flags)
+    launch(_patch_embed_fwd_tuned, grid, *args, **flags)
     return out
 
 
@@ -385,14 +387,13 @@ def token_grads(dout: Tensor, dfeat: Tensor | None) -> Tensor:
             if dfeat is not None
             else (0, 0, 0)
         )
-        with on_device(dout):
-            launch(
-                _token_assemble_bwd_kernel,
-                (triton.cdiv(T, block_t), triton.cdiv(D, block_d), splits),
-                dout, dfeat, part, B, T, D, per_split, *dout.stride(), *fs,
-                HAS_DFEAT=dfeat is not None, EMULATE=dot_in_fp32(), BLOCK_T=block_t,
-                BLOCK_D=block_d, num_warps=4,
-            )  # fmt: skip
+        launch(
+            _token_assemble_bwd_kernel,
+            (triton.cdiv(T, block_t), triton.cdiv(D, block_d), splits),
+            dout, dfeat, part, B, T, D, per_split, *dout.stride(), *fs,
+            HAS_DFEAT=dfeat is not None, EMULATE=dot_in_fp32(), BLOCK_T=block_t,
+            BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return part.sum(0)
 
 
@@ -420,26 +421,24 @@ def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need
         splits = triton.cdiv(M, rows)
         part = x.new_empty((splits, D, K), dtype=torch.float32)
         if M > 0:
-            with on_device(x):
-                launch(
-                    _patch_embed_bwd_kernel, (tiles, splits),
-                    x, dout, weight, part, M, D, K, Np, Wp, rows, *x.stride(), *dout.stride(),
-                    P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                    num_stages=stages, **dots,
-                )  # fmt: skip
+            launch(
+                _patch_embed_bwd_kernel, (tiles, splits),
+                x, dout, weight, part, M, D, K, Np, Wp, rows, *x.stride(), *dout.stride(),
+                P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                num_stages=stages, **dots,
+            )  # fmt: skip
         dw = part.sum(0).view(D, Cin, p, pp)[..., :p].to(cdt).contiguous()
     if need_dx:
         dx = torch.empty_like(x)  # keeps x's memory format; fully overwritten
         w2, _ = _padded_weight(weight)
         bm, bn, bk, warps = (64, 32, 64, 4) if cdt == torch.float32 else (128, 64, 64, 8)
         if M > 0:
-            with on_device(x):
-                launch(
-                    _patch_embed_bwd_input_kernel, (triton.cdiv(M, bm) * triton.cdiv(K, bk),),
-                    dout, w2, dx, M, D, K, Np, Wp, *dout.stride(), w2.stride(0), w2.stride(1),
-                    *dx.stride(), P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                    num_warps=warps, **dots,
-                )  # fmt: skip
+            launch(
+                _patch_embed_bwd_input_kernel, (triton.cdiv(M, bm) * triton.cdiv(K, bk),),
+                dout, w2, dx, M, D, K, Np, Wp, *dout.stride(), w2.stride(0), w2.stride(1),
+                *dx.stride(), P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=warps, **dots,
+            )  # fmt: skip
     return dx, dw, dpos
 
 
@@ -468,21 +467,16 @@ def token_assemble_fwd(
     feat = _flat_tokens(feat)
     pos = pos_embed.reshape(T, D)
     block_t, block_d = _token_tile(T, D)
-    with on_device(feat):
-        launch(
-            _token_assemble_fwd_kernel, (triton.cdiv(T, block_t), triton.cdiv(D, block_d), B),
-            feat, cls_token.reshape(D), pos, out, T, D, feat.stride(0), feat.stride(1),
-            _token_stride(feat), pos.stride(0), pos.stride(1), out.stride(0), out.stride(1),
-            EMULATE=dot_in_fp32(), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
+    launch(
+        _token_assemble_fwd_kernel, (triton.cdiv(T, block_t), triton.cdiv(D, block_d), B),
+        feat, cls_token.reshape(D), pos, out, T, D, feat.stride(0), feat.stride(1),
+        _token_stride(feat), pos.stride(0), pos.stride(1), out.stride(0), out.stride(1),
+        EMULATE=dot_in_fp32(), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
     return out
 
 
 # -- registered ops ------------------------------------------------------------------------------
-
-
-def _empty(x: Tensor) -> Tensor:
-    return x.new_empty(0)
 
 
 @register_op("crossvit_fast::patch_embed")
@@ -502,8 +496,8 @@ def _patch_embed_backward_op(
     need_dx, need_dw = needs
     dx, dw, dpos = patch_embed_bwd(dout, x, weight, need_dx, need_dw)
     return (
-        dx if dx is not None else _empty(x),
-        dw if dw is not None else _empty(x),
+        dx if dx is not None else empty(x),
+        dw if dw is not None else empty(x),
         dpos[1:].sum(0),
         dpos[0].clone(),
         dpos,
@@ -557,7 +551,7 @@ def _token_assemble_backward_op(
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         dfeat = dout.new_empty(feat_shape, dtype=feat_dtype).contiguous(memory_format=fmt)
     dpos = token_grads(dout, dfeat)
-    return dfeat if dfeat is not None else _empty(dout), dpos
+    return dfeat if dfeat is not None else empty(dout), dpos
 
 
 def _token_assemble_setup(ctx, inputs, output):
@@ -626,10 +620,9 @@ def patch_embed(
         raise ValueError(f"x: image size ({H}, {W}) is not divisible by the patch size {p}")
     check_tensor("bias", bias, shape=(D,), like=x, optional=True)
     _check_tokens(D, (H // p) * (W // p), cls_token, pos_embed, x)
-    check_param_dtype(x, weight=weight, bias=bias)
-    cdt = autocast_dtype(x.device.type) or x.dtype
+    cdt = compute_dtype(x, weight=weight, bias=bias)
     out_dtype = torch.promote_types(torch.promote_types(cdt, cls_token.dtype), pos_embed.dtype)
-    weight, bias = weight.to(cdt), bias.to(cdt) if bias is not None else None  # autocast's cast
+    weight, bias = weight.to(cdt), cast(bias, cdt)  # autocast's cast
     return torch.ops.crossvit_fast.patch_embed(x, weight, bias, cls_token, pos_embed, out_dtype)
 
 

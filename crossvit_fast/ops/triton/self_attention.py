@@ -22,22 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import check_tensor
-from .layer_norm import (
-    as_rows,
-    check_param_dtype,
-    compute_dtype,
-    layer_norm_bwd,
-    layer_norm_fwd,
-    register_op,
-)
+from ..common import cast, check_tensor, compute_dtype
+from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd
 from .mlp import fused_linear, sum_rows
+from .utils import empty, register_op
 
 __all__ = ["OPS", "linear_residual", "ln_linear", "self_attention"]
-
-
-def _empty(x: Tensor) -> Tensor:
-    return x.new_empty(0)
 
 
 # -- ln_linear: LN(x) @ W^T + b ------------------------------------------------------------------
@@ -77,10 +67,10 @@ def _ln_linear_backward_op(
     )  # fmt: skip
     return (
         dx.view(x.shape),
-        dnw if dnw is not None else _empty(x),
-        dnb if dnb is not None else _empty(x),
-        torch.mm(dy.to(weight.dtype).t(), ln_out) if need_w else _empty(x),
-        b_sum.sum(0).to(weight.dtype) if need_b else _empty(x),
+        dnw if dnw is not None else empty(x),
+        dnb if dnb is not None else empty(x),
+        torch.mm(dy.to(weight.dtype).t(), ln_out) if need_w else empty(x),
+        b_sum.sum(0).to(weight.dtype) if need_b else empty(x),
     )
 
 
@@ -138,8 +128,8 @@ def _linear_residual_backward_op(
     da = a.new_empty(a.shape, dtype=weight.dtype)
     b_sum = a.new_zeros((sum_rows(M), weight.shape[0]), dtype=torch.float32) if need_b else None
     fused_linear(dy, weight, da.view(M, K), transpose_w=False, a_sum=b_sum)
-    dw = torch.mm(dy.to(weight.dtype).t(), a2.to(weight.dtype)) if need_w else _empty(a)
-    db = b_sum.sum(0).to(weight.dtype) if need_b else _empty(a)
+    dw = torch.mm(dy.to(weight.dtype).t(), a2.to(weight.dtype)) if need_w else empty(a)
+    db = b_sum.sum(0).to(weight.dtype) if need_b else empty(a)
     return da.to(a.dtype), dw, db
 
 
@@ -196,16 +186,15 @@ def self_attention(
     check_tensor("qkv_bias", qkv_bias, shape=(3 * C,), like=x, optional=True)
     check_tensor("proj_weight", proj_weight, shape=(C, C), like=x)
     check_tensor("proj_bias", proj_bias, shape=(C,), like=x, optional=True)
-    check_param_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight,
-                      qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)  # fmt: skip
-    cdt = compute_dtype(x)
-    cast = lambda t: t.to(cdt) if t is not None else None  # what autocast does to F.linear's args
-    qkv = ln_linear(x, norm_weight, norm_bias, cast(qkv_weight), cast(qkv_bias), eps)
+    cdt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight,
+                        qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)  # fmt: skip
+    # what autocast does to F.linear's arguments
+    qkv = ln_linear(x, norm_weight, norm_bias, cast(qkv_weight, cdt), cast(qkv_bias, cdt), eps)
     q, k, v = qkv.view(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
     o = F.scaled_dot_product_attention(q, k, v)
     # (B, H, N, d) -> (B, N, C): a view when SDPA returns the (B, N, H, d) memory layout (flash).
     o = o.transpose(1, 2).reshape(B, N, C)
-    return linear_residual(o, cast(proj_weight), cast(proj_bias), x if residual else None)
+    return linear_residual(o, cast(proj_weight, cdt), cast(proj_bias, cdt), x if residual else None)
 
 
 OPS = {"self_attention": self_attention}
