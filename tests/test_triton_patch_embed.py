@@ -13,6 +13,7 @@ import torch
 
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import patch_embed as tpe
+from crossvit_fast.ops.triton import token_assemble as tta
 
 from .conftest import DEVICE
 from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
@@ -159,7 +160,7 @@ def test_token_assemble(dtype, B, D, h, w, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def ours(feat, cls, pos):
-        return tpe.token_assemble(feat.contiguous(memory_format=fmt), cls, pos)
+        return tta.token_assemble(feat.contiguous(memory_format=fmt), cls, pos)
 
     check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")
 
@@ -168,11 +169,11 @@ def test_token_assemble_grad_layout_and_batch0():
     feat = torch.randn(2, 32, 3, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
     feat.requires_grad_()
     cls, pos = [t.float() for t in ta_inputs(1, 32, 3, 4)[1:]]
-    (g,) = torch.autograd.grad(tpe.token_assemble(feat, cls, pos).sum(), feat)
+    (g,) = torch.autograd.grad(tta.token_assemble(feat, cls, pos).sum(), feat)
     assert g.is_contiguous(memory_format=torch.channels_last)  # handed to cuDNN without a copy
     f0 = torch.randn(0, 32, 3, 4, device=DEVICE, requires_grad=True)
     pos0 = pos.clone().requires_grad_()
-    out = tpe.token_assemble(f0, cls, pos0)
+    out = tta.token_assemble(f0, cls, pos0)
     assert out.shape == (0, 13, 32)
     out.sum().backward()
     assert f0.grad.shape == f0.shape and torch.count_nonzero(pos0.grad) == 0
@@ -181,12 +182,12 @@ def test_token_assemble_grad_layout_and_batch0():
 def test_token_assemble_dtypes_errors_opcheck():
     feat, cls, pos = [t.float() for t in ta_inputs(2, 32, 3, 4)]
     # Mixed dtypes promote as torch.cat / + do (no autocast rule applies to them).
-    out = tpe.token_assemble(feat.bfloat16(), cls, pos)
+    out = tta.token_assemble(feat.bfloat16(), cls, pos)
     assert out.dtype == reference.token_assemble(feat.bfloat16(), cls, pos).dtype == torch.float32
     with pytest.raises(ValueError, match="pos_embed: expected shape"):
-        tpe.token_assemble(feat, cls, pos[:, 1:])
+        tta.token_assemble(feat, cls, pos[:, 1:])
     with pytest.raises(ValueError, match="cls_token: expected shape"):
-        tpe.token_assemble(feat, cls[0], pos)
+        tta.token_assemble(feat, cls[0], pos)
     feat.requires_grad_()
     torch.library.opcheck(
         torch.ops.crossvit_fast.token_assemble.default, (feat, cls, pos, torch.float32)
@@ -228,7 +229,7 @@ def test_token_assemble_gpu(dtype):
     inputs = ta_inputs(8, 448, 14, 14, device="cuda")
 
     def ours(feat, cls, pos):
-        return tpe.token_assemble(feat.contiguous(memory_format=torch.channels_last), cls, pos)
+        return tta.token_assemble(feat.contiguous(memory_format=torch.channels_last), cls, pos)
 
     check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")
 

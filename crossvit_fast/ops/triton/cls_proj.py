@@ -1,21 +1,15 @@
-"""CrossViT's CLS-side fusion ops in Triton: `cls_proj` (projs / revert_projs) and the whole
-fusion step `cross_fusion` = cls_proj -> cross_attention -> cls_proj.
+"""The `cls_proj` op in Triton: CrossViT's projs / revert_projs, Linear(GELU_erf(LayerNorm(x))).
 
-Specs: `crossvit_fast.ops.reference.cls_proj` / `cross_fusion`.
+Spec: `crossvit_fast.ops.reference.cls_proj`.
+
+Ladder: `cls_norm_fwd` / `cls_norm_bwd` (crossvit_fast.ops.triton.layer_norm) + cuBLAS -> ops
+`crossvit_fast::cls_proj` / `crossvit_fast::cls_proj_backward` -> functional `cls_proj`.
 
 cls_proj = Linear(GELU_erf(LayerNorm(x))) on B CLS rows: one Triton launch for the row-wise
 LayerNorm + GELU (`_cls_norm_fwd_kernel`, statistics in fp32), one cuBLAS GEMM with the bias in
 its epilogue. Backward: two GEMMs (dg, dW) and one Triton launch that does the GELU and
 LayerNorm backward and the per-program partials of dgamma, dbeta and the bias gradient, reduced
 by one deterministic sum.
-
-One fusion step (at B >= #SMs, where the token pass needs no split; smaller batches add one
-merge launch forward and one partial-sum backward) costs 11 launches forward — cls_proj 2,
-cross_attention 7 (LN(cls), q, k~, token pass, o + b_v, o's head merge, out-proj), cls_proj 2 — of which only
-the token pass touches the (B, N, C) tokens, and 21 backward — cls_proj 4, cross_attention 13
-(8 GEMMs / batched GEMMs, dq's head merge, the token pass, the CLS-row LayerNorm backward, one
-partial sum, the memset of the exactly-zero db_k), cls_proj 4 — against 20 / 38 for the reference in eager mode,
-most of which read or write whole token tensors (tests/test_triton_fusion.py::test_launch_count).
 """
 
 from __future__ import annotations
@@ -24,11 +18,10 @@ import torch
 from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
-from .cross_attention import cross_attention
 from .layer_norm import cls_norm_bwd, cls_norm_fwd
 from .utils import register_op
 
-__all__ = ["OPS", "cls_proj", "cross_fusion"]
+__all__ = ["OPS", "cls_proj"]
 
 
 @register_op("crossvit_fast::cls_proj_fwd")
@@ -123,42 +116,4 @@ def cls_proj(
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)
 
 
-def cross_fusion(
-    cls: Tensor,
-    tokens: Tensor,
-    proj_norm_weight: Tensor | None,
-    proj_norm_bias: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    attn_norm_weight: Tensor | None,
-    attn_norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    attn_proj_weight: Tensor,
-    attn_proj_bias: Tensor | None,
-    revert_norm_weight: Tensor | None,
-    revert_norm_bias: Tensor | None,
-    revert_weight: Tensor,
-    revert_bias: Tensor | None,
-    num_heads: int,
-    eps: float,
-) -> Tensor:
-    """One fusion step for branch i: revert_projs(cross_attention(projs(cls), tokens)).
-
-    cls: (B, C_i); tokens: (B, 1 + N, C_j), read in place (row 0 ignored). Returns (B, C_i).
-    Limits as `cls_proj` and `cross_attention` (num_heads is branch j's head count).
-    """
-    check_tensor("cls", cls, ndim=2)
-    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
-    f = cross_attention(
-        c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
-        attn_proj_weight, attn_proj_bias, num_heads, eps,
-    )  # fmt: skip
-    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
-
-
-OPS = {"cls_proj": cls_proj, "cross_fusion": cross_fusion}
+OPS = {"cls_proj": cls_proj}
