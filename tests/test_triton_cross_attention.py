@@ -217,13 +217,13 @@ def test_errors(C, changes, match):
 def test_opcheck():
     inputs = make_inputs(2, 3, 16, 2)
     args = [None if inputs[k] is None else inputs[k].float().requires_grad_() for k in NAMES]
-    torch.library.opcheck(torch.ops.crossvit_fast.cross_attention_fwd.default,
+    torch.library.opcheck(torch.ops.crossvit_fast.cross_attention.default,
                           (*args, 2, EPS, True))  # fmt: skip
     # the backward op on its own (inputs that need no grad)
-    outs = torch.ops.crossvit_fast.cross_attention_fwd(*(a.detach() for a in args), 2, EPS, True)
+    outs = torch.ops.crossvit_fast.cross_attention(*(a.detach() for a in args), 2, EPS, True)
     d = [a.detach() for a in args]
     torch.library.opcheck(
-        torch.ops.crossvit_fast.cross_attention_bwd.default,
+        torch.ops.crossvit_fast.cross_attention_backward.default,
         (torch.randn(2, 16, device=DEVICE), d[0], d[1], d[2], d[4], d[6], d[8], d[10],
          *outs[1:], 2, EPS, True),
     )  # fmt: skip

@@ -173,10 +173,10 @@ def test_cls_proj_errors(changes, match):
 def test_cls_proj_opcheck():
     inputs = proj_inputs((3, 16), 24)
     args = [inputs[k].float().requires_grad_() for k in PROJ]
-    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_fwd.default, (*args, EPS))
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj.default, (*args, EPS))
     d = [a.detach() for a in args]
-    _, gelu = torch.ops.crossvit_fast.cls_proj_fwd(*d, EPS)
-    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_bwd.default,
+    _, gelu = torch.ops.crossvit_fast.cls_proj(*d, EPS)
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_backward.default,
                           (torch.randn(3, 24, device=DEVICE), d[0], gelu, d[1], d[2], d[3], EPS,
                            True))  # fmt: skip
 

@@ -24,8 +24,8 @@ from .utils import register_op
 __all__ = ["OPS", "cls_proj"]
 
 
-@register_op("crossvit_fast::cls_proj_fwd")
-def _cls_proj_fwd(
+@register_op("crossvit_fast::cls_proj")
+def _cls_proj_op(
     x: Tensor,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
@@ -42,8 +42,8 @@ def _cls_proj_fwd(
     return y, g
 
 
-@register_op("crossvit_fast::cls_proj_bwd")
-def _cls_proj_bwd(
+@register_op("crossvit_fast::cls_proj_backward")
+def _cls_proj_backward_op(
     dy: Tensor,
     x: Tensor,
     g: Tensor,
@@ -62,7 +62,7 @@ def _cls_proj_bwd(
     return dx, dw, sums
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _cls_proj_setup(ctx, inputs, output) -> None:
     x, nw, nb, weight, bias, eps = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -71,19 +71,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bias))
 
 
-def _backward(ctx, dy, _):
+def _cls_proj_backward(ctx, dy, _):
     if dy is None:
         return (None,) * 6
     x, g, nw, nb, weight = ctx.saved_tensors
     C = x.shape[1]
     has_bias = ctx.dtypes[2] is not None
-    dx, dw, sums = _cls_proj_bwd(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
+    dx, dw, sums = _cls_proj_backward_op(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
     grads = (sums[:C], sums[C : 2 * C], sums[2 * C :])
     g_nw, g_nb, g_b = (None if t is None else s.to(t) for s, t in zip(grads, ctx.dtypes))
     return dx, g_nw, g_nb, dw, g_b, None
 
 
-_cls_proj_fwd.register_autograd(_backward, setup_context=_setup_context)
+_cls_proj_op.register_autograd(_cls_proj_backward, setup_context=_cls_proj_setup)
 
 
 def cls_proj(
@@ -112,7 +112,7 @@ def cls_proj(
     check_tensor("bias", bias, shape=(C_out,), like=x, optional=True)
     dt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
-    y = _cls_proj_fwd(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
+    y = _cls_proj_op(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)
 
 

@@ -10,7 +10,7 @@ a single query, the key and value projections move to the query side:
 so K and V (2 N C^2 MACs per sample) never exist and the op reads each token row once.
 
 Memory plan, per sample b. LN(cls) -> q -> k~ are (B, C) / (H, B, C) GEMMs (cuBLAS, see
-`_cross_attention_fwd`). The token pass streams the 1 + N attended rows (the CLS row, then
+`_cross_attention_op`). The token pass streams the 1 + N attended rows (the CLS row, then
 tokens[b, 1:] read in place) in blocks of BLOCK_N rows, and each block's width in BLOCK_C = 64
 column chunks: no tile ever holds a whole row or a whole (heads x C) accumulator, so the working
 set is the same at every width and dtype (sm_90: 64-150 registers, zero spills; checked by
@@ -456,8 +456,8 @@ def _merge_heads(t: Tensor) -> Tensor:
 # -- registered ops ---------------------------------------------------------------------------------
 
 
-@register_op("crossvit_fast::cross_attention_fwd")
-def _cross_attention_fwd(
+@register_op("crossvit_fast::cross_attention")
+def _cross_attention_op(
     cls: Tensor,
     tokens: Tensor,
     norm_weight: Tensor | None,
@@ -539,8 +539,8 @@ def _cross_attention_fwd(
     return out, n0, q, kt, u, ut, lse, o, stats
 
 
-@register_op("crossvit_fast::cross_attention_bwd")
-def _cross_attention_bwd(
+@register_op("crossvit_fast::cross_attention_backward")
+def _cross_attention_backward_op(
     dout: Tensor,
     cls: Tensor,
     tokens: Tensor,
@@ -604,7 +604,7 @@ def _cross_attention_bwd(
     return dcls, dtokens, dwq, dwk, dwv, dwo, sums
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _cross_attention_setup(ctx, inputs, output) -> None:
     cls, tokens, nw, nb, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual = inputs
     _, n0, q, kt, u, ut, lse, o, stats = output
     ctx.mark_non_differentiable(n0, q, kt, u, ut, lse, o, stats)
@@ -615,12 +615,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bq, bk, bv, bo))
 
 
-def _backward(ctx, dout, *_):
+def _cross_attention_backward(ctx, dout, *_):
     saved = ctx.saved_tensors
     C = saved[0].shape[1]
     if dout is None:
         return (None,) * 15
-    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_bwd(dout, *saved, *ctx.args)
+    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_backward_op(dout, *saved, *ctx.args)
     dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
     dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
@@ -629,7 +629,9 @@ def _backward(ctx, dout, *_):
     return dcls, dtok, g_nw, g_nb, dwq, g_bq, dwk, g_bk, dwv, g_bv, dwo, g_bo, None, None, None
 
 
-_cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_cross_attention_op.register_autograd(
+    _cross_attention_backward, setup_context=_cross_attention_setup
+)
 
 
 # -- functional ---------------------------------------------------------------------------------
@@ -700,7 +702,7 @@ def cross_attention(
     dt = compute_dtype(cls, tokens=tokens, norm_weight=norm_weight, norm_bias=norm_bias, wq=wq,
                        bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, proj_weight=proj_weight,
                        proj_bias=proj_bias)  # fmt: skip
-    return _cross_attention_fwd(
+    return _cross_attention_op(
         cls, tokens, norm_weight, norm_bias, cast(wq, dt), cast(bq, dt), cast(wk, dt),
         cast(bk, dt), cast(wv, dt), cast(bv, dt), cast(proj_weight, dt), cast(proj_bias, dt),
         num_heads, float(eps), bool(residual),

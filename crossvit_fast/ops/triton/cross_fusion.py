@@ -6,11 +6,12 @@ Spec: `crossvit_fast.ops.reference.cross_fusion`. It composes the Triton `cls_pr
 
 One fusion step (at B >= #SMs, where the token pass needs no split; smaller batches add one
 merge launch forward and one partial-sum backward) costs 11 launches forward — cls_proj 2,
-cross_attention 7 (LN(cls), q, k~, token pass, o + b_v, o's head merge, out-proj), cls_proj 2 — of which only
-the token pass touches the (B, N, C) tokens, and 21 backward — cls_proj 4, cross_attention 13
-(8 GEMMs / batched GEMMs, dq's head merge, the token pass, the CLS-row LayerNorm backward, one
-partial sum, the memset of the exactly-zero db_k), cls_proj 4 — against 20 / 38 for the reference in eager mode,
-most of which read or write whole token tensors (tests/test_triton_fusion.py::test_launch_count).
+cross_attention 7 (LN(cls), q, k~, token pass, o + b_v, o's head merge, out-proj), cls_proj 2 —
+of which only the token pass touches the (B, N, C) tokens, and 21 backward — cls_proj 4,
+cross_attention 13 (8 GEMMs / batched GEMMs, dq's head merge, the token pass, the CLS-row
+LayerNorm backward, one partial sum, the memset of the exactly-zero db_k), cls_proj 4 — against
+20 / 38 for the reference in eager mode, most of which read or write whole token tensors
+(checked by tests/test_triton_fusion.py::test_launch_count).
 """
 
 from __future__ import annotations

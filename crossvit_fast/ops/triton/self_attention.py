@@ -4,15 +4,17 @@ The attention itself stays torch's SDPA (flash / cuDNN / memory-efficient kernel
 a fused, IO-aware kernel, and rewriting it buys nothing here. What the Triton backend fuses is the
 GEMM work around it:
 
-* `crossvit_fast::ln_linear` — LayerNorm applied to the A tiles of the qkv GEMM as they are loaded
-  (row statistics from one small pass), + bias in the epilogue: LN(x) is never written. Backward:
+* `crossvit_fast::self_attention_qkv` — LayerNorm applied to the A tiles of the qkv GEMM as they
+  are loaded (row statistics from one small pass), + bias in the epilogue: LN(x) is never
+  written. Backward:
   the dgrad GEMM (Triton) also reduces the bias gradient from its input tiles; the LayerNorm
   backward kernel re-emits LN(x) for the weight-gradient GEMM (cuBLAS, a plain long-K GEMM).
-* `crossvit_fast::linear_residual` — proj GEMM with bias + residual add in the epilogue, so the
-  block output is written once. Backward: dgrad (Triton, bias gradient fused) and wgrad (cuBLAS);
-  the residual gradient is dy itself.
+* `crossvit_fast::self_attention_proj` — proj GEMM with bias + residual add in the epilogue, so
+  the block output is written once. Backward: dgrad (Triton, bias gradient fused) and wgrad
+  (cuBLAS); the residual gradient is dy itself.
 
-Both ops run the `fused_linear` GEMM of `mlp.py`. Ladder per op: kernels (`_fused_linear_kernel`,
+Both sub-ops (`crossvit_fast::self_attention_<part>` / `..._<part>_backward`) run the
+`fused_linear` GEMM of `mlp.py`. Ladder per sub-op: kernels (`_fused_linear_kernel`,
 `_layer_norm_*_kernel`) -> launcher -> registered op + backward op -> functional.
 """
 
@@ -27,13 +29,13 @@ from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd
 from .mlp import fused_linear, sum_rows
 from .utils import empty, register_op
 
-__all__ = ["OPS", "linear_residual", "ln_linear", "self_attention"]
+__all__ = ["OPS", "self_attention", "self_attention_proj", "self_attention_qkv"]
 
 
-# -- ln_linear: LN(x) @ W^T + b ------------------------------------------------------------------
+# -- self_attention_qkv: LN(x) @ W^T + b -----------------------------------------------------------
 
 
-@register_op("crossvit_fast::ln_linear")
+@register_op("crossvit_fast::self_attention_qkv")
 def _ln_linear_op(
     x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor,
     bias: Tensor | None, eps: float,
@@ -91,19 +93,21 @@ def _ln_linear_backward(ctx, dout, _dmean, _drstd):
 _ln_linear_op.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
 
 
-def ln_linear(
+def self_attention_qkv(
     x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor,
     bias: Tensor | None, eps: float,
 ) -> Tensor:  # fmt: skip
     """`F.linear(LN(x), weight, bias)` with LN fused into the GEMM's prologue. Operands as
     `_ln_linear_op`; weight / bias already in the compute dtype."""
-    return torch.ops.crossvit_fast.ln_linear(x, norm_weight, norm_bias, weight, bias, float(eps))[0]
+    return torch.ops.crossvit_fast.self_attention_qkv(
+        x, norm_weight, norm_bias, weight, bias, float(eps)
+    )[0]
 
 
-# -- linear_residual: a @ W^T + b (+ res) --------------------------------------------------------
+# -- self_attention_proj: a @ W^T + b (+ res) ------------------------------------------------------
 
 
-@register_op("crossvit_fast::linear_residual")
+@register_op("crossvit_fast::self_attention_proj")
 def _linear_residual_op(
     a: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
@@ -155,14 +159,16 @@ _linear_residual_op.register_autograd(
 )
 
 
-def linear_residual(a: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor | None) -> Tensor:
+def self_attention_proj(
+    a: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor | None
+) -> Tensor:
     """`res + F.linear(a, weight, bias)` (or without `res`) with the add in the GEMM epilogue.
     Output dtype: promote(res, weight) with a residual, else weight's (the compute dtype)."""
     out_dtype = torch.promote_types(res.dtype, weight.dtype) if res is not None else weight.dtype
-    return torch.ops.crossvit_fast.linear_residual(a, weight, bias, res, out_dtype)
+    return torch.ops.crossvit_fast.self_attention_proj(a, weight, bias, res, out_dtype)
 
 
-# -- functional ----------------------------------------------------------------------------------
+# -- functional ------------------------------------------------------------------------------------
 
 
 def self_attention(
@@ -189,12 +195,16 @@ def self_attention(
     cdt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight,
                         qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)  # fmt: skip
     # what autocast does to F.linear's arguments
-    qkv = ln_linear(x, norm_weight, norm_bias, cast(qkv_weight, cdt), cast(qkv_bias, cdt), eps)
+    qkv = self_attention_qkv(
+        x, norm_weight, norm_bias, cast(qkv_weight, cdt), cast(qkv_bias, cdt), eps
+    )
     q, k, v = qkv.view(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
     o = F.scaled_dot_product_attention(q, k, v)
     # (B, H, N, d) -> (B, N, C): a view when SDPA returns the (B, N, H, d) memory layout (flash).
     o = o.transpose(1, 2).reshape(B, N, C)
-    return linear_residual(o, cast(proj_weight, cdt), cast(proj_bias, cdt), x if residual else None)
+    return self_attention_proj(
+        o, cast(proj_weight, cdt), cast(proj_bias, cdt), x if residual else None
+    )
 
 
 OPS = {"self_attention": self_attention}
