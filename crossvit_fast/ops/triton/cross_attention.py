@@ -47,100 +47,25 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
+from .cross_attention_rows import (
+    head_chunk,
+    mm,
+    normed_chunk,
+    row_stats,
+    split_plan,
+    token_tiles,
+)
 from .layer_norm import cls_norm_bwd, cls_norm_fwd
-from .utils import dot_flags, launch, register_op, sm_count
+from .utils import dot_flags, launch, register_op
 
 __all__ = ["OPS", "cross_attention"]
 
 _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in base 2
 _MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
 _HEAD_DIMS = (8, 128)
-_MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
 # The token pass works in width chunks at any C, but the CLS-row LayerNorm kernels hold whole rows
 # in registers; the sm_90 toolchain tier checks them (zero spills) up to CrossViT's C = 768.
 _GPU_MAX_WIDTH = 1024
-
-
-# -- shared device helpers -------------------------------------------------------------------------
-
-
-@triton.jit
-def _mm(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b, fp32 accumulation; PRECISION: tl.dot's input precision (`utils.dot_flags`)."""
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-# -- the token pass: shared row access ------------------------------------------------------------
-#
-# The attended sequence of sample b is rows r = 0..N: row 0 is the CLS row (cls[b]), rows 1..N are
-# tokens[b, 1..N] read in place. Every tile below is BLOCK_N rows x BLOCK_C columns of it, never a
-# whole row: widths up to 1024 stream through in BLOCK_C-wide chunks, so the live registers are a
-# few (BLOCK_N x BLOCK_C) and (BLOCK_H x BLOCK_C) tiles at any width and dtype (no spills).
-
-
-@triton.jit
-def _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b, rows,
-               mask_r, c0, C, BLOCK_C: tl.constexpr):  # fmt: skip
-    """Columns c0 .. c0 + BLOCK_C of rows `rows` of sample b's sequence, fp32, masked 0.
-    Returns (x, cols, mask_c)."""
-    cols = c0 + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    p_tok = (
-        tok_ptr + b * stride_tb + rows.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc
-    )
-    p_cls = cls_ptr + b * stride_cb + rows[:, None] * 0 + cols[None, :] * stride_cc
-    mask = mask_r[:, None] & mask_c[None, :]
-    is_cls = (rows == 0)[:, None]
-    # two predicated loads, not one select of pointers: cls and tokens may differ in dtype
-    x = tl.load(p_tok, mask=mask & ~is_cls, other=0.0).to(tl.float32)
-    x += tl.load(p_cls, mask=mask & is_cls, other=0.0).to(tl.float32)
-    return x, cols, mask_c
-
-
-@triton.jit
-def _row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b, rows,
-               mask_r, C, eps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """LayerNorm (mean, rstd) of BLOCK_N rows, fp32: two passes over the chunks (mean, then the
-    centred sum of squares: biased variance, as F.layer_norm). The second pass re-reads the
-    block from L1 / L2, not DRAM (it was loaded a moment ago by the same program)."""
-    s1 = tl.zeros([BLOCK_N], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        x, _, _ = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
-                             stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
-        s1 += tl.sum(x, axis=1)
-    mean = s1 / C
-    s2 = tl.zeros([BLOCK_N], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        x, _, mask_c = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
-                                  stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
-        xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
-        s2 += tl.sum(xc * xc, axis=1)
-    return mean, 1.0 / tl.sqrt(s2 / C + eps)
-
-
-@triton.jit
-def _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b,
-                  rows, mask_r, c0, C, mean, rstd, w_ptr, HAS_W: tl.constexpr,
-                  BLOCK_C: tl.constexpr):  # fmt: skip
-    """(x^, y = x^ * gamma, cols, mask_c) of one chunk, fp32, masked 0."""
-    x, cols, mask_c = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
-                                 stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
-    xhat = tl.where(mask_c[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
-    y = xhat
-    if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    return xhat, y, cols, mask_c
-
-
-@triton.jit
-def _head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr):
-    """(BLOCK_H, BLOCK_C) chunk of a per-head (H, C) slab with unit column stride, in its own
-    dtype (the dot dtype) — fp32 under the interpreter, whose 16-bit dots are wrong."""
-    t = tl.load(ptr + heads[:, None] * stride_h + cols[None, :],
-                mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-    if EMULATE:
-        t = t.to(tl.float32)
-    return t
 
 
 # -- the token pass: forward ------------------------------------------------------------------------
@@ -180,17 +105,17 @@ def _cross_attention_fwd_kernel(
     for r0 in range(start, end, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         mask_r = rows < end
-        mean, rstd = _row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
+        mean, rstd = row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
                                 stride_tc, b, rows, mask_r, C, eps, BLOCK_N, BLOCK_C)  # fmt: skip
         tl.store(mean_ptr + b * N1 + rows, mean, mask=mask_r)
         tl.store(rstd_ptr + b * N1 + rows, rstd, mask=mask_r)
         z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
-            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
-            z = _mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
+            kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            z = mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
         z = tl.where(mask_r[None, :], z * qk_scale, float("-inf"))  # base 2
         tl.store(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :], z,
                  mask=mask_r[None, :])  # fmt: skip
@@ -209,13 +134,13 @@ def _cross_attention_fwd_kernel(
             mask_r = rows < end
             mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
             z = tl.load(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :],
                         mask=mask_r[None, :], other=float("-inf"))  # fmt: skip
             p = tl.exp2(z - m_i[:, None])
-            acc = _mm(p.to(dt), y.to(dt), acc, PRECISION)
+            acc = mm(p.to(dt), y.to(dt), acc, PRECISION)
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = mask_h[:, None] & (cols < C)[None, :]
         if SINGLE:
@@ -322,8 +247,8 @@ def _cross_attention_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask_c = cols < C
-        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
-        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
         ut = tl.load(ut_ptr + (b * H + heads[:, None]) * C + cols[None, :],
                      mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         delta += tl.sum(du * ut, axis=1)
@@ -344,14 +269,14 @@ def _cross_attention_bwd_kernel(
         z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         da = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
-            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
-            du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
+            kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
             yt = tl.trans(y.to(kt.dtype))
-            z = _mm(kt, yt, z, PRECISION)
-            da = _mm(du, yt, da, PRECISION)
+            z = mm(kt, yt, z, PRECISION)
+            da = mm(du, yt, da, PRECISION)
         p = tl.where(mask_r[None, :], tl.exp2(z * qk_scale - lse[:, None]), 0.0)
         dz = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         if not ONE_KEY:  # (one key: a = 1 is constant, dz = 0 exactly, not rounding noise)
@@ -368,8 +293,8 @@ def _cross_attention_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):  # phase 2
         cols = c0 + tl.arange(0, BLOCK_C)
         mask_c = cols < C
-        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
-        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
+        kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+        du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
         w = tl.full([BLOCK_C], 1.0, tl.float32)
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
@@ -381,17 +306,17 @@ def _cross_attention_bwd_kernel(
             mask_r = rows < end
             mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-            xhat, y, _, _ = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            xhat, y, _, _ = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                           stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                           rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
             offs = (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :]
             p = tl.load(p_ptr + offs, mask=mask_r[None, :], other=0.0)
             dz = tl.load(dz_ptr + offs, mask=mask_r[None, :], other=0.0)
-            dn = _mm(
+            dn = mm(
                 tl.trans(p).to(kt.dtype), du, tl.zeros([BLOCK_N, BLOCK_C], tl.float32), PRECISION
             )
-            dn = _mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, PRECISION)
-            dkt = _mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, PRECISION)
+            dn = mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, PRECISION)
+            dkt = mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, PRECISION)
             c1 = tl.load(c1_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             c2 = tl.load(c2_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             dx = rstd[:, None] * (dn * w[None, :] - c1[:, None] - xhat * c2[:, None])
@@ -413,32 +338,6 @@ def _cross_attention_bwd_kernel(
 
 
 # -- launchers ----------------------------------------------------------------------------------
-
-
-# Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
-# 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
-# registers, backward 101 (16-bit) / 150 (fp32), zero spills; with 4 warps, or Triton's 2-stage
-# pipelining, the backward spilled 16-488 bytes (tests/test_toolchain_triton.py checks this).
-# The interpreter runs the same tiles.
-_TOKEN_TILES = {"BLOCK_N": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
-
-
-def _token_tiles(dt: torch.dtype) -> dict:
-    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`)."""
-    return dict(_TOKEN_TILES)
-
-
-def _split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(S splits over the N1 = 1 + N rows, rows per split). One sample is one program unless the
-    batch alone cannot fill the GPU (B < #SMs): then each sample's rows are split over up to
-    2 * #SMs / B programs (flash-decoding), each of at least _MIN_BLOCKS_PER_SPLIT blocks."""
-    n_blocks = triton.cdiv(N1, block_n)
-    sms = sm_count(device)
-    splits = 1
-    if sms > B:
-        splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
-    rows = triton.cdiv(n_blocks, splits) * block_n
-    return triton.cdiv(N1, rows), rows
 
 
 def _head_view(t: Tensor, H: int) -> Tensor:
@@ -497,8 +396,8 @@ def _cross_attention_op(
     lse = cls.new_empty((B, _MAX_HEADS), dtype=torch.float32)
     stats = cls.new_empty((2, B, N1), dtype=torch.float32)
     if B > 0:
-        tiles = _token_tiles(dt)
-        S, rows = _split_plan(B, N1, tiles["BLOCK_N"], cls.device)
+        tiles = token_tiles(dt)
+        S, rows = split_plan(B, N1, tiles["BLOCK_N"], cls.device)
         single = S == 1
         part_m = part_l = part_acc = None
         if not single:
@@ -574,8 +473,8 @@ def _cross_attention_backward_op(
     dwv = torch.bmm(_head_view(do, H).transpose(1, 2), u.transpose(0, 1)).reshape(C, C)
     dtokens = tokens.new_empty((B, N1, C))
     dn0 = cls.new_empty((B, C), dtype=dt)
-    tiles = _token_tiles(dt)
-    S, rows = _split_plan(B, N1, tiles["BLOCK_N"], cls.device)
+    tiles = token_tiles(dt)
+    S, rows = split_plan(B, N1, tiles["BLOCK_N"], cls.device)
     # S == 1: the kernel writes dk~ in its final dtype; else fp32 partials, summed in split order
     dkt_part = cls.new_empty((S, H, B, C), dtype=dt if S == 1 else torch.float32)
     part = cls.new_empty((B, S, 2, C), dtype=torch.float32)

@@ -36,7 +36,7 @@ __all__ = ["OPS", "self_attention", "self_attention_proj", "self_attention_qkv"]
 
 
 @register_op("crossvit_fast::self_attention_qkv")
-def _ln_linear_op(
+def _self_attention_qkv_op(
     x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor,
     bias: Tensor | None, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -51,8 +51,8 @@ def _ln_linear_op(
     return out, mean, rstd
 
 
-@register_op("crossvit_fast::ln_linear_backward")
-def _ln_linear_backward_op(
+@register_op("crossvit_fast::self_attention_qkv_backward")
+def _self_attention_qkv_backward_op(
     dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
     weight: Tensor, mean: Tensor, rstd: Tensor, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -76,7 +76,7 @@ def _ln_linear_backward_op(
     )
 
 
-def _ln_linear_setup(ctx, inputs, output):
+def _self_attention_qkv_setup(ctx, inputs, output):
     x, norm_weight, norm_bias, weight, bias, _eps = inputs
     _out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
@@ -84,13 +84,17 @@ def _ln_linear_setup(ctx, inputs, output):
     ctx.has = [norm_weight is not None, norm_bias is not None, True, bias is not None]
 
 
-def _ln_linear_backward(ctx, dout, _dmean, _drstd):
+def _self_attention_qkv_backward(ctx, dout, _dmean, _drstd):
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[1:5])]
-    dx, *grads = torch.ops.crossvit_fast.ln_linear_backward(dout, *ctx.saved_tensors, needs)
+    dx, *grads = torch.ops.crossvit_fast.self_attention_qkv_backward(
+        dout, *ctx.saved_tensors, needs
+    )
     return (dx, *(g if n else None for g, n in zip(grads, needs)), None)
 
 
-_ln_linear_op.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
+_self_attention_qkv_op.register_autograd(
+    _self_attention_qkv_backward, setup_context=_self_attention_qkv_setup
+)
 
 
 def self_attention_qkv(
@@ -98,7 +102,7 @@ def self_attention_qkv(
     bias: Tensor | None, eps: float,
 ) -> Tensor:  # fmt: skip
     """`F.linear(LN(x), weight, bias)` with LN fused into the GEMM's prologue. Operands as
-    `_ln_linear_op`; weight / bias already in the compute dtype."""
+    `_self_attention_qkv_op`; weight / bias already in the compute dtype."""
     return torch.ops.crossvit_fast.self_attention_qkv(
         x, norm_weight, norm_bias, weight, bias, float(eps)
     )[0]
@@ -108,7 +112,7 @@ def self_attention_qkv(
 
 
 @register_op("crossvit_fast::self_attention_proj")
-def _linear_residual_op(
+def _self_attention_proj_op(
     a: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """a: (..., K) any float dtype / strides; weight (N, K), bias (N,) in the compute dtype;
@@ -121,8 +125,8 @@ def _linear_residual_op(
     return out
 
 
-@register_op("crossvit_fast::linear_residual_backward")
-def _linear_residual_backward_op(
+@register_op("crossvit_fast::self_attention_proj_backward")
+def _self_attention_proj_backward_op(
     dout: Tensor, a: Tensor, weight: Tensor, needs: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(da, dweight, dbias); `needs` flags the last two. The residual's gradient is dout."""
@@ -137,25 +141,25 @@ def _linear_residual_backward_op(
     return da.to(a.dtype), dw, db
 
 
-def _linear_residual_setup(ctx, inputs, output):
+def _self_attention_proj_setup(ctx, inputs, output):
     a, weight, bias, res, _out_dtype = inputs
     ctx.save_for_backward(a, weight)
     ctx.has_bias = bias is not None
     ctx.res_dtype = res.dtype if res is not None else None
 
 
-def _linear_residual_backward(ctx, dout):
+def _self_attention_proj_backward(ctx, dout):
     a, weight = ctx.saved_tensors
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    da, dw, db = torch.ops.crossvit_fast.linear_residual_backward(
+    da, dw, db = torch.ops.crossvit_fast.self_attention_proj_backward(
         dout, a, weight, [ctx.needs_input_grad[1], need_b]
     )
     dres = dout.to(ctx.res_dtype) if ctx.res_dtype is not None and ctx.needs_input_grad[3] else None
     return da, dw if ctx.needs_input_grad[1] else None, db if need_b else None, dres, None
 
 
-_linear_residual_op.register_autograd(
-    _linear_residual_backward, setup_context=_linear_residual_setup
+_self_attention_proj_op.register_autograd(
+    _self_attention_proj_backward, setup_context=_self_attention_proj_setup
 )
 
 
@@ -192,8 +196,10 @@ def self_attention(
     check_tensor("qkv_bias", qkv_bias, shape=(3 * C,), like=x, optional=True)
     check_tensor("proj_weight", proj_weight, shape=(C, C), like=x)
     check_tensor("proj_bias", proj_bias, shape=(C,), like=x, optional=True)
-    cdt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight,
-                        qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)  # fmt: skip
+    cdt = compute_dtype(
+        x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight, qkv_bias=qkv_bias,
+        proj_weight=proj_weight, proj_bias=proj_bias,
+    )  # fmt: skip
     # what autocast does to F.linear's arguments
     qkv = self_attention_qkv(
         x, norm_weight, norm_bias, cast(qkv_weight, cdt), cast(qkv_bias, cdt), eps
