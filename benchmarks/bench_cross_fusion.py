@@ -1,7 +1,7 @@
 """One CrossViT fusion step (`cross_fusion` = cls_proj -> CLS cross-attention -> cls_proj) at the
 real shapes: Triton (K/V-free) vs the reference eager vs the reference under torch.compile, bf16.
 
-Run on a GPU: `pytest benchmarks/bench_cross_attention.py --benchmark-only -s` (`-k crossvit_18`
+Run on a GPU: `pytest benchmarks/bench_cross_fusion.py --benchmark-only -s` (`-k crossvit_18`
 for one model). Each case times the forward, the backward alone (repeated on one retained
 graph) and forward + backward of all three implementations in the same run (CUDA events, median
 with p20 / p80), prints one row per (implementation, pass) and appends it to
@@ -13,7 +13,7 @@ is bytes = B * N * C * elem_size; the forward needs that once, the backward read
 and writes d tokens once (2x), forward + backward 3x. Reported as GB/s and % of the device's HBM
 bandwidth (harness.PEAKS).
 
-Goals (issue 3, H100, bf16, crossvit_18, batch 256, both fusion directions): forward + backward
+Goals (H100, bf16, crossvit_18, batch 256, both fusion directions): forward + backward
 >= 8x the reference eager and >= 3x the compiled reference; forward >= 60% of HBM bandwidth.
 """
 
