@@ -18,7 +18,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends
 from .config import CrossViTConfig
-from .ops import reference
 
 __all__ = ["CrossViT"]
 
@@ -137,9 +136,9 @@ class Block(nn.Module):
             a.num_heads,
             self.eps,
         )
-        if t and (a.attn_drop > 0 or a.proj_drop > 0):  # dropout lives in the reference only
+        if t and (a.attn_drop > 0 or a.proj_drop > 0):  # an op that declares dropout support
             x = _residual_op(
-                reference.self_attention,
+                ops.with_dropout("self_attention"),
                 x,
                 attn_args,
                 self.drop_path,
@@ -151,7 +150,8 @@ class Block(nn.Module):
             x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
         mlp_args = (*_ln(self.norm2), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, self.eps)
         if t and m.drop > 0:
-            return _residual_op(reference.mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
+            mlp = ops.with_dropout("mlp")
+            return _residual_op(mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
         return _residual_op(ops.mlp, x, mlp_args, self.drop_path, t)
 
     def extra_repr(self) -> str:
@@ -206,7 +206,7 @@ class CrossAttentionBlock(nn.Module):
         args = (tokens, *_ln(self.norm1), *a.args(), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
             return _residual_op(
-                reference.cross_attention,
+                ops.with_dropout("cross_attention"),
                 cls,
                 args,
                 self.drop_path,
@@ -418,7 +418,7 @@ class CrossViT(nn.Module):
     def set_backend(self, name: str) -> CrossViT:
         """Select the kernels: "auto", "reference", "triton" or "cuda". Raises ValueError for an
         unknown name and RuntimeError (with the reason) for a backend unavailable on this machine."""
-        backends._check_name(name)
+        backends.check_name(name)
         if name != "auto":
             ok, why = backends.available_backends()[name]
             if not ok:
@@ -454,7 +454,15 @@ class CrossViT(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"backend={self._backend!r}"
+        """The backend asked for and, once resolved for the parameters' device, which backend
+        serves each op (and each op's dropout variant)."""
+        text = f"backend={self._backend!r}"
+        ops = self._opsets.get(self.cls_token_0.device.type)
+        if ops is not None:
+            text += ", ops=(" + ", ".join(f"{op}={s}" for op, s in ops.sources.items()) + ")"
+            drop = ", ".join(f"{op}={s}" for op, s in ops.dropout_sources.items())
+            text += f", dropout_ops=({drop})"
+        return text
 
     # -- timm API ----------------------------------------------------------------------------
 

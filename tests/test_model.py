@@ -177,6 +177,37 @@ def test_backend_property_set_backend_and_repr():
         m.set_backend("fastest")
 
 
+def test_repr_names_the_backend_of_every_op():
+    m = CrossViT(SMALL)
+    text = m.extra_repr()
+    for op in crossvit_fast.backends.OPS:
+        assert f"{op}=reference" in text
+    assert (
+        "dropout_ops=(self_attention=reference, mlp=reference, cross_attention=reference)" in text
+    )
+
+
+def test_dropout_is_a_declared_capability_of_the_table():
+    """Active dropout runs `OpSet.with_dropout(op)`: the op of a backend declaring DROPOUT_OPS
+    (only the reference today); the model itself imports no op implementation."""
+    import ast
+    import inspect
+
+    import crossvit_fast.model
+
+    tree = ast.parse(inspect.getsource(crossvit_fast.model))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and "ops" in m.split(".") for m in imported), imported
+    ops = crossvit_fast.backends.resolve("auto", "cpu")
+    assert ops.dropout_sources == dict.fromkeys(
+        ("self_attention", "mlp", "cross_attention"), "reference"
+    )
+    assert ops.with_dropout("mlp") is ops.mlp
+    with pytest.raises(NotImplementedError, match="patch_embed"):
+        ops.with_dropout("patch_embed")
+
+
 def test_auto_on_cpu_is_the_reference():
     assert set(CrossViT(SMALL).opset("cpu").sources.values()) == {"reference"}
 

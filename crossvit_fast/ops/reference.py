@@ -12,8 +12,9 @@ Conventions shared by every backend (the op signatures of the table, see `crossv
 * Ops that end in a residual add take `residual: bool`. `residual=True` returns `x + f(x)` (the
   fused form used in eval / when drop-path is inactive); `residual=False` returns `f(x)` alone so
   the module can apply per-sample drop-path before adding.
-* The dropout arguments (`attn_drop`, `proj_drop`, `mlp_drop`) exist only here: fast backends are
-  used when dropout is inactive, and the model routes a call with active dropout to this module.
+* The dropout arguments (`attn_drop`, `proj_drop`, `mlp_drop`) exist only here: this backend
+  declares them (`DROPOUT_OPS`), and the backend table serves a call with active dropout from a
+  backend that declares it (`crossvit_fast.backends.OpSet.with_dropout`).
 """
 
 from __future__ import annotations
@@ -231,6 +232,10 @@ def patch_embed(
 
 
 # -- backend-table interface (see crossvit_fast.backends) -----------------------------------------
+
+
+# Ops whose implementation here takes the dropout arguments (see the module docstring).
+DROPOUT_OPS = frozenset({"self_attention", "mlp", "cross_attention"})
 
 
 def availability(device_type: str) -> tuple[bool, str]:
