@@ -170,5 +170,30 @@ def resolve(backend: str, device_type: str) -> OpSet:
     )
 
 
+class OpSets:
+    """The OpSets of one model, one per device type, resolved on first use and cached.
+
+    One instance is shared by reference by the model and every submodule that runs ops, so a
+    submodule called on its own (`model.blocks[0].blocks[0][0](x)`), a forward hook or a feature
+    tap runs the model's backend. Not a module: it holds no state_dict entries.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        check_name(backend)
+        self.backend = backend
+        self.cache: dict[str, OpSet] = {}
+
+    def reset(self, backend: str) -> None:
+        check_name(backend)
+        self.backend = backend
+        self.cache.clear()
+
+    def get(self, device_type: str) -> OpSet:
+        ops = self.cache.get(device_type)
+        if ops is None:
+            ops = self.cache[device_type] = resolve(self.backend, device_type)
+        return ops
+
+
 def _available_names(device_type: str) -> list[str]:
     return [n for n in BACKENDS if backend_availability(n, device_type)[0]]

@@ -124,8 +124,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.drop_path = drop_path
         self.eps = eps
+        self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
 
-    def forward(self, x: Tensor, ops) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, N, C) -> (B, N, C), timm's Block.forward; ops from the model's backend."""
+        ops = self._ops.get(x.device.type)
         a, m, t = self.attn, self.mlp, self.training
         attn_args = (
             *_ln(self.norm1),
@@ -194,9 +197,20 @@ class CrossAttentionBlock(nn.Module):
         self.attn = CrossAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.drop_path = drop_path
         self.eps = eps
+        self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
 
-    def forward(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
-        """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended. Returns (B, C)."""
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """timm's CrossAttentionBlock.forward: x (B, 1 + N, C) = cat(CLS, tokens) -> the new CLS
+        (B, 1, C) = x[:, :1] + DropPath(CrossAttn(LN1(x))) (the CLS query attends over all rows).
+
+        The model passes x = the CLS (B, 1, C) and `tokens` (B, 1 + N, C), the other branch's
+        tokens whose row 0 stands for the CLS: the same sequence without materialising the cat."""
+        ops = self._ops.get(x.device.type)
+        return self.attend(x[:, 0], x if tokens is None else tokens, ops).unsqueeze(1)
+
+    def attend(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
+        """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended (row 0 is replaced by
+        cls, so the other branch's tokens are read in place, no cat). Returns (B, C)."""
         # timm's block input is cat(cls, tokens[:, 1:]): under autocast that promotes the
         # low-precision projected CLS to the tokens' fp32, and the residual (also with drop-path
         # below) is taken from the promoted copy.
@@ -287,11 +301,7 @@ class MultiScaleBlock(nn.Module):
         for blk in seq:
             # Non-reentrant checkpoint: only the block input is kept; the block (and its
             # drop-path draws: the RNG state is restored) is replayed in backward.
-            x = (
-                checkpoint(blk, x, ops, use_reentrant=False)
-                if self._checkpointing()
-                else blk(x, ops)
-            )
+            x = checkpoint(blk, x, use_reentrant=False) if self._checkpointing() else blk(x)
         return x
 
     def _fuse(self, i: int, y_i: Tensor, y_j: Tensor, ops) -> Tensor:
@@ -314,11 +324,11 @@ class MultiScaleBlock(nn.Module):
                 fusion.attn.num_heads,
                 self.eps,
             )
-        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps)
+        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps).unsqueeze(1)
         for k, blk in enumerate([fusion] if single else fusion):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
-            c = blk(c, y_j if k == 0 else c.unsqueeze(1), ops)
-        return ops.cls_proj(c, *_cls_proj_args(revert), self.eps)
+            c = blk(c, y_j if k == 0 else None)
+        return ops.cls_proj(c[:, 0], *_cls_proj_args(revert), self.eps)
 
     def forward(self, xs: list[Tensor], ops) -> list[Tensor]:
         ys = [self._run_blocks(x, seq, ops) for x, seq in zip(xs, self.blocks)]
@@ -385,8 +395,12 @@ class CrossViT(nn.Module):
             self._make_head(cfg.embed_dim[i], cfg.num_classes) for i in range(nb)
         )
         self._init_weights()
-        self._backend = "auto"
-        self._opsets: dict[str, backends.OpSet] = {}
+        # One OpSets for the model and every submodule that runs ops (timm-style forwards).
+        self._ops = backends.OpSets()
+        self._opsets = self._ops.cache  # device type -> OpSet
+        for m in self.modules():
+            if isinstance(m, (Block, CrossAttentionBlock)):
+                m._ops = self._ops
         self.set_backend(backend)
 
     @staticmethod
@@ -413,7 +427,7 @@ class CrossViT(nn.Module):
     @property
     def backend(self) -> str:
         """The backend name this model was asked to use ("auto", "reference", ...)."""
-        return self._backend
+        return self._ops.backend
 
     def set_backend(self, name: str) -> CrossViT:
         """Select the kernels: "auto", "reference", "triton" or "cuda". Raises ValueError for an
@@ -423,18 +437,14 @@ class CrossViT(nn.Module):
             ok, why = backends.available_backends()[name]
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available: {why}")
-        self._backend = name
-        self._opsets = {}
+        self._ops.reset(name)
         self._warm_opset()
         return self
 
     def opset(self, device: torch.device | str) -> backends.OpSet:
         """The resolved ops for inputs on `device` (cached per device type)."""
         dt = torch.device(device).type
-        ops = self._opsets.get(dt)
-        if ops is None:
-            ops = self._opsets[dt] = backends.resolve(self._backend, dt)
-        return ops
+        return self._ops.get(dt)
 
     def _warm_opset(self) -> None:
         """Resolve the ops for the parameters' device now, outside any forward.
@@ -456,7 +466,7 @@ class CrossViT(nn.Module):
     def extra_repr(self) -> str:
         """The backend asked for and, once resolved for the parameters' device, which backend
         serves each op (and each op's dropout variant)."""
-        text = f"backend={self._backend!r}"
+        text = f"backend={self.backend!r}"
         ops = self._opsets.get(self.cls_token_0.device.type)
         if ops is not None:
             text += ", ops=(" + ", ".join(f"{op}={s}" for op, s in ops.sources.items()) + ")"

@@ -208,6 +208,36 @@ def test_dropout_is_a_declared_capability_of_the_table():
         ops.with_dropout("patch_embed")
 
 
+def test_submodules_run_alone_with_timms_signatures_and_hooks():
+    """Block(x) and CrossAttentionBlock(x) are timm's forwards, on the model's shared op set:
+    calling one alone, a forward hook and a feature tap see what the model computes."""
+    m = CrossViT(SMALL).double().eval()
+    blk = m.blocks[0].blocks[0][0]
+    assert blk._ops is m._ops and m.blocks[0].fusion[0]._ops is m._ops
+    taps = []
+    handle = blk.register_forward_hook(lambda mod, args, out: taps.append((args[0], out)))
+    x = torch.randn(2, 3, *SMALL.img_size[0], dtype=torch.float64)
+    m(x)
+    handle.remove()
+    ((inp, out),) = taps
+    torch.testing.assert_close(blk(inp), out, rtol=0, atol=0)
+    # CrossAttentionBlock(x): x = cat(CLS, tokens) -> (B, 1, C) = x[:, :1] + attn(LN1(x))
+    f = m.blocks[0].fusion[0]
+    C = f.norm1.normalized_shape[0]
+    seq = torch.randn(2, 5, C, dtype=torch.float64)
+    n = torch.nn.functional.layer_norm(seq, (C,), f.norm1.weight, f.norm1.bias, f.eps)
+    a = f.attn
+    H, d = a.num_heads, C // a.num_heads
+    q = a.wq(n[:, :1]).view(2, 1, H, d).transpose(1, 2)
+    k = a.wk(n).view(2, 5, H, d).transpose(1, 2)
+    v = a.wv(n).view(2, 5, H, d).transpose(1, 2)
+    o = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(-1) @ v
+    want = seq[:, :1] + a.proj(o.transpose(1, 2).reshape(2, 1, C))
+    torch.testing.assert_close(f(seq), want)
+    m.set_backend("reference")
+    assert blk._ops.backend == "reference"
+
+
 def test_auto_on_cpu_is_the_reference():
     assert set(CrossViT(SMALL).opset("cpu").sources.values()) == {"reference"}
 
