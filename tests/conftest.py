@@ -63,3 +63,8 @@ def tiny_config(**overrides):
     base = dict(img_size=(32, 16), patch_size=(8, 8), embed_dim=(32, 64), depth=((1, 1, 0),),
                 num_heads=(2, 2), mlp_ratio=(2.0, 2.0), num_classes=5)  # fmt: skip
     return CrossViTConfig(**{**base, **overrides})
+
+
+# Three branches (timm allows any number): widths and patch grids that differ per branch.
+THREE_BRANCHES = dict(img_size=(48, 32, 32), patch_size=(12, 16, 8), embed_dim=(32, 64, 48),
+                      depth=((1, 1, 1, 0),), num_heads=(2, 2, 3), mlp_ratio=(2.0, 2.0, 2.0))  # fmt: skip

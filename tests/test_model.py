@@ -12,6 +12,7 @@ import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig, create_model, list_models
 
 from . import golden
+from .conftest import THREE_BRANCHES
 
 # timm's parameter counts (results/benchmark-infer-*.csv, verified by instantiation).
 TIMM_PARAMS = {
@@ -95,15 +96,7 @@ def test_no_weight_decay_names():
 
 
 def test_three_branch_model_runs_and_names_follow_the_pattern():
-    cfg = CrossViTConfig(
-        img_size=(48, 32, 32),
-        patch_size=(12, 16, 8),
-        embed_dim=(32, 64, 48),
-        depth=((1, 1, 1, 0),),
-        num_heads=(2, 2, 3),
-        mlp_ratio=(2.0, 2.0, 2.0),
-        num_classes=4,
-    )
+    cfg = CrossViTConfig(**THREE_BRANCHES, num_classes=4)
     m = CrossViT(cfg)
     assert {"cls_token_2", "pos_embed_2", "blocks.0.fusion.2.attn.wq.weight"} <= set(m.state_dict())
     out = m(torch.randn(2, 3, 48, 48))

@@ -23,16 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "cls_proj",
-    "cross_attention",
-    "cross_fusion",
-    "layer_norm",
-    "mlp",
-    "patch_embed",
-    "self_attention",
-    "token_assemble",
-]
+from ..backends import OPS
+
+# The table's ops (crossvit_fast.backends.OPS): this module defines each under its op name.
+__all__ = [*OPS, "DROPOUT_OPS"]
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -243,4 +237,4 @@ def availability(device_type: str) -> tuple[bool, str]:
 
 
 def ops() -> dict:
-    return {name: globals()[name] for name in __all__}
+    return {name: globals()[name] for name in OPS}

@@ -19,20 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...backends import OPS as TABLE_OPS
 from ..common import autocast_dtype, check_tensor
 from . import kernels
 
-__all__ = [
-    "OPS",
-    "cls_proj",
-    "cross_attention",
-    "cross_fusion",
-    "layer_norm",
-    "mlp",
-    "patch_embed",
-    "self_attention",
-    "token_assemble",
-]
+__all__ = ["OPS", *TABLE_OPS]  # every op of the table (crossvit_fast.backends.OPS)
 
 
 def _plan(x: Tensor) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
