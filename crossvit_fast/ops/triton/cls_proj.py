@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
 from .layer_norm import cls_norm_bwd, cls_norm_fwd
-from .utils import register_op
+from .utils import input_grads, register_op
 
 __all__ = ["OPS", "cls_proj"]
 
@@ -72,15 +72,16 @@ def _cls_proj_setup(ctx, inputs, output) -> None:
 
 
 def _cls_proj_backward(ctx, dy, _):
+    name = "crossvit_fast::cls_proj"
     if dy is None:
-        return (None,) * 6
+        return input_grads(name)
     x, g, nw, nb, weight = ctx.saved_tensors
     C = x.shape[1]
     has_bias = ctx.dtypes[2] is not None
     dx, dw, sums = _cls_proj_backward_op(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
     grads = (sums[:C], sums[C : 2 * C], sums[2 * C :])
     g_nw, g_nb, g_b = (None if t is None else s.to(t) for s, t in zip(grads, ctx.dtypes))
-    return dx, g_nw, g_nb, dw, g_b, None
+    return input_grads(name, x=dx, norm_weight=g_nw, norm_bias=g_nb, weight=dw, bias=g_b)
 
 
 _cls_proj_op.register_autograd(_cls_proj_backward, setup_context=_cls_proj_setup)

@@ -56,7 +56,7 @@ from .cross_attention_rows import (
     token_tiles,
 )
 from .layer_norm import cls_norm_bwd, cls_norm_fwd
-from .utils import dot_flags, launch, register_op
+from .utils import dot_flags, input_grads, launch, register_op
 
 __all__ = ["OPS", "cross_attention"]
 
@@ -515,17 +515,21 @@ def _cross_attention_setup(ctx, inputs, output) -> None:
 
 
 def _cross_attention_backward(ctx, dout, *_):
+    name = "crossvit_fast::cross_attention"
+    if dout is None:
+        return input_grads(name)
     saved = ctx.saved_tensors
     C = saved[0].shape[1]
-    if dout is None:
-        return (None,) * 15
     dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_backward_op(dout, *saved, *ctx.args)
     dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
     dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
         None if t is None else g.to(t) for g, t in zip((dnw, dnb, dbq, dbk, dbv, dbo), ctx.dtypes)
     )
-    return dcls, dtok, g_nw, g_nb, dwq, g_bq, dwk, g_bk, dwv, g_bv, dwo, g_bo, None, None, None
+    return input_grads(
+        name, cls=dcls, tokens=dtok, norm_weight=g_nw, norm_bias=g_nb, wq=dwq, bq=g_bq, wk=dwk,
+        bk=g_bk, wv=dwv, bv=g_bv, proj_weight=dwo, proj_bias=g_bo,
+    )  # fmt: skip
 
 
 _cross_attention_op.register_autograd(

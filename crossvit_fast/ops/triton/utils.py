@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 
 import torch
 import triton
@@ -44,6 +45,7 @@ __all__ = [
     "gelu_erf_grad",
     "gemm_configs",
     "grouped_tile",
+    "input_grads",
     "launch",
     "next_pow2",
     "program_slots",
@@ -52,6 +54,10 @@ __all__ = [
     "round_to",
     "sm_count",
 ]
+
+
+# registered op name -> its argument names, in order (`input_grads`)
+_ARG_NAMES: dict[str, tuple[str, ...]] = {}
 
 
 def register_op(name: str):
@@ -65,6 +71,7 @@ def register_op(name: str):
     """
 
     def deco(fn):
+        _ARG_NAMES[name] = tuple(inspect.signature(fn).parameters)
         if not interpreter_enabled():
             return triton_op(name, mutates_args=())(fn)
         op = torch.library.custom_op(name, mutates_args=())(fn)
@@ -72,6 +79,15 @@ def register_op(name: str):
         return op
 
     return deco
+
+
+def input_grads(name: str, **grads) -> tuple:
+    """What an autograd backward of registered op `name` returns: one gradient per argument, in
+    argument order, given by argument name; every argument not named gets None."""
+    unknown = set(grads) - set(_ARG_NAMES[name])
+    if unknown:
+        raise TypeError(f"{name} has no arguments {sorted(unknown)}")
+    return tuple(grads.get(arg) for arg in _ARG_NAMES[name])
 
 
 # kernel name -> index into its pruned autotune configs; set only by `force_configs` (tests)
