@@ -25,6 +25,8 @@ import harness
 import pytest
 import torch
 
+from crossvit_fast.backends import fusion_params
+
 # CrossViT variants: (width, heads) of branch 0 and branch 1, and (N0, N1) patch tokens.
 _240 = (400, 196)  # 240 px with patch 12 -> 20 x 20; 224 px with patch 16 -> 14 x 14
 _408 = (1156, 576)  # 408 px / 12 -> 34 x 34; 384 px / 16 -> 24 x 24
@@ -79,7 +81,7 @@ def _inputs(c_i: int, n_i: int, c_j: int, n_j: int, batch: int) -> tuple[list, l
         else:  # projs / revert_projs: LayerNorm, Linear
             params += [_param(c_in, scale=0.1, offset=1.0), _param(c_in, scale=0.1),
                        _param(c_out, c_in, scale=c_in**-0.5), _param(c_out, scale=0.1)]  # fmt: skip
-    return [y_i[:, 0], tokens, *params], [y_i, tokens, *params]
+    return [y_i[:, 0], tokens, *fusion_params(params)], [y_i, tokens, *params]
 
 
 def _runner(fn, args: list, grad_inputs: list, pass_: str):

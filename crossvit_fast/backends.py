@@ -23,8 +23,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 # The ops of the table, in the order the model uses them. Signatures: crossvit_fast.ops.reference.
 OPS = (
@@ -37,6 +39,44 @@ OPS = (
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
     "layer_norm",  # final norms
 )
+
+# -- parameter groups of the fusion step ----------------------------------------------------------
+# Immutable tuples of tensors (NamedTuple: torch.compile and pytrees take them as they are, and
+# `*group` passes them on to the per-sub-layer ops in the reference's argument order).
+
+
+class ClsProjParams(NamedTuple):
+    """projs[i] / revert_projs[i]: LayerNorm affine (C_in,) or None, Linear (C_out, C_in) + bias."""
+
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    weight: Tensor
+    bias: Tensor | None
+
+
+class CrossAttentionParams(NamedTuple):
+    """fusion[i]: norm1 affine (C,) or None; wq, wk, wv, proj (C, C) with biases (C,) or None."""
+
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    wq: Tensor
+    bq: Tensor | None
+    wk: Tensor
+    bk: Tensor | None
+    wv: Tensor
+    bv: Tensor | None
+    proj_weight: Tensor
+    proj_bias: Tensor | None
+
+
+def fusion_params(flat) -> tuple[ClsProjParams, CrossAttentionParams, ClsProjParams]:
+    """(proj, attn, revert) from the 18 parameters of one fusion step listed flat, in that order
+    (4 + 10 + 4): how tests and benchmarks build them."""
+    flat = tuple(flat)
+    if len(flat) != 18:
+        raise ValueError(f"expected 18 fusion parameters (4 + 10 + 4), got {len(flat)}")
+    return ClsProjParams(*flat[:4]), CrossAttentionParams(*flat[4:14]), ClsProjParams(*flat[14:])
+
 
 _BACKEND_MODULES = {
     "reference": "crossvit_fast.ops.reference",

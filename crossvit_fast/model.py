@@ -239,8 +239,8 @@ def _cls_proj_module(dim_in: int, dim_out: int, eps: float) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim_in, eps=eps), nn.GELU(), nn.Linear(dim_in, dim_out))
 
 
-def _cls_proj_args(seq: nn.Sequential) -> tuple:
-    return (*_ln(seq[0]), seq[2].weight, seq[2].bias)
+def _cls_proj_args(seq: nn.Sequential) -> backends.ClsProjParams:
+    return backends.ClsProjParams(*_ln(seq[0]), seq[2].weight, seq[2].bias)
 
 
 class MultiScaleBlock(nn.Module):
@@ -314,16 +314,11 @@ class MultiScaleBlock(nn.Module):
             and not (fusion.training and (fusion.attn.attn_drop > 0 or fusion.attn.proj_drop > 0))
         ):
             # The whole step as one table op (fused by the fast backends).
+            attn = backends.CrossAttentionParams(*_ln(fusion.norm1), *fusion.attn.args())
             return ops.cross_fusion(
-                y_i[:, 0],
-                y_j,
-                *_cls_proj_args(proj),
-                *_ln(fusion.norm1),
-                *fusion.attn.args(),
-                *_cls_proj_args(revert),
-                fusion.attn.num_heads,
-                self.eps,
-            )
+                y_i[:, 0], y_j, _cls_proj_args(proj), attn, _cls_proj_args(revert),
+                fusion.attn.num_heads, self.eps,
+            )  # fmt: skip
         c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps).unsqueeze(1)
         for k, blk in enumerate([fusion] if single else fusion):
             # From the 2nd stacked block on, the sequence is the single token (as timm).

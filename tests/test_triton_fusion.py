@@ -11,10 +11,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crossvit_fast import backends
+from crossvit_fast.backends import fusion_params
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import utils
 from crossvit_fast.ops.triton.cls_proj import cls_proj as triton_cls_proj
-from crossvit_fast.ops.triton.cross_fusion import cross_fusion as triton_cross_fusion
+from crossvit_fast.ops.triton.cross_fusion import cross_fusion as _triton_cross_fusion
 
 from .conftest import DEVICE
 from .numerics import FLOOR, assert_2x_rule
@@ -25,6 +26,18 @@ FUSION = ("cls", "tokens", "proj_norm_weight", "proj_norm_bias", "proj_weight", 
           "attn_norm_weight", "attn_norm_bias", "wq", "bq", "wk", "bk", "wv", "bv",
           "attn_proj_weight", "attn_proj_bias", "revert_norm_weight", "revert_norm_bias",
           "revert_weight", "revert_bias")  # fmt: skip
+
+
+def flat(cross_fusion):
+    """cross_fusion with its 18 parameters passed flat, in FUSION's order (how these tests build
+    and differentiate them); the op takes them grouped (backends.fusion_params)."""
+    return lambda cls, tokens, *rest: cross_fusion(
+        cls, tokens, *fusion_params(rest[:18]), *rest[18:]
+    )
+
+
+triton_cross_fusion = flat(_triton_cross_fusion)
+ref_cross_fusion = flat(reference.cross_fusion)
 
 
 def _rand(g, *shape, scale=1.0):
@@ -193,21 +206,21 @@ def test_cls_proj_opcheck():
     ],
 )
 def test_cross_fusion_fp32(B, N, c_i, c_j, H):
-    check(triton_cross_fusion, reference.cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
+    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
           torch.float32, (B, c_i), H, EPS)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cross_fusion_half_precision(dtype):
-    check(triton_cross_fusion, reference.cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
+    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
           dtype, (4, 32), 4, EPS)  # fmt: skip
 
 
 def test_cross_fusion_autocast():
     inputs = fusion_inputs(3, 12, 32, 64, seed=2)
     grad_out = torch.randn(3, 32, dtype=torch.float64, device=DEVICE)
-    out64, g64 = run(reference.cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
-    out_t, g_t = run(reference.cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
+    out64, g64 = run(ref_cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
+    out_t, g_t = run(ref_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
                      autocast=True)  # fmt: skip
     out, grads = run(triton_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
                      autocast=True)  # fmt: skip
@@ -297,7 +310,7 @@ def test_launch_count(monkeypatch):
     # but a few touch the whole (B, N, C) token tensor, ours only 2 (Triton) of each pass.
     inputs = fusion_inputs(8, 20, 32, 64)
     ours = _count_launches(triton_cross_fusion, inputs, 4, monkeypatch)
-    ref = _count_launches(reference.cross_fusion, inputs, 4, monkeypatch)
+    ref = _count_launches(ref_cross_fusion, inputs, 4, monkeypatch)
     print(f"\nlaunches of one fusion step (fwd, bwd): triton {ours}, reference {ref}")
     assert ours == (11, 21)
     assert ref[0] >= 18 and ref[1] >= 35  # (20, 38) with torch 2.13
@@ -319,7 +332,7 @@ def test_launch_count(monkeypatch):
 )
 def test_gpu_cross_fusion_real_shapes(B, N, c_i, c_j, H, dtype):
     # crossvit_18 (both directions), crossvit_base-like at 577 tokens (batch 1), crossvit_15
-    check(triton_cross_fusion, reference.cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
+    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
           dtype, (B, c_i), H, EPS)  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import OPS
+from ..backends import OPS, ClsProjParams, CrossAttentionParams
 
 # The table's ops (crossvit_fast.backends.OPS): this module defines each under its op name.
 __all__ = [*OPS, "DROPOUT_OPS"]
@@ -156,24 +156,9 @@ def cross_attention(
 def cross_fusion(
     cls: Tensor,
     tokens: Tensor,
-    proj_norm_weight: Tensor | None,
-    proj_norm_bias: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    attn_norm_weight: Tensor | None,
-    attn_norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    attn_proj_weight: Tensor,
-    attn_proj_bias: Tensor | None,
-    revert_norm_weight: Tensor | None,
-    revert_norm_bias: Tensor | None,
-    revert_weight: Tensor,
-    revert_bias: Tensor | None,
+    proj: ClsProjParams,
+    attn: CrossAttentionParams,
+    revert: ClsProjParams,
     num_heads: int,
     eps: float,
 ) -> Tensor:
@@ -181,26 +166,15 @@ def cross_fusion(
     `revert_projs[i](fusion[i](projs[i](cls_i), tokens_j))`.
 
     cls: (B, C_i) branch i's CLS after its blocks; tokens: (B, 1 + N_j, C_j) branch j's tokens
-    after its blocks. Returns branch i's new CLS (B, C_i). num_heads is branch j's head count.
+    after its blocks. Parameters travel grouped per sub-layer (crossvit_fast.backends): proj
+    (projs[i]: C_i -> C_j) and revert (revert_projs[i]: C_j -> C_i) are `ClsProjParams`, attn
+    (fusion[i], width C_j) is `CrossAttentionParams`; each group is passed on as the
+    positional arguments of `cls_proj` / `cross_attention`. Returns branch i's new CLS (B, C_i).
+    num_heads is branch j's head count.
     """
-    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
-    f = cross_attention(
-        c,
-        tokens,
-        attn_norm_weight,
-        attn_norm_bias,
-        wq,
-        bq,
-        wk,
-        bk,
-        wv,
-        bv,
-        attn_proj_weight,
-        attn_proj_bias,
-        num_heads,
-        eps,
-    )
-    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
+    c = cls_proj(cls, *proj, eps)
+    f = cross_attention(c, tokens, *attn, num_heads, eps)
+    return cls_proj(f, *revert, eps)
 
 
 def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ...backends import ClsProjParams, CrossAttentionParams
 from ..common import check_tensor
 from .cls_proj import cls_proj
 from .cross_attention import cross_attention
@@ -28,24 +29,9 @@ __all__ = ["OPS", "cross_fusion"]
 def cross_fusion(
     cls: Tensor,
     tokens: Tensor,
-    proj_norm_weight: Tensor | None,
-    proj_norm_bias: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    attn_norm_weight: Tensor | None,
-    attn_norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    attn_proj_weight: Tensor,
-    attn_proj_bias: Tensor | None,
-    revert_norm_weight: Tensor | None,
-    revert_norm_bias: Tensor | None,
-    revert_weight: Tensor,
-    revert_bias: Tensor | None,
+    proj: ClsProjParams,
+    attn: CrossAttentionParams,
+    revert: ClsProjParams,
     num_heads: int,
     eps: float,
 ) -> Tensor:
@@ -55,12 +41,9 @@ def cross_fusion(
     Limits as `cls_proj` and `cross_attention` (num_heads is branch j's head count).
     """
     check_tensor("cls", cls, ndim=2)
-    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
-    f = cross_attention(
-        c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
-        attn_proj_weight, attn_proj_bias, num_heads, eps,
-    )  # fmt: skip
-    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
+    c = cls_proj(cls, *proj, eps)
+    f = cross_attention(c, tokens, *attn, num_heads, eps)
+    return cls_proj(f, *revert, eps)
 
 
 OPS = {"cross_fusion": cross_fusion}
