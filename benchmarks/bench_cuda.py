@@ -111,8 +111,9 @@ def test_bench_cross_fusion(benchmark, name, C, H, N1, Ci, B):
         def p(*shape, scale=1.0):
             return (torch.randn(*shape, device=dev) * scale).to(DTYPE)
 
-        return [p(B, Ci), p(B, N1, C), p(Ci), p(Ci), p(C, Ci, scale=Ci**-0.5), p(C),
-                *_xattn_args(B, C, H, N1, False)[2:12], p(C), p(C), p(Ci, C, scale=C**-0.5), p(Ci), H, 1e-6]  # fmt: skip
+        flat = [p(Ci), p(Ci), p(C, Ci, scale=Ci**-0.5), p(C), *_xattn_args(B, C, H, N1, False)[2:12],
+                p(C), p(C), p(Ci, C, scale=C**-0.5), p(Ci)]  # fmt: skip
+        return [p(B, Ci), p(B, N1, C), *backends.fusion_params(flat), H, 1e-6]
 
     nbytes = B * N1 * C * DTYPE.itemsize
     case = {"case": name, "B": B, "C": C, "heads": H, "rows": N1}

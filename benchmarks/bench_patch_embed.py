@@ -1,33 +1,23 @@
 """Patch embedding at CrossViT's real shapes: the fused `patch_embed` (implicit-GEMM patch conv +
-bias + CLS + position embedding) and `token_assemble` (dagger stems), Triton vs the reference
-eager vs the reference under torch.compile (bf16, image and stem output in bf16).
+bias + CLS + position embedding), Triton vs the reference eager vs the reference under
+torch.compile (bf16 image).
 
 Run on a GPU: `pytest benchmarks/bench_patch_embed.py --benchmark-only -s`. Rows go to the
-extra_info and the end-of-session table via `harness.record`; see bench_mlp.py.
+extra_info and the end-of-session table via `harness.record`; see op_bench.py for the table format.
 
 Formulas (B = batch, N = patches, D = width, K = 3 * p * p, e = bytes per element):
   patch_embed     forward 2*B*N*K*D FLOPs; forward + backward (weight gradient, the image does
                   not require grad) 4*B*N*K*D. Bytes: forward reads the image and writes the
                   tokens; backward reads d_tokens twice (batch reduction for d_pos / d_cls /
                   d_bias, weight-gradient GEMM) and the image once: 2*image + 3*tokens in all.
-  token_assemble  memory bound: forward reads feat and writes the tokens (2*tokens); backward
-                  reads d_tokens and writes d_feat (2*tokens more).
-Goal (issue 4, H100, bf16): patch_embed forward + backward >= 2x the reference eager.
+Goal (H100, bf16): patch_embed forward + backward >= 2x the reference eager.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from bench_mlp import BATCHES, DTYPE, MODELS, _bench
-
-BRANCHES = ((240, 12), (224, 16))  # (image size, patch) of branch 0 and 1
-CASES = [
-    pytest.param(m, br, b, id=f"{m}-branch{br}-b{b}")
-    for m, br, b in itertools.product(MODELS, (0, 1), BATCHES)
-]
+from op_bench import BRANCHES, CASES, DTYPE, MODELS, bench
 
 
 @pytest.mark.parametrize("model, branch, batch", CASES)
@@ -44,22 +34,4 @@ def test_bench_patch_embed(benchmark, model, branch, batch):
     flops = {"fwd": 2 * batch * N * K * D, "fwd+bwd": 4 * batch * N * K * D}
     bytes_ = {"fwd": image + tokens, "fwd+bwd": 2 * image + 3 * tokens}
     case = {"model": model, "branch": branch, "batch": batch, "image": img, "patch": p, "width": D}
-    _bench(benchmark, "patch_embed", case, [x, *params], params, flops, bytes_)
-
-
-@pytest.mark.parametrize("model, branch, batch", CASES)
-def test_bench_token_assemble(benchmark, model, branch, batch):
-    D = MODELS[model][branch]
-    img, p = BRANCHES[branch]
-    h = img // p
-    # The dagger stem's last conv output, channels_last as cuDNN produces it for channels_last input.
-    feat = torch.randn(batch, D, h, h, device="cuda", dtype=DTYPE).contiguous(
-        memory_format=torch.channels_last
-    )
-    feat.requires_grad_()
-    cls = (torch.randn(1, 1, D, device="cuda") * 0.02).to(DTYPE).requires_grad_()
-    pos = (torch.randn(1, 1 + h * h, D, device="cuda") * 0.02).to(DTYPE).requires_grad_()
-    tokens = batch * (1 + h * h) * D * (torch.finfo(DTYPE).bits // 8)
-    bytes_ = {"fwd": 2 * tokens, "fwd+bwd": 4 * tokens}
-    case = {"model": model, "branch": branch, "batch": batch, "tokens": 1 + h * h, "width": D}
-    _bench(benchmark, "token_assemble", case, [feat, cls, pos], [feat, cls, pos], None, bytes_)
+    bench(benchmark, "patch_embed", case, [x, *params], params, flops, bytes_)

@@ -7,7 +7,11 @@ a module under `crossvit_fast.ops` that exposes
   type ("cuda" or "cpu"), and a one-line reason either way;
 * ``ops() -> dict[str, Callable]`` — its implementations, keyed by the op names in `OPS`, with the
   signatures of `crossvit_fast.ops.reference` (minus the dropout arguments). Imported lazily, so
-  `import crossvit_fast` never imports Triton or loads a compiled extension.
+  `import crossvit_fast` never imports Triton or loads a compiled extension;
+* optionally ``DROPOUT_OPS: frozenset[str]`` — the ops whose implementation also takes the
+  dropout arguments (`attn_drop`, `proj_drop`, `mlp_drop`: a declared capability). A training
+  step with active dropout runs `OpSet.with_dropout(op)`: the first backend in the resolution
+  order that declares it (today only the reference does), recorded in `dropout_sources`.
 
 An op a backend does not (yet) implement falls back to the reference; `OpSet.sources` records
 which backend serves each op, so what ran is never a guess (`CrossViT.extra_repr`, `info`).
@@ -19,8 +23,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 # The ops of the table, in the order the model uses them. Signatures: crossvit_fast.ops.reference.
 OPS = (
@@ -33,6 +39,44 @@ OPS = (
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
     "layer_norm",  # final norms
 )
+
+# -- parameter groups of the fusion step ----------------------------------------------------------
+# Immutable tuples of tensors (NamedTuple: torch.compile and pytrees take them as they are, and
+# `*group` passes them on to the per-sub-layer ops in the reference's argument order).
+
+
+class ClsProjParams(NamedTuple):
+    """projs[i] / revert_projs[i]: LayerNorm affine (C_in,) or None, Linear (C_out, C_in) + bias."""
+
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    weight: Tensor
+    bias: Tensor | None
+
+
+class CrossAttentionParams(NamedTuple):
+    """fusion[i]: norm1 affine (C,) or None; wq, wk, wv, proj (C, C) with biases (C,) or None."""
+
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    wq: Tensor
+    bq: Tensor | None
+    wk: Tensor
+    bk: Tensor | None
+    wv: Tensor
+    bv: Tensor | None
+    proj_weight: Tensor
+    proj_bias: Tensor | None
+
+
+def fusion_params(flat) -> tuple[ClsProjParams, CrossAttentionParams, ClsProjParams]:
+    """(proj, attn, revert) from the 18 parameters of one fusion step listed flat, in that order
+    (4 + 10 + 4): how tests and benchmarks build them."""
+    flat = tuple(flat)
+    if len(flat) != 18:
+        raise ValueError(f"expected 18 fusion parameters (4 + 10 + 4), got {len(flat)}")
+    return ClsProjParams(*flat[:4]), CrossAttentionParams(*flat[4:14]), ClsProjParams(*flat[14:])
+
 
 _BACKEND_MODULES = {
     "reference": "crossvit_fast.ops.reference",
@@ -53,7 +97,8 @@ def _backend_module(name: str):
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
-def _check_name(name: str, allow_auto: bool = True) -> None:
+def check_name(name: str, allow_auto: bool = True) -> None:
+    """ValueError unless `name` is a backend name (or "auto", when allowed)."""
     valid = (*BACKENDS, "auto") if allow_auto else BACKENDS
     if name not in valid:
         raise ValueError(f"backend must be one of {valid}, got {name!r}")
@@ -61,7 +106,7 @@ def _check_name(name: str, allow_auto: bool = True) -> None:
 
 def backend_availability(name: str, device_type: str) -> tuple[bool, str]:
     """(available, reason) for running backend `name` on tensors of `device_type`."""
-    _check_name(name, allow_auto=False)
+    check_name(name, allow_auto=False)
     try:
         mod = _backend_module(name)
     except ImportError as exc:  # a backend package missing entirely
@@ -91,13 +136,16 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 class OpSet:
     """The implementations one forward pass uses, resolved for one (backend, device type).
 
-    Attribute per op in `OPS`; `sources[op]` names the backend that serves it.
+    Attribute per op in `OPS`; `sources[op]` names the backend that serves it. Ops that declare
+    dropout support (`DROPOUT_OPS`) also have `with_dropout(op)`, served by `dropout_sources[op]`.
     """
 
     backend: str
     device_type: str
     impls: dict[str, Callable] = field(repr=False)
     sources: dict[str, str]
+    dropout_impls: dict[str, Callable] = field(default_factory=dict, repr=False)
+    dropout_sources: dict[str, str] = field(default_factory=dict)
 
     def __getattr__(self, op: str) -> Callable:
         try:
@@ -105,16 +153,27 @@ class OpSet:
         except KeyError:
             raise AttributeError(op) from None
 
+    def with_dropout(self, op: str) -> Callable:
+        """The implementation of `op` that takes its dropout arguments."""
+        try:
+            return self.dropout_impls[op]
+        except KeyError:
+            raise NotImplementedError(
+                f"no backend of this OpSet ({self.backend!r} on {self.device_type}) declares "
+                f"dropout support for {op!r}"
+            ) from None
+
 
 def resolve(backend: str, device_type: str) -> OpSet:
     """Build the OpSet for `backend` ("auto" or a name in BACKENDS) on `device_type`.
 
     Raises RuntimeError naming the reason when an explicit backend can't run on that device.
     """
-    _check_name(backend)
+    check_name(backend)
     order = AUTO_ORDER.get(device_type, ("reference",)) if backend == "auto" else (backend,)
-    reference_ops = _backend_module("reference").ops()
-    impls, sources = {}, {}
+    reference = _backend_module("reference")
+    reference_ops = reference.ops()
+    impls, sources, drop_impls, drop_sources = {}, {}, {}, {}
     for name in order:
         ok, why = backend_availability(name, device_type)
         if not ok:
@@ -124,17 +183,56 @@ def resolve(backend: str, device_type: str) -> OpSet:
                     f"Available here: {_available_names(device_type)}"
                 )
             continue
-        for op, fn in _backend_module(name).ops().items():
+        mod = _backend_module(name)
+        dropout_ops = getattr(mod, "DROPOUT_OPS", frozenset())
+        for op, fn in mod.ops().items():
             if op not in OPS:
                 raise KeyError(f"backend {name!r} registers unknown op {op!r}; known: {OPS}")
             impls.setdefault(op, fn)
             sources.setdefault(op, name)
+            if op in dropout_ops:
+                drop_impls.setdefault(op, fn)
+                drop_sources.setdefault(op, name)
     for op in OPS:  # ops a backend lacks fall back to the reference
         impls.setdefault(op, reference_ops[op])
         sources.setdefault(op, "reference")
+        if op in reference.DROPOUT_OPS:
+            drop_impls.setdefault(op, reference_ops[op])
+            drop_sources.setdefault(op, "reference")
+    drop = [op for op in OPS if op in drop_impls]
     return OpSet(
-        backend, device_type, {op: impls[op] for op in OPS}, {op: sources[op] for op in OPS}
+        backend,
+        device_type,
+        {op: impls[op] for op in OPS},
+        {op: sources[op] for op in OPS},
+        {op: drop_impls[op] for op in drop},
+        {op: drop_sources[op] for op in drop},
     )
+
+
+class OpSets:
+    """The OpSets of one model, one per device type, resolved on first use and cached.
+
+    One instance is shared by reference by the model and every submodule that runs ops, so a
+    submodule called on its own (`model.blocks[0].blocks[0][0](x)`), a forward hook or a feature
+    tap runs the model's backend. Not a module: it holds no state_dict entries.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        check_name(backend)
+        self.backend = backend
+        self.cache: dict[str, OpSet] = {}
+
+    def reset(self, backend: str) -> None:
+        check_name(backend)
+        self.backend = backend
+        self.cache.clear()
+
+    def get(self, device_type: str) -> OpSet:
+        ops = self.cache.get(device_type)
+        if ops is None:
+            ops = self.cache[device_type] = resolve(self.backend, device_type)
+        return ops
 
 
 def _available_names(device_type: str) -> list[str]:

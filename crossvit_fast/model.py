@@ -18,7 +18,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends
 from .config import CrossViTConfig
-from .ops import reference
 
 __all__ = ["CrossViT"]
 
@@ -125,8 +124,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.drop_path = drop_path
         self.eps = eps
+        self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
 
-    def forward(self, x: Tensor, ops) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, N, C) -> (B, N, C), timm's Block.forward; ops from the model's backend."""
+        ops = self._ops.get(x.device.type)
         a, m, t = self.attn, self.mlp, self.training
         attn_args = (
             *_ln(self.norm1),
@@ -137,9 +139,9 @@ class Block(nn.Module):
             a.num_heads,
             self.eps,
         )
-        if t and (a.attn_drop > 0 or a.proj_drop > 0):  # dropout lives in the reference only
+        if t and (a.attn_drop > 0 or a.proj_drop > 0):  # an op that declares dropout support
             x = _residual_op(
-                reference.self_attention,
+                ops.with_dropout("self_attention"),
                 x,
                 attn_args,
                 self.drop_path,
@@ -151,7 +153,8 @@ class Block(nn.Module):
             x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
         mlp_args = (*_ln(self.norm2), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, self.eps)
         if t and m.drop > 0:
-            return _residual_op(reference.mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
+            mlp = ops.with_dropout("mlp")
+            return _residual_op(mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
         return _residual_op(ops.mlp, x, mlp_args, self.drop_path, t)
 
     def extra_repr(self) -> str:
@@ -194,9 +197,20 @@ class CrossAttentionBlock(nn.Module):
         self.attn = CrossAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.drop_path = drop_path
         self.eps = eps
+        self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
 
-    def forward(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
-        """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended. Returns (B, C)."""
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """timm's CrossAttentionBlock.forward: x (B, 1 + N, C) = cat(CLS, tokens) -> the new CLS
+        (B, 1, C) = x[:, :1] + DropPath(CrossAttn(LN1(x))) (the CLS query attends over all rows).
+
+        The model passes x = the CLS (B, 1, C) and `tokens` (B, 1 + N, C), the other branch's
+        tokens whose row 0 stands for the CLS: the same sequence without materialising the cat."""
+        ops = self._ops.get(x.device.type)
+        return self.attend(x[:, 0], x if tokens is None else tokens, ops).unsqueeze(1)
+
+    def attend(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
+        """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended (row 0 is replaced by
+        cls, so the other branch's tokens are read in place, no cat). Returns (B, C)."""
         # timm's block input is cat(cls, tokens[:, 1:]): under autocast that promotes the
         # low-precision projected CLS to the tokens' fp32, and the residual (also with drop-path
         # below) is taken from the promoted copy.
@@ -206,7 +220,7 @@ class CrossAttentionBlock(nn.Module):
         args = (tokens, *_ln(self.norm1), *a.args(), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
             return _residual_op(
-                reference.cross_attention,
+                ops.with_dropout("cross_attention"),
                 cls,
                 args,
                 self.drop_path,
@@ -225,8 +239,8 @@ def _cls_proj_module(dim_in: int, dim_out: int, eps: float) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim_in, eps=eps), nn.GELU(), nn.Linear(dim_in, dim_out))
 
 
-def _cls_proj_args(seq: nn.Sequential) -> tuple:
-    return (*_ln(seq[0]), seq[2].weight, seq[2].bias)
+def _cls_proj_args(seq: nn.Sequential) -> backends.ClsProjParams:
+    return backends.ClsProjParams(*_ln(seq[0]), seq[2].weight, seq[2].bias)
 
 
 class MultiScaleBlock(nn.Module):
@@ -287,11 +301,7 @@ class MultiScaleBlock(nn.Module):
         for blk in seq:
             # Non-reentrant checkpoint: only the block input is kept; the block (and its
             # drop-path draws: the RNG state is restored) is replayed in backward.
-            x = (
-                checkpoint(blk, x, ops, use_reentrant=False)
-                if self._checkpointing()
-                else blk(x, ops)
-            )
+            x = checkpoint(blk, x, use_reentrant=False) if self._checkpointing() else blk(x)
         return x
 
     def _fuse(self, i: int, y_i: Tensor, y_j: Tensor, ops) -> Tensor:
@@ -304,21 +314,16 @@ class MultiScaleBlock(nn.Module):
             and not (fusion.training and (fusion.attn.attn_drop > 0 or fusion.attn.proj_drop > 0))
         ):
             # The whole step as one table op (fused by the fast backends).
+            attn = backends.CrossAttentionParams(*_ln(fusion.norm1), *fusion.attn.args())
             return ops.cross_fusion(
-                y_i[:, 0],
-                y_j,
-                *_cls_proj_args(proj),
-                *_ln(fusion.norm1),
-                *fusion.attn.args(),
-                *_cls_proj_args(revert),
-                fusion.attn.num_heads,
-                self.eps,
-            )
-        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps)
+                y_i[:, 0], y_j, _cls_proj_args(proj), attn, _cls_proj_args(revert),
+                fusion.attn.num_heads, self.eps,
+            )  # fmt: skip
+        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps).unsqueeze(1)
         for k, blk in enumerate([fusion] if single else fusion):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
-            c = blk(c, y_j if k == 0 else c.unsqueeze(1), ops)
-        return ops.cls_proj(c, *_cls_proj_args(revert), self.eps)
+            c = blk(c, y_j if k == 0 else None)
+        return ops.cls_proj(c[:, 0], *_cls_proj_args(revert), self.eps)
 
     def forward(self, xs: list[Tensor], ops) -> list[Tensor]:
         ys = [self._run_blocks(x, seq, ops) for x, seq in zip(xs, self.blocks)]
@@ -385,8 +390,12 @@ class CrossViT(nn.Module):
             self._make_head(cfg.embed_dim[i], cfg.num_classes) for i in range(nb)
         )
         self._init_weights()
-        self._backend = "auto"
-        self._opsets: dict[str, backends.OpSet] = {}
+        # One OpSets for the model and every submodule that runs ops (timm-style forwards).
+        self._ops = backends.OpSets()
+        self._opsets = self._ops.cache  # device type -> OpSet
+        for m in self.modules():
+            if isinstance(m, (Block, CrossAttentionBlock)):
+                m._ops = self._ops
         self.set_backend(backend)
 
     @staticmethod
@@ -413,28 +422,24 @@ class CrossViT(nn.Module):
     @property
     def backend(self) -> str:
         """The backend name this model was asked to use ("auto", "reference", ...)."""
-        return self._backend
+        return self._ops.backend
 
     def set_backend(self, name: str) -> CrossViT:
         """Select the kernels: "auto", "reference", "triton" or "cuda". Raises ValueError for an
         unknown name and RuntimeError (with the reason) for a backend unavailable on this machine."""
-        backends._check_name(name)
+        backends.check_name(name)
         if name != "auto":
             ok, why = backends.available_backends()[name]
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available: {why}")
-        self._backend = name
-        self._opsets = {}
+        self._ops.reset(name)
         self._warm_opset()
         return self
 
     def opset(self, device: torch.device | str) -> backends.OpSet:
         """The resolved ops for inputs on `device` (cached per device type)."""
         dt = torch.device(device).type
-        ops = self._opsets.get(dt)
-        if ops is None:
-            ops = self._opsets[dt] = backends.resolve(self._backend, dt)
-        return ops
+        return self._ops.get(dt)
 
     def _warm_opset(self) -> None:
         """Resolve the ops for the parameters' device now, outside any forward.
@@ -454,7 +459,15 @@ class CrossViT(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"backend={self._backend!r}"
+        """The backend asked for and, once resolved for the parameters' device, which backend
+        serves each op (and each op's dropout variant)."""
+        text = f"backend={self.backend!r}"
+        ops = self._opsets.get(self.cls_token_0.device.type)
+        if ops is not None:
+            text += ", ops=(" + ", ".join(f"{op}={s}" for op, s in ops.sources.items()) + ")"
+            drop = ", ".join(f"{op}={s}" for op, s in ops.dropout_sources.items())
+            text += f", dropout_ops=({drop})"
+        return text
 
     # -- timm API ----------------------------------------------------------------------------
 

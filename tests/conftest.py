@@ -103,3 +103,8 @@ def write_image_folder(root, per_class: int = 6, size=(20, 14), classes=("blue",
             img = Image.new("RGB", size, tuple(max(0, v - 9 * i) for v in colours[c]))
             img.save(root / c / f"{i}.png")
     (root / classes[-1] / "notes.txt").write_text("not an image")
+
+
+# Three branches (timm allows any number): widths and patch grids that differ per branch.
+THREE_BRANCHES = dict(img_size=(48, 32, 32), patch_size=(12, 16, 8), embed_dim=(32, 64, 48),
+                      depth=((1, 1, 1, 0),), num_heads=(2, 2, 3), mlp_ratio=(2.0, 2.0, 2.0))  # fmt: skip

@@ -98,7 +98,7 @@ class _RecordBackwardOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name()
-        if name.startswith("crossvit_fast::") and name.endswith(("_backward", "_bwd")):
+        if name.startswith("crossvit_fast::") and name.endswith("_backward"):
             self.calls.setdefault(name, (func, args, kwargs or {}))
         return func(*args, **(kwargs or {}))
 

@@ -121,7 +121,7 @@ def test_fusion_boundaries_have_timms_dtypes(backend, dtype):
     projs[i] -> autocast dtype (a Linear); cat(CLS, tokens_j) -> fp32 (cat promotes); the
     cross-attention block, x[:, 0:1] + attn(...) -> fp32 (the residual base is the promoted
     CLS: the sum is never rounded to the autocast dtype); revert_projs[i] -> autocast dtype."""
-    from crossvit_fast.backends import resolve
+    from crossvit_fast.backends import fusion_params, resolve
 
     ops = resolve(backend, DEVICE)
     cls, tokens, p = _fusion_args(3, 7, 32, 48, 3)
@@ -131,7 +131,7 @@ def test_fusion_boundaries_have_timms_dtypes(backend, dtype):
         f = ops.cross_attention(c, tokens, *attn, 3, 1e-6)
         y = ops.cross_attention(c, tokens, *attn, 3, 1e-6, residual=False)
         r = ops.cls_proj(f, *revert, 1e-6)
-        fused = ops.cross_fusion(cls, tokens, *proj, *attn, *revert, 3, 1e-6)
+        fused = ops.cross_fusion(cls, tokens, *fusion_params(p), 3, 1e-6)
     assert (c.dtype, y.dtype, f.dtype, r.dtype, fused.dtype) == (dtype, dtype, torch.float32,
                                                                  dtype, dtype)  # fmt: skip
     # The residual sum in fp32: c + y rounded to bf16 / fp16 would be off by up to half an ulp of

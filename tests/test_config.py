@@ -6,6 +6,8 @@ import pytest
 
 from crossvit_fast import CrossViTConfig, model_config
 
+from .conftest import THREE_BRANCHES
+
 
 def test_defaults_are_crossvit_tiny():
     c = CrossViTConfig()
@@ -69,14 +71,7 @@ def test_validation_names_the_field(kwargs, match):
 
 
 def test_three_branches_validate():
-    c = CrossViTConfig(
-        img_size=(48, 32, 32),
-        patch_size=(12, 16, 8),
-        embed_dim=(32, 64, 48),
-        depth=((1, 1, 1, 0),),
-        num_heads=(2, 2, 3),
-        mlp_ratio=(2.0, 2.0, 2.0),
-    )
+    c = CrossViTConfig(**THREE_BRANCHES)
     assert c.num_branches == 3 and c.num_patches == (16, 4, 16)
 
 

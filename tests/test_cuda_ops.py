@@ -47,10 +47,20 @@ def _bound_check(ours, torch_dt, ref64, name, gscale):
     )
 
 
+def _flat_fusion(cross_fusion):
+    """cross_fusion called with (cls, tokens, 18 parameters flat, num_heads, eps)."""
+    return lambda cls, tokens, *rest: cross_fusion(
+        cls, tokens, *backends.fusion_params(rest[:18]), *rest[18:]
+    )
+
+
 def check_op(op: str, args: list, diff: list[int], skip_grad: tuple[int, ...] = (), triton=None):
     """Run the cuda op and the reference (in the args' dtype and in float64) on `args`; check
     the output and the gradients of args[i] for i in diff. Returns the cuda output."""
     cuda_fn, ref_fn = CF.OPS[op], getattr(R, op)
+    if op == "cross_fusion":  # the op takes its 18 parameters grouped; `args` lists them flat
+        cuda_fn, ref_fn = _flat_fusion(cuda_fn), _flat_fusion(ref_fn)
+        triton = _flat_fusion(triton) if triton is not None else None
 
     def leaves(dtype=None):
         out = []

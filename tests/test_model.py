@@ -12,6 +12,7 @@ import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig, create_model, list_models
 
 from . import golden
+from .conftest import THREE_BRANCHES
 
 # timm's parameter counts (results/benchmark-infer-*.csv, verified by instantiation).
 TIMM_PARAMS = {
@@ -95,15 +96,7 @@ def test_no_weight_decay_names():
 
 
 def test_three_branch_model_runs_and_names_follow_the_pattern():
-    cfg = CrossViTConfig(
-        img_size=(48, 32, 32),
-        patch_size=(12, 16, 8),
-        embed_dim=(32, 64, 48),
-        depth=((1, 1, 1, 0),),
-        num_heads=(2, 2, 3),
-        mlp_ratio=(2.0, 2.0, 2.0),
-        num_classes=4,
-    )
+    cfg = CrossViTConfig(**THREE_BRANCHES, num_classes=4)
     m = CrossViT(cfg)
     assert {"cls_token_2", "pos_embed_2", "blocks.0.fusion.2.attn.wq.weight"} <= set(m.state_dict())
     out = m(torch.randn(2, 3, 48, 48))
@@ -175,6 +168,67 @@ def test_backend_property_set_backend_and_repr():
     assert set(m.opset("cpu").sources.values()) == {"reference"}
     with pytest.raises(ValueError, match="backend must be one of"):
         m.set_backend("fastest")
+
+
+def test_repr_names_the_backend_of_every_op():
+    m = CrossViT(SMALL)
+    text = m.extra_repr()
+    for op in crossvit_fast.backends.OPS:
+        assert f"{op}=reference" in text
+    assert (
+        "dropout_ops=(self_attention=reference, mlp=reference, cross_attention=reference)" in text
+    )
+
+
+def test_dropout_is_a_declared_capability_of_the_table():
+    """Active dropout runs `OpSet.with_dropout(op)`: the op of a backend declaring DROPOUT_OPS
+    (only the reference today); the model itself imports no op implementation."""
+    import ast
+    import inspect
+
+    import crossvit_fast.model
+
+    tree = ast.parse(inspect.getsource(crossvit_fast.model))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and "ops" in m.split(".") for m in imported), imported
+    ops = crossvit_fast.backends.resolve("auto", "cpu")
+    assert ops.dropout_sources == dict.fromkeys(
+        ("self_attention", "mlp", "cross_attention"), "reference"
+    )
+    assert ops.with_dropout("mlp") is ops.mlp
+    with pytest.raises(NotImplementedError, match="patch_embed"):
+        ops.with_dropout("patch_embed")
+
+
+def test_submodules_run_alone_with_timms_signatures_and_hooks():
+    """Block(x) and CrossAttentionBlock(x) are timm's forwards, on the model's shared op set:
+    calling one alone, a forward hook and a feature tap see what the model computes."""
+    m = CrossViT(SMALL).double().eval()
+    blk = m.blocks[0].blocks[0][0]
+    assert blk._ops is m._ops and m.blocks[0].fusion[0]._ops is m._ops
+    taps = []
+    handle = blk.register_forward_hook(lambda mod, args, out: taps.append((args[0], out)))
+    x = torch.randn(2, 3, *SMALL.img_size[0], dtype=torch.float64)
+    m(x)
+    handle.remove()
+    ((inp, out),) = taps
+    torch.testing.assert_close(blk(inp), out, rtol=0, atol=0)
+    # CrossAttentionBlock(x): x = cat(CLS, tokens) -> (B, 1, C) = x[:, :1] + attn(LN1(x))
+    f = m.blocks[0].fusion[0]
+    C = f.norm1.normalized_shape[0]
+    seq = torch.randn(2, 5, C, dtype=torch.float64)
+    n = torch.nn.functional.layer_norm(seq, (C,), f.norm1.weight, f.norm1.bias, f.eps)
+    a = f.attn
+    H, d = a.num_heads, C // a.num_heads
+    q = a.wq(n[:, :1]).view(2, 1, H, d).transpose(1, 2)
+    k = a.wk(n).view(2, 5, H, d).transpose(1, 2)
+    v = a.wv(n).view(2, 5, H, d).transpose(1, 2)
+    o = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(-1) @ v
+    want = seq[:, :1] + a.proj(o.transpose(1, 2).reshape(2, 1, C))
+    torch.testing.assert_close(f(seq), want)
+    m.set_backend("reference")
+    assert blk._ops.backend == "reference"
 
 
 def test_auto_on_cpu_is_the_reference():

@@ -14,6 +14,7 @@ import torch
 
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import cross_attention as ca
+from crossvit_fast.ops.triton import cross_attention_rows as rows_mod
 
 from .conftest import DEVICE
 from .numerics import FLOOR, assert_2x_rule
@@ -217,13 +218,13 @@ def test_errors(C, changes, match):
 def test_opcheck():
     inputs = make_inputs(2, 3, 16, 2)
     args = [None if inputs[k] is None else inputs[k].float().requires_grad_() for k in NAMES]
-    torch.library.opcheck(torch.ops.crossvit_fast.cross_attention_fwd.default,
+    torch.library.opcheck(torch.ops.crossvit_fast.cross_attention.default,
                           (*args, 2, EPS, True))  # fmt: skip
     # the backward op on its own (inputs that need no grad)
-    outs = torch.ops.crossvit_fast.cross_attention_fwd(*(a.detach() for a in args), 2, EPS, True)
+    outs = torch.ops.crossvit_fast.cross_attention(*(a.detach() for a in args), 2, EPS, True)
     d = [a.detach() for a in args]
     torch.library.opcheck(
-        torch.ops.crossvit_fast.cross_attention_bwd.default,
+        torch.ops.crossvit_fast.cross_attention_backward.default,
         (torch.randn(2, 16, device=DEVICE), d[0], d[1], d[2], d[4], d[6], d[8], d[10],
          *outs[1:], 2, EPS, True),
     )  # fmt: skip
@@ -246,11 +247,11 @@ def test_split_plan_h100(monkeypatch):
     # The H100 has 132 SMs: batch >= 132 gives one program per sample; smaller batches split
     # each sample's 1 + N rows (the CLS row and the tokens) so that ~2 programs per SM run;
     # every split is non-empty.
-    monkeypatch.setattr(ca, "sm_count", lambda device: 132)
+    monkeypatch.setattr(rows_mod, "sm_count", lambda device: 132)
     dev = torch.device("cuda")
-    assert ca._split_plan(256, 197, 16, dev) == (1, 208)
+    assert rows_mod.split_plan(256, 197, 16, dev) == (1, 208)
     for B, N in ((1, 196), (1, 8192), (64, 400), (8, 1156), (131, 196), (1, 0), (2, 1)):
-        S, rows = ca._split_plan(B, 1 + N, 16, dev)
+        S, rows = rows_mod.split_plan(B, 1 + N, 16, dev)
         assert rows % 16 == 0 and S * rows >= 1 + N > (S - 1) * rows, (B, N)
         assert max(1, 2 * 132 // B + 1) >= S and (N < 64 or B >= 132 or S > 1), (B, N, S)
 

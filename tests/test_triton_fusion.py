@@ -1,5 +1,5 @@
-"""Triton `cls_proj` and the whole fusion step `cross_fusion` (crossvit_fast.ops.triton.fusion)
-against the reference ops, forward and every gradient, plus the launch count of one step.
+"""Triton `cls_proj` and the whole fusion step `cross_fusion` (crossvit_fast.ops.triton.cls_proj,
+.cross_fusion) against the reference ops, forward and every gradient, plus the launch count of one step.
 
 CPU: Triton's interpreter at tiny widths; GPU tier: crossvit_18's fusion shapes in bf16.
 """
@@ -11,9 +11,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crossvit_fast import backends
+from crossvit_fast.backends import fusion_params
 from crossvit_fast.ops import reference
-from crossvit_fast.ops.triton import cross_attention as ca
-from crossvit_fast.ops.triton import fusion
+from crossvit_fast.ops.triton import utils
+from crossvit_fast.ops.triton.cls_proj import cls_proj as triton_cls_proj
+from crossvit_fast.ops.triton.cross_fusion import cross_fusion as _triton_cross_fusion
 
 from .conftest import DEVICE
 from .numerics import FLOOR, assert_2x_rule
@@ -24,6 +26,18 @@ FUSION = ("cls", "tokens", "proj_norm_weight", "proj_norm_bias", "proj_weight", 
           "attn_norm_weight", "attn_norm_bias", "wq", "bq", "wk", "bk", "wv", "bv",
           "attn_proj_weight", "attn_proj_bias", "revert_norm_weight", "revert_norm_bias",
           "revert_weight", "revert_bias")  # fmt: skip
+
+
+def flat(cross_fusion):
+    """cross_fusion with its 18 parameters passed flat, in FUSION's order (how these tests build
+    and differentiate them); the op takes them grouped (backends.fusion_params)."""
+    return lambda cls, tokens, *rest: cross_fusion(
+        cls, tokens, *fusion_params(rest[:18]), *rest[18:]
+    )
+
+
+triton_cross_fusion = flat(_triton_cross_fusion)
+ref_cross_fusion = flat(reference.cross_fusion)
 
 
 def _rand(g, *shape, scale=1.0):
@@ -103,7 +117,7 @@ def check(fn_ours, fn_ref, names, inputs, dtype, out_shape, *extra):
     ],
 )
 def test_cls_proj_fp32(shape, c_out):
-    grads = check(fusion.cls_proj, reference.cls_proj, PROJ, proj_inputs(shape, c_out),
+    grads = check(triton_cls_proj, reference.cls_proj, PROJ, proj_inputs(shape, c_out),
                   torch.float32, (*shape[:-1], c_out), EPS)  # fmt: skip
     if shape[0] == 0:
         assert (grads["weight"] == 0).all() and (grads["norm_weight"] == 0).all()
@@ -112,7 +126,7 @@ def test_cls_proj_fp32(shape, c_out):
 @pytest.mark.parametrize("bias,affine", [(False, True), (True, False), (False, False)])
 def test_cls_proj_optional_parts(bias, affine):
     inputs = proj_inputs((4, 32), 64, bias=bias, affine=affine)
-    grads = check(fusion.cls_proj, reference.cls_proj, PROJ, inputs, torch.float32, (4, 64), EPS)
+    grads = check(triton_cls_proj, reference.cls_proj, PROJ, inputs, torch.float32, (4, 64), EPS)
     assert ("bias" in grads) == bias and ("norm_weight" in grads) == affine
 
 
@@ -121,7 +135,7 @@ def test_cls_proj_strided_rows():
     inputs = proj_inputs((3, 7, 32), 48)
     seq = inputs["x"].float().requires_grad_()
     args = [inputs[k].float() for k in PROJ[1:]]
-    out = fusion.cls_proj(seq[:, 0], *args, EPS)
+    out = triton_cls_proj(seq[:, 0], *args, EPS)
     out.backward(torch.ones_like(out))
     seq_r = inputs["x"].float().requires_grad_()
     ref = reference.cls_proj(seq_r[:, 0], *args, EPS)
@@ -132,7 +146,7 @@ def test_cls_proj_strided_rows():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cls_proj_half_precision(dtype):
-    check(fusion.cls_proj, reference.cls_proj, PROJ, proj_inputs((6, 64), 96, seed=1), dtype,
+    check(triton_cls_proj, reference.cls_proj, PROJ, proj_inputs((6, 64), 96, seed=1), dtype,
           (6, 96), EPS)  # fmt: skip
 
 
@@ -142,7 +156,7 @@ def test_cls_proj_autocast():
     grad_out = torch.randn(4, 64, dtype=torch.float64, device=DEVICE)
     out64, g64 = run(reference.cls_proj, PROJ, inputs, torch.float64, grad_out, EPS)
     out_t, g_t = run(reference.cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
-    out, grads = run(fusion.cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
+    out, grads = run(triton_cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
     assert out.dtype == out_t.dtype == torch.bfloat16
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
     for k, g in grads.items():
@@ -166,16 +180,16 @@ def test_cls_proj_errors(changes, match):
     inputs = {k: v.float() for k, v in proj_inputs((4, 32), 64).items()}
     inputs.update({k: v.to(DEVICE) for k, v in changes.items()})
     with pytest.raises(ValueError, match=match):
-        fusion.cls_proj(*(inputs[k] for k in PROJ), EPS)
+        triton_cls_proj(*(inputs[k] for k in PROJ), EPS)
 
 
 def test_cls_proj_opcheck():
     inputs = proj_inputs((3, 16), 24)
     args = [inputs[k].float().requires_grad_() for k in PROJ]
-    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_fwd.default, (*args, EPS))
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj.default, (*args, EPS))
     d = [a.detach() for a in args]
-    _, gelu = torch.ops.crossvit_fast.cls_proj_fwd(*d, EPS)
-    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_bwd.default,
+    _, gelu = torch.ops.crossvit_fast.cls_proj(*d, EPS)
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_backward.default,
                           (torch.randn(3, 24, device=DEVICE), d[0], gelu, d[1], d[2], d[3], EPS,
                            True))  # fmt: skip
 
@@ -192,23 +206,23 @@ def test_cls_proj_opcheck():
     ],
 )
 def test_cross_fusion_fp32(B, N, c_i, c_j, H):
-    check(fusion.cross_fusion, reference.cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
+    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
           torch.float32, (B, c_i), H, EPS)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cross_fusion_half_precision(dtype):
-    check(fusion.cross_fusion, reference.cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
+    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
           dtype, (4, 32), 4, EPS)  # fmt: skip
 
 
 def test_cross_fusion_autocast():
     inputs = fusion_inputs(3, 12, 32, 64, seed=2)
     grad_out = torch.randn(3, 32, dtype=torch.float64, device=DEVICE)
-    out64, g64 = run(reference.cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
-    out_t, g_t = run(reference.cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
+    out64, g64 = run(ref_cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
+    out_t, g_t = run(ref_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
                      autocast=True)  # fmt: skip
-    out, grads = run(fusion.cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
+    out, grads = run(triton_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
                      autocast=True)  # fmt: skip
     assert out.dtype == out_t.dtype == torch.bfloat16
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
@@ -222,9 +236,9 @@ def test_cross_fusion_autocast():
 def test_cross_fusion_compile_fullgraph():
     inputs = fusion_inputs(4, 9, 32, 64)
     grad_out = torch.randn(4, 32, dtype=torch.float64, device=DEVICE)
-    compiled = torch.compile(fusion.cross_fusion, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(triton_cross_fusion, fullgraph=True, backend="aot_eager")
     out_c, g_c = run(compiled, FUSION, inputs, torch.float32, grad_out, 4, EPS)
-    out_e, g_e = run(fusion.cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS)
+    out_e, g_e = run(triton_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS)
     torch.testing.assert_close(out_c, out_e)
     for k in g_e:
         torch.testing.assert_close(g_c[k], g_e[k])
@@ -249,11 +263,21 @@ _NO_LAUNCH = {
 }  # fmt: skip
 
 
+class _Recorder:
+    """Stands in for `wrap_triton(kernel)`: `[grid](*args)` records the launch, runs nothing."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append(self.kernel)
+
+
 def _count_launches(fn, inputs, num_heads, monkeypatch):
-    """(forward, backward) kernel launches of one call: Triton launches (counted at `_launch`,
-    not run) + outermost aten ops that launch a kernel on the GPU."""
+    """(forward, backward) kernel launches of one call: Triton launches (counted at the one
+    launcher's `wrap_triton`, not run) + outermost aten ops that launch a kernel on the GPU."""
     triton_launches = []
-    monkeypatch.setattr(ca, "_launch", lambda kernel, *a, **k: triton_launches.append(kernel))
+    monkeypatch.setattr(utils, "wrap_triton", lambda kernel: _Recorder(kernel, triton_launches))
 
     def aten_ops(prof):
         def nested(e):
@@ -285,8 +309,8 @@ def test_launch_count(monkeypatch):
     # the (B, C) head merge of dq). The reference is counted the same way; all its launches
     # but a few touch the whole (B, N, C) token tensor, ours only 2 (Triton) of each pass.
     inputs = fusion_inputs(8, 20, 32, 64)
-    ours = _count_launches(fusion.cross_fusion, inputs, 4, monkeypatch)
-    ref = _count_launches(reference.cross_fusion, inputs, 4, monkeypatch)
+    ours = _count_launches(triton_cross_fusion, inputs, 4, monkeypatch)
+    ref = _count_launches(ref_cross_fusion, inputs, 4, monkeypatch)
     print(f"\nlaunches of one fusion step (fwd, bwd): triton {ours}, reference {ref}")
     assert ours == (11, 21)
     assert ref[0] >= 18 and ref[1] >= 35  # (20, 38) with torch 2.13
@@ -308,7 +332,7 @@ def test_launch_count(monkeypatch):
 )
 def test_gpu_cross_fusion_real_shapes(B, N, c_i, c_j, H, dtype):
     # crossvit_18 (both directions), crossvit_base-like at 577 tokens (batch 1), crossvit_15
-    check(fusion.cross_fusion, reference.cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
+    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
           dtype, (B, c_i), H, EPS)  # fmt: skip
 
 
@@ -316,9 +340,9 @@ def test_gpu_cross_fusion_real_shapes(B, N, c_i, c_j, H, dtype):
 def test_gpu_cross_fusion_inductor():
     inputs = fusion_inputs(16, 196, 224, 448)
     grad_out = torch.randn(16, 224, dtype=torch.float64, device=DEVICE)
-    compiled = torch.compile(fusion.cross_fusion, fullgraph=True)
+    compiled = torch.compile(triton_cross_fusion, fullgraph=True)
     out_c, g_c = run(compiled, FUSION, inputs, torch.bfloat16, grad_out, 7, EPS)
-    out_e, g_e = run(fusion.cross_fusion, FUSION, inputs, torch.bfloat16, grad_out, 7, EPS)
+    out_e, g_e = run(triton_cross_fusion, FUSION, inputs, torch.bfloat16, grad_out, 7, EPS)
     torch.testing.assert_close(out_c, out_e, rtol=2e-2, atol=2e-2)
     for k in g_e:
         torch.testing.assert_close(g_c[k], g_e[k], rtol=5e-2, atol=5e-2)

@@ -1,4 +1,5 @@
-"""Helpers every fast backend uses: input validation with clear messages, and autocast.
+"""Helpers every fast backend uses: input validation with clear messages, and the one dtype /
+autocast policy (`compute_dtype`, `check_param_dtype`, `layer_norm_out_dtype`).
 
 Autocast: a registered custom op is opaque to autocast, so each functional applies timm's dtype
 rules itself. Under `torch.autocast(device_type, dtype)` timm's modules run LayerNorm and softmax
@@ -20,6 +21,45 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def check_param_dtype(x: Tensor, **params: Tensor | None) -> None:
+    """Without autocast, timm's modules require every parameter in x's dtype (F.linear /
+    F.layer_norm refuse mixed dtypes); under autocast any float dtype is cast like autocast does."""
+    if autocast_dtype(x.device.type) is not None:
+        return
+    for name, t in params.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(
+                f"{name}: expected dtype {x.dtype} (x's dtype, no autocast), got {t.dtype}"
+            )
+
+
+def compute_dtype(x: Tensor, **params: Tensor | None) -> torch.dtype:
+    """The GEMM dtype timm would use for x: the autocast dtype when autocast is on, else x's
+    dtype, which every tensor in `params` must then share (`check_param_dtype`)."""
+    dt = autocast_dtype(x.device.type)
+    if dt is not None:
+        if dt not in KERNEL_DTYPES:
+            raise ValueError(
+                f"autocast dtype {dt} is not supported (expected one of {KERNEL_DTYPES})"
+            )
+        return dt
+    check_param_dtype(x, **params)
+    return x.dtype
+
+
+def layer_norm_out_dtype(x: Tensor) -> torch.dtype:
+    """F.layer_norm's output dtype for x: autocast runs layer_norm in fp32 on CUDA (ATen's fp32
+    autocast list) but leaves it alone on CPU (the CPU policy has no layer_norm entry)."""
+    if x.device.type != "cpu" and autocast_dtype(x.device.type) is not None:
+        return torch.float32
+    return x.dtype
+
+
+def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in `dtype` (autocast's cast of a parameter), None stays None."""
+    return None if t is None else t.to(dtype)
 
 
 def check_tensor(

@@ -12,8 +12,9 @@ Conventions shared by every backend (the op signatures of the table, see `crossv
 * Ops that end in a residual add take `residual: bool`. `residual=True` returns `x + f(x)` (the
   fused form used in eval / when drop-path is inactive); `residual=False` returns `f(x)` alone so
   the module can apply per-sample drop-path before adding.
-* The dropout arguments (`attn_drop`, `proj_drop`, `mlp_drop`) exist only here: fast backends are
-  used when dropout is inactive, and the model routes a call with active dropout to this module.
+* The dropout arguments (`attn_drop`, `proj_drop`, `mlp_drop`) exist only here: this backend
+  declares them (`DROPOUT_OPS`), and the backend table serves a call with active dropout from a
+  backend that declares it (`crossvit_fast.backends.OpSet.with_dropout`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "cls_proj",
-    "cross_attention",
-    "cross_fusion",
-    "layer_norm",
-    "mlp",
-    "patch_embed",
-    "self_attention",
-    "token_assemble",
-]
+from ..backends import OPS, ClsProjParams, CrossAttentionParams
+
+# The table's ops (crossvit_fast.backends.OPS): this module defines each under its op name.
+__all__ = [*OPS, "DROPOUT_OPS"]
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -161,24 +156,9 @@ def cross_attention(
 def cross_fusion(
     cls: Tensor,
     tokens: Tensor,
-    proj_norm_weight: Tensor | None,
-    proj_norm_bias: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    attn_norm_weight: Tensor | None,
-    attn_norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    attn_proj_weight: Tensor,
-    attn_proj_bias: Tensor | None,
-    revert_norm_weight: Tensor | None,
-    revert_norm_bias: Tensor | None,
-    revert_weight: Tensor,
-    revert_bias: Tensor | None,
+    proj: ClsProjParams,
+    attn: CrossAttentionParams,
+    revert: ClsProjParams,
     num_heads: int,
     eps: float,
 ) -> Tensor:
@@ -186,26 +166,15 @@ def cross_fusion(
     `revert_projs[i](fusion[i](projs[i](cls_i), tokens_j))`.
 
     cls: (B, C_i) branch i's CLS after its blocks; tokens: (B, 1 + N_j, C_j) branch j's tokens
-    after its blocks. Returns branch i's new CLS (B, C_i). num_heads is branch j's head count.
+    after its blocks. Parameters travel grouped per sub-layer (crossvit_fast.backends): proj
+    (projs[i]: C_i -> C_j) and revert (revert_projs[i]: C_j -> C_i) are `ClsProjParams`, attn
+    (fusion[i], width C_j) is `CrossAttentionParams`; each group is passed on as the
+    positional arguments of `cls_proj` / `cross_attention`. Returns branch i's new CLS (B, C_i).
+    num_heads is branch j's head count.
     """
-    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
-    f = cross_attention(
-        c,
-        tokens,
-        attn_norm_weight,
-        attn_norm_bias,
-        wq,
-        bq,
-        wk,
-        bk,
-        wv,
-        bv,
-        attn_proj_weight,
-        attn_proj_bias,
-        num_heads,
-        eps,
-    )
-    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
+    c = cls_proj(cls, *proj, eps)
+    f = cross_attention(c, tokens, *attn, num_heads, eps)
+    return cls_proj(f, *revert, eps)
 
 
 def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
@@ -233,9 +202,13 @@ def patch_embed(
 # -- backend-table interface (see crossvit_fast.backends) -----------------------------------------
 
 
+# Ops whose implementation here takes the dropout arguments (see the module docstring).
+DROPOUT_OPS = frozenset({"self_attention", "mlp", "cross_attention"})
+
+
 def availability(device_type: str) -> tuple[bool, str]:
     return True, "pure PyTorch, runs on every device"
 
 
 def ops() -> dict:
-    return {name: globals()[name] for name in __all__}
+    return {name: globals()[name] for name in OPS}

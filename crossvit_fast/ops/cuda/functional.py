@@ -19,20 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...backends import OPS as TABLE_OPS
+from ...backends import ClsProjParams, CrossAttentionParams
 from ..common import autocast_dtype, check_tensor
 from . import kernels
 
-__all__ = [
-    "OPS",
-    "cls_proj",
-    "cross_attention",
-    "cross_fusion",
-    "layer_norm",
-    "mlp",
-    "patch_embed",
-    "self_attention",
-    "token_assemble",
-]
+__all__ = ["OPS", *TABLE_OPS]  # every op of the table (crossvit_fast.backends.OPS)
 
 
 def _plan(x: Tensor) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
@@ -185,14 +177,20 @@ def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv,
     return x0 + y if residual else y  # residual on the promoted CLS, as the reference
 
 
-def cross_fusion(cls, tokens, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, attn_norm_weight,
-                 attn_norm_bias, wq, bq, wk, bk, wv, bv, attn_proj_weight, attn_proj_bias,
-                 revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, num_heads, eps) -> Tensor:  # fmt: skip
+def cross_fusion(
+    cls: Tensor,
+    tokens: Tensor,
+    proj: ClsProjParams,
+    attn: CrossAttentionParams,
+    revert: ClsProjParams,
+    num_heads: int,
+    eps: float,
+) -> Tensor:
     """projs -> cross-attention -> revert_projs. The attention's residual add is fused into the
     revert LayerNorm (LN(c + y) -> GELU in one kernel, the sum kept for its backward)."""
-    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
-    y = cross_attention(c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
-                        attn_proj_weight, attn_proj_bias, num_heads, eps, residual=False)  # fmt: skip
+    revert_norm_weight, revert_norm_bias, revert_weight, revert_bias = revert
+    c = cls_proj(cls, *proj, eps)
+    y = cross_attention(c, tokens, *attn, num_heads, eps, residual=False)
     _check_ln("cross_fusion revert", c, revert_norm_weight, revert_norm_bias)
     _check_linear("cross_fusion revert", revert_weight, revert_bias, c, c.shape[-1])
     ct, ctx = _plan(c)

@@ -33,15 +33,18 @@ def availability(device_type: str) -> tuple[bool, str]:
     )
 
 
-# Kernel modules of this backend; each exports `OPS: dict[op name, functional]`. Ops no module
-# provides fall back to the reference (crossvit_fast.backends).
+# Kernel modules of this backend, one per op and named after it (ops/triton/<op>.py); each exports
+# `OPS: dict[op name, functional]`. Ops no module provides fall back to the reference
+# (crossvit_fast.backends).
 _KERNEL_MODULES: tuple[str, ...] = (
     "layer_norm",
     "mlp",
     "self_attention",
     "patch_embed",
+    "token_assemble",
     "cross_attention",
-    "fusion",
+    "cls_proj",
+    "cross_fusion",
 )
 
 

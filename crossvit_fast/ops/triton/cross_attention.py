@@ -10,7 +10,7 @@ a single query, the key and value projections move to the query side:
 so K and V (2 N C^2 MACs per sample) never exist and the op reads each token row once.
 
 Memory plan, per sample b. LN(cls) -> q -> k~ are (B, C) / (H, B, C) GEMMs (cuBLAS, see
-`_cross_attention_fwd`). The token pass streams the 1 + N attended rows (the CLS row, then
+`_cross_attention_op`). The token pass streams the 1 + N attended rows (the CLS row, then
 tokens[b, 1:] read in place) in blocks of BLOCK_N rows, and each block's width in BLOCK_C = 64
 column chunks: no tile ever holds a whole row or a whole (heads x C) accumulator, so the working
 set is the same at every width and dtype (sm_90: 64-150 registers, zero spills; checked by
@@ -33,11 +33,8 @@ same two phases: phase 1 computes per row the weights a, dz and the two row mean
 backward needs (they reduce to per-head dot products, see `_cross_attention_bwd_kernel`; 136 B a
 row of scratch), phase 2 per width chunk writes d tokens once and the per-program partials of
 dk~, dgamma, dbeta, which are reduced in a fixed order (deterministic: no float atomics). The CLS
-row finishes last (`_cls_norm_bwd_kernel`): its LayerNorm gradient needs dq, which needs the
-complete dk~.
-
-Also here: `_cls_norm_fwd_kernel` / `_cls_norm_bwd_kernel`, the row-wise LayerNorm (+ erf-GELU)
-of CLS rows shared with `cls_proj` (crossvit_fast.ops.triton.fusion).
+row finishes last (`cls_norm_bwd`, crossvit_fast.ops.triton.layer_norm): its LayerNorm gradient
+needs dq, which needs the complete dk~.
 """
 
 from __future__ import annotations
@@ -49,240 +46,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import KERNEL_DTYPES, autocast_dtype, check_tensor
-from .utils import (
-    device_guard,
-    dot_flags,
-    gelu_erf,
-    gelu_erf_grad,
-    launch,
-    next_pow2,
-    register_op,
-    sm_count,
+from ..common import cast, check_tensor, compute_dtype
+from .cross_attention_rows import (
+    head_chunk,
+    mm,
+    normed_chunk,
+    row_stats,
+    split_plan,
+    token_tiles,
 )
+from .layer_norm import cls_norm_bwd, cls_norm_fwd
+from .utils import dot_flags, input_grads, launch, register_op
 
-__all__ = ["OPS", "cls_norm_bwd", "cls_norm_fwd", "cross_attention", "register_op"]
+__all__ = ["OPS", "cross_attention"]
 
 _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in base 2
 _MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
 _HEAD_DIMS = (8, 128)
-_MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
 # The token pass works in width chunks at any C, but the CLS-row LayerNorm kernels hold whole rows
 # in registers; the sm_90 toolchain tier checks them (zero spills) up to CrossViT's C = 768.
 _GPU_MAX_WIDTH = 1024
-
-
-# -- shared device helpers -------------------------------------------------------------------------
-
-
-@triton.jit
-def _normalize_rows(x, mask_c, C, eps):
-    """Rows of x (fp32, masked columns 0) -> ((x - mean) * rstd with masked columns 0, rstd).
-    Two-pass statistics from the row already in registers (biased variance, as F.layer_norm)."""
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    return xc * rstd[:, None], rstd
-
-
-@triton.jit
-def _mm(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b, fp32 accumulation; PRECISION: tl.dot's input precision (`utils.dot_flags`)."""
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W: tl.constexpr):
-    """LayerNorm backward of rows: dn = dL/d(x^ * w + b) -> dL/dx (fp32)."""
-    g = dn
-    if HAS_W:
-        g = g * w[None, :]
-    g = tl.where(mask_c[None, :], g, 0.0)
-    mean_g = tl.sum(g, axis=1) / C
-    mean_gx = tl.sum(g * xhat, axis=1) / C
-    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-
-
-# -- CLS-row LayerNorm (+ erf-GELU): also the first half of cls_proj ------------------------------
-
-
-@triton.jit
-def _cls_norm_fwd_kernel(
-    x_ptr, stride_xm, stride_xc,
-    w_ptr, b_ptr,
-    y_ptr,  # (M, C) contiguous: [GELU](LN(x))
-    add_ptr, r_ptr,  # HAS_R: r = x + add (C) -> (M, C) contiguous, the residual base of out-proj
-    M, C, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr,
-    HAS_R: tl.constexpr, HAS_ADD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    rows = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    h, _ = _normalize_rows(x, mask_c, C, eps)
-    if HAS_W:
-        h = h * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        h = h + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        h = gelu_erf(h)
-    offs = rows[:, None] * C + cols[None, :]
-    tl.store(y_ptr + offs, h, mask=mask)
-    if HAS_R:
-        r = x
-        if HAS_ADD:
-            r = r + tl.load(add_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        tl.store(r_ptr + offs, r, mask=mask)
-
-
-@triton.jit
-def _col_sums(part_ptr, e_ptr, stride_em, stride_ec, rows, mask_m, CE, BLOCK_E: tl.constexpr):
-    """Store the column sums of rows `rows` of e (M, CE) at part_ptr (fp32)."""
-    ecols = tl.arange(0, BLOCK_E)
-    emask = mask_m[:, None] & (ecols < CE)[None, :]
-    e = tl.load(
-        e_ptr + rows[:, None] * stride_em + ecols[None, :] * stride_ec, mask=emask, other=0.0
-    )
-    tl.store(part_ptr + ecols, tl.sum(e.to(tl.float32), axis=0), mask=ecols < CE)
-
-
-@triton.jit
-def _cls_norm_bwd_kernel(
-    x_ptr, stride_xm, stride_xc,
-    dy_ptr, stride_dym, stride_dyc,  # dL/d [GELU](LN(x)), (M, C)
-    w_ptr, b_ptr,
-    res_ptr, stride_rm, stride_rc,  # HAS_RES: added to dx (the residual's gradient)
-    pre_ptr, S,  # HAS_PRE: (M, S, 2, C) fp32 partial (dgamma, dbeta) of the same LayerNorm
-    e0_ptr, stride_e0m, stride_e0c,  # NUM_E extra (M, CE) tensors whose column sums are wanted
-    e1_ptr, stride_e1m, stride_e1c,  # (bias gradients), so they need no launch of their own
-    e2_ptr, stride_e2m, stride_e2c,
-    dx_ptr,  # (M, C) contiguous
-    part_ptr,  # (P, 2C + NUM_E*CE) fp32 per-program partials: dgamma | dbeta | e0 | e1 | e2
-    M, C, CE, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_PRE: tl.constexpr, NUM_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    mask_m = rows < M
-    mask_c = cols < C
-    mask = mask_m[:, None] & mask_c[None, :]
-    rows = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
-    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
-    dn = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask,
-                 other=0.0).to(tl.float32)  # fmt: skip
-    if GELU:  # recompute the pre-activation h = LN(x) instead of saving it
-        h = xhat
-        if HAS_W:
-            h = h * w[None, :]
-        if HAS_B:
-            h = h + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        dn = dn * gelu_erf_grad(h)
-    dn = tl.where(mask, dn, 0.0)
-    dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
-    if HAS_RES:
-        dx += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rc, mask=mask,
-                      other=0.0).to(tl.float32)  # fmt: skip
-    tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx, mask=mask)
-
-    dw = tl.sum(dn * xhat, axis=0)
-    db = tl.sum(dn, axis=0)
-    if HAS_PRE:  # fold in the token rows' partials of these samples, split by split: fixed order
-        for s in range(S):
-            p = pre_ptr + ((rows * S + s) * 2 * C)[:, None] + cols[None, :]
-            dw += tl.sum(tl.load(p, mask=mask, other=0.0), axis=0)
-            db += tl.sum(tl.load(p + C, mask=mask, other=0.0), axis=0)
-    part = part_ptr + pid.to(tl.int64) * (2 * C + NUM_E * CE)
-    tl.store(part + cols, dw, mask=mask_c)
-    tl.store(part + C + cols, db, mask=mask_c)
-    if NUM_E > 0:
-        _col_sums(part + 2 * C, e0_ptr, stride_e0m, stride_e0c, rows, mask_m, CE, BLOCK_E)
-    if NUM_E > 1:
-        _col_sums(part + 2 * C + CE, e1_ptr, stride_e1m, stride_e1c, rows, mask_m, CE, BLOCK_E)
-    if NUM_E > 2:
-        _col_sums(part + 2 * C + 2 * CE, e2_ptr, stride_e2m, stride_e2c, rows, mask_m, CE, BLOCK_E)
-
-
-# -- the token pass: shared row access ------------------------------------------------------------
-#
-# The attended sequence of sample b is rows r = 0..N: row 0 is the CLS row (cls[b]), rows 1..N are
-# tokens[b, 1..N] read in place. Every tile below is BLOCK_N rows x BLOCK_C columns of it, never a
-# whole row: widths up to 1024 stream through in BLOCK_C-wide chunks, so the live registers are a
-# few (BLOCK_N x BLOCK_C) and (BLOCK_H x BLOCK_C) tiles at any width and dtype (no spills).
-
-
-@triton.jit
-def _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b, rows,
-               mask_r, c0, C, BLOCK_C: tl.constexpr):  # fmt: skip
-    """Columns c0 .. c0 + BLOCK_C of rows `rows` of sample b's sequence, fp32, masked 0.
-    Returns (x, cols, mask_c)."""
-    cols = c0 + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    p_tok = (
-        tok_ptr + b * stride_tb + rows.to(tl.int64)[:, None] * stride_tn + cols[None, :] * stride_tc
-    )
-    p_cls = cls_ptr + b * stride_cb + rows[:, None] * 0 + cols[None, :] * stride_cc
-    mask = mask_r[:, None] & mask_c[None, :]
-    is_cls = (rows == 0)[:, None]
-    # two predicated loads, not one select of pointers: cls and tokens may differ in dtype
-    x = tl.load(p_tok, mask=mask & ~is_cls, other=0.0).to(tl.float32)
-    x += tl.load(p_cls, mask=mask & is_cls, other=0.0).to(tl.float32)
-    return x, cols, mask_c
-
-
-@triton.jit
-def _row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b, rows,
-               mask_r, C, eps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """LayerNorm (mean, rstd) of BLOCK_N rows, fp32: two passes over the chunks (mean, then the
-    centred sum of squares: biased variance, as F.layer_norm). The second pass re-reads the
-    block from L1 / L2, not DRAM (it was loaded a moment ago by the same program)."""
-    s1 = tl.zeros([BLOCK_N], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        x, _, _ = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
-                             stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
-        s1 += tl.sum(x, axis=1)
-    mean = s1 / C
-    s2 = tl.zeros([BLOCK_N], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        x, _, mask_c = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
-                                  stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
-        xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
-        s2 += tl.sum(xc * xc, axis=1)
-    return mean, 1.0 / tl.sqrt(s2 / C + eps)
-
-
-@triton.jit
-def _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b,
-                  rows, mask_r, c0, C, mean, rstd, w_ptr, HAS_W: tl.constexpr,
-                  BLOCK_C: tl.constexpr):  # fmt: skip
-    """(x^, y = x^ * gamma, cols, mask_c) of one chunk, fp32, masked 0."""
-    x, cols, mask_c = _row_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
-                                 stride_tc, b, rows, mask_r, c0, C, BLOCK_C)  # fmt: skip
-    xhat = tl.where(mask_c[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
-    y = xhat
-    if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    return xhat, y, cols, mask_c
-
-
-@triton.jit
-def _head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr):
-    """(BLOCK_H, BLOCK_C) chunk of a per-head (H, C) slab with unit column stride, in its own
-    dtype (the dot dtype) — fp32 under the interpreter, whose 16-bit dots are wrong."""
-    t = tl.load(ptr + heads[:, None] * stride_h + cols[None, :],
-                mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-    if EMULATE:
-        t = t.to(tl.float32)
-    return t
 
 
 # -- the token pass: forward ------------------------------------------------------------------------
@@ -322,17 +105,17 @@ def _cross_attention_fwd_kernel(
     for r0 in range(start, end, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         mask_r = rows < end
-        mean, rstd = _row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
+        mean, rstd = row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
                                 stride_tc, b, rows, mask_r, C, eps, BLOCK_N, BLOCK_C)  # fmt: skip
         tl.store(mean_ptr + b * N1 + rows, mean, mask=mask_r)
         tl.store(rstd_ptr + b * N1 + rows, rstd, mask=mask_r)
         z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
-            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
-            z = _mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
+            kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            z = mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
         z = tl.where(mask_r[None, :], z * qk_scale, float("-inf"))  # base 2
         tl.store(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :], z,
                  mask=mask_r[None, :])  # fmt: skip
@@ -351,13 +134,13 @@ def _cross_attention_fwd_kernel(
             mask_r = rows < end
             mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
             z = tl.load(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :],
                         mask=mask_r[None, :], other=float("-inf"))  # fmt: skip
             p = tl.exp2(z - m_i[:, None])
-            acc = _mm(p.to(dt), y.to(dt), acc, PRECISION)
+            acc = mm(p.to(dt), y.to(dt), acc, PRECISION)
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = mask_h[:, None] & (cols < C)[None, :]
         if SINGLE:
@@ -464,8 +247,8 @@ def _cross_attention_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask_c = cols < C
-        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
-        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
+        kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE).to(tl.float32)
         ut = tl.load(ut_ptr + (b * H + heads[:, None]) * C + cols[None, :],
                      mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         delta += tl.sum(du * ut, axis=1)
@@ -486,14 +269,14 @@ def _cross_attention_bwd_kernel(
         z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         da = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            _, y, cols, mask_c = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
-            kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
-            du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
+            kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+            du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
             yt = tl.trans(y.to(kt.dtype))
-            z = _mm(kt, yt, z, PRECISION)
-            da = _mm(du, yt, da, PRECISION)
+            z = mm(kt, yt, z, PRECISION)
+            da = mm(du, yt, da, PRECISION)
         p = tl.where(mask_r[None, :], tl.exp2(z * qk_scale - lse[:, None]), 0.0)
         dz = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         if not ONE_KEY:  # (one key: a = 1 is constant, dz = 0 exactly, not rounding noise)
@@ -510,8 +293,8 @@ def _cross_attention_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):  # phase 2
         cols = c0 + tl.arange(0, BLOCK_C)
         mask_c = cols < C
-        kt = _head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
-        du = _head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
+        kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
+        du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
         w = tl.full([BLOCK_C], 1.0, tl.float32)
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
@@ -523,17 +306,17 @@ def _cross_attention_bwd_kernel(
             mask_r = rows < end
             mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-            xhat, y, _, _ = _normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
+            xhat, y, _, _ = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                           stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                           rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
             offs = (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :]
             p = tl.load(p_ptr + offs, mask=mask_r[None, :], other=0.0)
             dz = tl.load(dz_ptr + offs, mask=mask_r[None, :], other=0.0)
-            dn = _mm(
+            dn = mm(
                 tl.trans(p).to(kt.dtype), du, tl.zeros([BLOCK_N, BLOCK_C], tl.float32), PRECISION
             )
-            dn = _mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, PRECISION)
-            dkt = _mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, PRECISION)
+            dn = mm(tl.trans(dz * scale).to(kt.dtype), kt, dn, PRECISION)
+            dkt = mm(dz.to(kt.dtype), y.to(kt.dtype), dkt, PRECISION)
             c1 = tl.load(c1_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             c2 = tl.load(c2_ptr + b * N1 + rows, mask=mask_r, other=0.0)
             dx = rstd[:, None] * (dn * w[None, :] - c1[:, None] - xhat * c2[:, None])
@@ -557,118 +340,6 @@ def _cross_attention_bwd_kernel(
 # -- launchers ----------------------------------------------------------------------------------
 
 
-def _launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
-    with device_guard(device):
-        launch(kernel, grid, *args, **meta)
-
-
-def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for the row kernels: whole rows in registers."""
-    block_c = next_pow2(max(C, 16))
-    return max(1, min(16, cap // block_c)), block_c, 4 if block_c <= 512 else 8
-
-
-# Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
-# 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
-# registers, backward 101 (16-bit) / 150 (fp32), zero spills; with 4 warps, or Triton's 2-stage
-# pipelining, the backward spilled 16-488 bytes (tests/test_toolchain_triton.py checks this).
-# The interpreter runs the same tiles.
-_TOKEN_TILES = {"BLOCK_N": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
-
-
-def _token_tiles(dt: torch.dtype) -> dict:
-    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`)."""
-    return dict(_TOKEN_TILES)
-
-
-def _split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(S splits over the N1 = 1 + N rows, rows per split). One sample is one program unless the
-    batch alone cannot fill the GPU (B < #SMs): then each sample's rows are split over up to
-    2 * #SMs / B programs (flash-decoding), each of at least _MIN_BLOCKS_PER_SPLIT blocks."""
-    n_blocks = triton.cdiv(N1, block_n)
-    sms = sm_count(device)
-    splits = 1
-    if sms > B:
-        splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
-    rows = triton.cdiv(n_blocks, splits) * block_n
-    return triton.cdiv(N1, rows), rows
-
-
-def cls_norm_fwd(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    out_dtype: torch.dtype,
-    gelu: bool,
-    residual_base: bool = False,
-    add: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Row-wise [GELU](LayerNorm(x)). x: (M, C) any strides, fp32/fp16/bf16; statistics in fp32.
-
-    Returns (y (M, C) in out_dtype, r) with r = x + add (M, C) in out_dtype when residual_base
-    (the residual base that the out-projection GEMM then accumulates into), else None.
-    """
-    M, C = x.shape
-    y = x.new_empty((M, C), dtype=out_dtype)
-    r = x.new_empty((M, C), dtype=out_dtype) if residual_base else None
-    if M == 0:
-        return y, r
-    block_m, block_c, num_warps = _row_tiles(C, 4096)
-    _launch(
-        _cls_norm_fwd_kernel, (triton.cdiv(M, block_m),), x.device,
-        x, x.stride(0), x.stride(1), weight, bias, y, add, r, M, C, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu, HAS_R=residual_base,
-        HAS_ADD=add is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
-    return y, r
-
-
-def cls_norm_bwd(
-    x: Tensor,
-    dy: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    gelu: bool,
-    res: Tensor | None = None,
-    pre: Tensor | None = None,
-    extras: tuple[Tensor, ...] = (),
-) -> tuple[Tensor, Tensor]:
-    """Backward of `cls_norm_fwd`. x, dy: (M, C); res: (M, C) added to dx; pre: (M, S, 2, C)
-    fp32 partial (dgamma, dbeta) of the same LayerNorm from other rows; extras: up to 3 tensors
-    (M, CE) whose column sums are wanted (bias gradients).
-
-    Returns dx (M, C) in x.dtype and sums (2C + len(extras) * CE,) fp32 = dgamma | dbeta |
-    colsum(extras[0]) | ... — reduced from per-program partials in a fixed order.
-    """
-    M, C = x.shape
-    CE = extras[0].shape[1] if extras else 0
-    width = 2 * C + len(extras) * CE
-    dx = x.new_empty((M, C))
-    if M == 0:
-        return dx, x.new_zeros((width,), dtype=torch.float32)
-    block_m, _, num_warps = _row_tiles(max(C, CE), 2048)  # rows of both tiles fit registers
-    block_c = next_pow2(max(C, 16))
-    P = triton.cdiv(M, block_m)
-    part = x.new_empty((P, width), dtype=torch.float32)
-    e = list(extras) + [None] * (3 - len(extras))
-    es = [(t.stride(0), t.stride(1)) if t is not None else (0, 0) for t in e]
-    _launch(
-        _cls_norm_bwd_kernel, (P,), x.device,
-        x, x.stride(0), x.stride(1), dy, dy.stride(0), dy.stride(1), weight, bias,
-        res, *((res.stride(0), res.stride(1)) if res is not None else (0, 0)),
-        pre, pre.shape[1] if pre is not None else 0,
-        e[0], *es[0], e[1], *es[1], e[2], *es[2],
-        dx, part, M, C, CE, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu, HAS_RES=res is not None,
-        HAS_PRE=pre is not None, NUM_E=len(extras), BLOCK_M=block_m, BLOCK_C=block_c,
-        BLOCK_E=next_pow2(max(CE, 16)), num_warps=num_warps,
-    )  # fmt: skip
-    # P <= M / BLOCK_M rows: one small deterministic reduction for every LN / bias gradient
-    return dx, part.sum(0)
-
-
 def _head_view(t: Tensor, H: int) -> Tensor:
     """(B, C) -> (H, B, d) view, the batched-GEMM layout of per-head slabs."""
     return t.view(t.shape[0], H, t.shape[1] // H).transpose(0, 1)
@@ -684,8 +355,8 @@ def _merge_heads(t: Tensor) -> Tensor:
 # -- registered ops ---------------------------------------------------------------------------------
 
 
-@register_op("crossvit_fast::cross_attention_fwd")
-def _cross_attention_fwd(
+@register_op("crossvit_fast::cross_attention")
+def _cross_attention_op(
     cls: Tensor,
     tokens: Tensor,
     norm_weight: Tensor | None,
@@ -725,8 +396,8 @@ def _cross_attention_fwd(
     lse = cls.new_empty((B, _MAX_HEADS), dtype=torch.float32)
     stats = cls.new_empty((2, B, N1), dtype=torch.float32)
     if B > 0:
-        tiles = _token_tiles(dt)
-        S, rows = _split_plan(B, N1, tiles["BLOCK_N"], cls.device)
+        tiles = token_tiles(dt)
+        S, rows = split_plan(B, N1, tiles["BLOCK_N"], cls.device)
         single = S == 1
         part_m = part_l = part_acc = None
         if not single:
@@ -735,8 +406,8 @@ def _cross_attention_fwd(
             part_acc = cls.new_empty((B, S, H, C), dtype=torch.float32)
         z = cls.new_empty((B, _MAX_HEADS, N1), dtype=torch.float32)  # logits, read back once
         has_b = norm_bias is not None
-        _launch(
-            _cross_attention_fwd_kernel, (B, S), cls.device,
+        launch(
+            _cross_attention_fwd_kernel, (B, S),
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias, z, stats[0], stats[1],
@@ -746,8 +417,8 @@ def _cross_attention_fwd(
         )  # fmt: skip
         if not single:
             block_c = tiles["BLOCK_C"]
-            _launch(
-                _cross_attention_merge_kernel, (B, triton.cdiv(C, block_c)), cls.device,
+            launch(
+                _cross_attention_merge_kernel, (B, triton.cdiv(C, block_c)),
                 part_m, part_l, part_acc, norm_bias, u, ut, lse, S, C, H,
                 HAS_B=has_b, BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=4,
             )  # fmt: skip
@@ -767,8 +438,8 @@ def _cross_attention_fwd(
     return out, n0, q, kt, u, ut, lse, o, stats
 
 
-@register_op("crossvit_fast::cross_attention_bwd")
-def _cross_attention_bwd(
+@register_op("crossvit_fast::cross_attention_backward")
+def _cross_attention_backward_op(
     dout: Tensor,
     cls: Tensor,
     tokens: Tensor,
@@ -802,16 +473,16 @@ def _cross_attention_bwd(
     dwv = torch.bmm(_head_view(do, H).transpose(1, 2), u.transpose(0, 1)).reshape(C, C)
     dtokens = tokens.new_empty((B, N1, C))
     dn0 = cls.new_empty((B, C), dtype=dt)
-    tiles = _token_tiles(dt)
-    S, rows = _split_plan(B, N1, tiles["BLOCK_N"], cls.device)
+    tiles = token_tiles(dt)
+    S, rows = split_plan(B, N1, tiles["BLOCK_N"], cls.device)
     # S == 1: the kernel writes dk~ in its final dtype; else fp32 partials, summed in split order
     dkt_part = cls.new_empty((S, H, B, C), dtype=dt if S == 1 else torch.float32)
     part = cls.new_empty((B, S, 2, C), dtype=torch.float32)
     if B > 0:
         pdz = cls.new_empty((2, B, _MAX_HEADS, N1), dtype=torch.float32)  # scratch: a, dz
         means = cls.new_empty((2, B, N1), dtype=torch.float32)  # scratch: mean(g), mean(g x^)
-        _launch(
-            _cross_attention_bwd_kernel, (B, S), cls.device,
+        launch(
+            _cross_attention_bwd_kernel, (B, S),
             cls, cls.stride(0), cls.stride(1),
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), du, du.stride(0), du.stride(1), ut, lse,
@@ -832,7 +503,7 @@ def _cross_attention_bwd(
     return dcls, dtokens, dwq, dwk, dwv, dwo, sums
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _cross_attention_setup(ctx, inputs, output) -> None:
     cls, tokens, nw, nb, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual = inputs
     _, n0, q, kt, u, ut, lse, o, stats = output
     ctx.mark_non_differentiable(n0, q, kt, u, ut, lse, o, stats)
@@ -843,21 +514,27 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bq, bk, bv, bo))
 
 
-def _backward(ctx, dout, *_):
+def _cross_attention_backward(ctx, dout, *_):
+    name = "crossvit_fast::cross_attention"
+    if dout is None:
+        return input_grads(name)
     saved = ctx.saved_tensors
     C = saved[0].shape[1]
-    if dout is None:
-        return (None,) * 15
-    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_bwd(dout, *saved, *ctx.args)
+    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_backward_op(dout, *saved, *ctx.args)
     dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
     dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
         None if t is None else g.to(t) for g, t in zip((dnw, dnb, dbq, dbk, dbv, dbo), ctx.dtypes)
     )
-    return dcls, dtok, g_nw, g_nb, dwq, g_bq, dwk, g_bk, dwv, g_bv, dwo, g_bo, None, None, None
+    return input_grads(
+        name, cls=dcls, tokens=dtok, norm_weight=g_nw, norm_bias=g_nb, wq=dwq, bq=g_bq, wk=dwk,
+        bk=g_bk, wv=dwv, bv=g_bv, proj_weight=dwo, proj_bias=g_bo,
+    )  # fmt: skip
 
 
-_cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_cross_attention_op.register_autograd(
+    _cross_attention_backward, setup_context=_cross_attention_setup
+)
 
 
 # -- functional ---------------------------------------------------------------------------------
@@ -874,28 +551,6 @@ def _check_heads(C: int, num_heads: int) -> None:
             f"head dim C / num_heads = {d}: expected {_HEAD_DIMS[0]}..{_HEAD_DIMS[1]} "
             f"(C={C}, num_heads={num_heads})"
         )
-
-
-def compute_dtype(x: Tensor, named: dict) -> torch.dtype:
-    """The GEMM dtype: the autocast dtype if autocast is on, else x.dtype; without autocast
-    every tensor in `named` must share x's dtype (as the reference requires)."""
-    dt = autocast_dtype(x.device.type)
-    if dt is not None:
-        if dt not in KERNEL_DTYPES:
-            raise ValueError(
-                f"autocast dtype {dt} is not supported (expected one of {KERNEL_DTYPES})"
-            )
-        return dt
-    for name, t in named.items():
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(
-                f"{name}: expected dtype {x.dtype} (as the input; no autocast), got {t.dtype}"
-            )
-    return x.dtype
-
-
-def cast(t: Tensor | None, dt: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dt)
 
 
 def cross_attention(
@@ -947,10 +602,10 @@ def cross_attention(
     # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
     if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)
         cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
-    dt = compute_dtype(cls, {"tokens": tokens, "norm_weight": norm_weight, "norm_bias": norm_bias,
-                             "wq": wq, "bq": bq, "wk": wk, "bk": bk, "wv": wv, "bv": bv,
-                             "proj_weight": proj_weight, "proj_bias": proj_bias})  # fmt: skip
-    return _cross_attention_fwd(
+    dt = compute_dtype(cls, tokens=tokens, norm_weight=norm_weight, norm_bias=norm_bias, wq=wq,
+                       bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, proj_weight=proj_weight,
+                       proj_bias=proj_bias)  # fmt: skip
+    return _cross_attention_op(
         cls, tokens, norm_weight, norm_bias, cast(wq, dt), cast(bq, dt), cast(wk, dt),
         cast(bk, dt), cast(wv, dt), cast(bv, dt), cast(proj_weight, dt), cast(proj_bias, dt),
         num_heads, float(eps), bool(residual),
@@ -964,30 +619,6 @@ OPS = {"cross_attention": cross_attention}
 
 
 from .utils import cdiv, esize, register_cost  # noqa: E402
-
-
-@register_cost("_cls_norm_fwd_kernel")
-def _cost_cls_norm_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    M, C, P = a["M"], a["C"], grid[0]
-    b = M * C * (esize(a["x_ptr"]) + esize(a["y_ptr"]))
-    b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
-    if meta["HAS_R"]:
-        b += M * C * esize(a["r_ptr"]) + P * C * esize(a["add_ptr"]) * meta["HAS_ADD"]
-    return b, 0
-
-
-@register_cost("_cls_norm_bwd_kernel")
-def _cost_cls_norm_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    M, C, CE, P = a["M"], a["C"], a["CE"], grid[0]
-    b = M * C * (esize(a["x_ptr"]) + esize(a["dy_ptr"]) + esize(a["dx_ptr"]))
-    b += P * C * esize(a["w_ptr"]) * meta["HAS_W"]
-    b += P * C * esize(a["b_ptr"]) * (meta["GELU"] and meta["HAS_B"])
-    b += M * C * esize(a["res_ptr"]) * meta["HAS_RES"]
-    b += 2 * a["S"] * M * C * 4 * meta["HAS_PRE"]
-    b += P * 2 * C * 4
-    for i in range(meta["NUM_E"]):
-        b += M * CE * esize(a[f"e{i}_ptr"]) + P * CE * 4
-    return b, 0
 
 
 def _token_pass_splits(a: dict, grid: tuple):

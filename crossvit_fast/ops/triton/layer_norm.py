@@ -1,13 +1,13 @@
 """LayerNorm in Triton — the `layer_norm` op (the final norms) — and the LayerNorm kernels the
 fused ops reuse: `mlp` and `self_attention` apply LayerNorm inside their GEMMs from the row
-statistics computed here, and run the backward kernel below on the GEMM's input gradient.
+statistics computed here, and run the backward kernel below on the GEMM's input gradient;
+`cross_attention` and `cls_proj` normalise their CLS rows with `_cls_norm_fwd_kernel` /
+`_cls_norm_bwd_kernel` (launchers `cls_norm_fwd` / `cls_norm_bwd`): whole rows in registers,
+with the erf-GELU, residual-base and bias-gradient extras those ops fold into the same launch.
 
 Ladder: `_layer_norm_fwd_kernel` / `_layer_norm_bwd_kernel` -> launchers `layer_norm_fwd` /
 `layer_norm_bwd` -> ops `crossvit_fast::layer_norm` / `crossvit_fast::layer_norm_backward`
 (autograd registered on the first) -> functional `layer_norm` (reference signature).
-
-This module also holds the small launch / registration helpers every kernel module of this
-issue uses (`register_op`, `launch`, `round_to`, ...).
 
 Memory plan. Forward: one read of x, one write of y and of the fp32 (mean, rstd) per row
 (8 bytes a row, saved for backward). Backward: one read of x and dy, one write of dx; the
@@ -22,73 +22,31 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import autocast_dtype, check_tensor
-from .utils import device_guard, dot_in_fp32, launch, next_pow2, register_op, sm_count
+from ..common import check_param_dtype, check_tensor, layer_norm_out_dtype
+from .utils import (
+    dot_in_fp32,
+    empty,
+    gelu_erf,
+    gelu_erf_grad,
+    launch,
+    next_pow2,
+    program_slots,
+    register_op,
+    round_to,
+)
 
-__all__ = ["OPS", "layer_norm", "layer_norm_bwd", "layer_norm_fwd"]
+__all__ = [
+    "OPS",
+    "as_rows",
+    "cls_norm_bwd",
+    "cls_norm_fwd",
+    "layer_norm",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+]
 
 # One row must fit in one program's registers (CrossViT widths are <= 768).
 MAX_WIDTH = 16384
-
-
-# -- helpers shared by the kernel modules of this backend ----------------------------------------
-
-
-def on_device(t: Tensor):
-    """Launch on t's CUDA device (multi-GPU); see `utils.device_guard`."""
-    return device_guard(t.device)
-
-
-def program_slots(device: torch.device) -> int:
-    """How many programs a persistent-style reduction grid should use on `device`."""
-    return 4 * sm_count(device)
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The GEMM dtype timm would use for x: the autocast dtype when autocast is on, else x's."""
-    return autocast_dtype(x.device.type) or x.dtype
-
-
-def layer_norm_out_dtype(x: Tensor) -> torch.dtype:
-    """F.layer_norm's output dtype for x: autocast runs layer_norm in fp32 on CUDA (ATen's fp32
-    autocast list) but leaves it alone on CPU (the CPU policy has no layer_norm entry)."""
-    if x.device.type != "cpu" and autocast_dtype(x.device.type) is not None:
-        return torch.float32
-    return x.dtype
-
-
-def check_same_device(**tensors) -> None:
-    ref = None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if ref is None:
-            ref = t
-        elif t.device != ref.device:
-            raise ValueError(f"{name}: expected a tensor on {ref.device}, got {t.device}")
-
-
-def check_param_dtype(x: Tensor, **params) -> None:
-    """Without autocast, timm's modules require every parameter in x's dtype (F.linear /
-    F.layer_norm refuse mixed dtypes); under autocast any float dtype is cast like autocast does."""
-    if autocast_dtype(x.device.type) is not None:
-        return
-    for name, t in params.items():
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(
-                f"{name}: expected dtype {x.dtype} (x's dtype, no autocast), got {t.dtype}"
-            )
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """Cast fp32 `x` to `dtype` rounding to nearest even, as the GPU (and PyTorch) do. The CPU
-    interpreter truncates fp32 -> bf16, so there (EMULATE) the rounding is done on the bits."""
-    if EMULATE and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -199,6 +157,144 @@ def _layer_norm_bwd_kernel(
         tl.store(db_ptr + pid * C + cols, db_acc, mask=cmask)
 
 
+# -- row helpers (the CLS-row kernels below) -------------------------------------------------------
+
+
+@triton.jit
+def _normalize_rows(x, mask_c, C, eps):
+    """Rows of x (fp32, masked columns 0) -> ((x - mean) * rstd with masked columns 0, rstd).
+    Two-pass statistics from the row already in registers (biased variance, as F.layer_norm)."""
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W: tl.constexpr):
+    """LayerNorm backward of rows: dn = dL/d(x^ * w + b) -> dL/dx (fp32)."""
+    g = dn
+    if HAS_W:
+        g = g * w[None, :]
+    g = tl.where(mask_c[None, :], g, 0.0)
+    mean_g = tl.sum(g, axis=1) / C
+    mean_gx = tl.sum(g * xhat, axis=1) / C
+    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+
+
+# -- CLS rows: LayerNorm (+ erf-GELU) of whole rows in registers -----------------------------------
+#
+# The CLS-side ops (`cross_attention`, `cls_proj`) normalise B rows at a time, so these kernels
+# keep whole rows in registers and fold extras into the same launch (the residual base, GELU,
+# partial dgamma / dbeta of other rows, bias-gradient column sums).
+
+
+@triton.jit
+def _cls_norm_fwd_kernel(
+    x_ptr, stride_xm, stride_xc,
+    w_ptr, b_ptr,
+    y_ptr,  # (M, C) contiguous: [GELU](LN(x))
+    add_ptr, r_ptr,  # HAS_R: r = x + add (C) -> (M, C) contiguous, the residual base of out-proj
+    M, C, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr,
+    HAS_R: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    mask = (rows < M)[:, None] & mask_c[None, :]
+    rows = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    h, _ = _normalize_rows(x, mask_c, C, eps)
+    if HAS_W:
+        h = h * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        h = h + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        h = gelu_erf(h)
+    offs = rows[:, None] * C + cols[None, :]
+    tl.store(y_ptr + offs, h, mask=mask)
+    if HAS_R:
+        r = x
+        if HAS_ADD:
+            r = r + tl.load(add_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        tl.store(r_ptr + offs, r, mask=mask)
+
+
+@triton.jit
+def _col_sums(part_ptr, e_ptr, stride_em, stride_ec, rows, mask_m, CE, BLOCK_E: tl.constexpr):
+    """Store the column sums of rows `rows` of e (M, CE) at part_ptr (fp32)."""
+    ecols = tl.arange(0, BLOCK_E)
+    emask = mask_m[:, None] & (ecols < CE)[None, :]
+    e = tl.load(
+        e_ptr + rows[:, None] * stride_em + ecols[None, :] * stride_ec, mask=emask, other=0.0
+    )
+    tl.store(part_ptr + ecols, tl.sum(e.to(tl.float32), axis=0), mask=ecols < CE)
+
+
+@triton.jit
+def _cls_norm_bwd_kernel(
+    x_ptr, stride_xm, stride_xc,
+    dy_ptr, stride_dym, stride_dyc,  # dL/d [GELU](LN(x)), (M, C)
+    w_ptr, b_ptr,
+    res_ptr, stride_rm, stride_rc,  # HAS_RES: added to dx (the residual's gradient)
+    pre_ptr, S,  # HAS_PRE: (M, S, 2, C) fp32 partial (dgamma, dbeta) of the same LayerNorm
+    e0_ptr, stride_e0m, stride_e0c,  # NUM_E extra (M, CE) tensors whose column sums are wanted
+    e1_ptr, stride_e1m, stride_e1c,  # (bias gradients), so they need no launch of their own
+    e2_ptr, stride_e2m, stride_e2c,
+    dx_ptr,  # (M, C) contiguous
+    part_ptr,  # (P, 2C + NUM_E*CE) fp32 per-program partials: dgamma | dbeta | e0 | e1 | e2
+    M, C, CE, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_PRE: tl.constexpr, NUM_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    mask_m = rows < M
+    mask_c = cols < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    rows = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
+    dn = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask,
+                 other=0.0).to(tl.float32)  # fmt: skip
+    if GELU:  # recompute the pre-activation h = LN(x) instead of saving it
+        h = xhat
+        if HAS_W:
+            h = h * w[None, :]
+        if HAS_B:
+            h = h + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        dn = dn * gelu_erf_grad(h)
+    dn = tl.where(mask, dn, 0.0)
+    dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
+    if HAS_RES:
+        dx += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rc, mask=mask,
+                      other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx, mask=mask)
+
+    dw = tl.sum(dn * xhat, axis=0)
+    db = tl.sum(dn, axis=0)
+    if HAS_PRE:  # fold in the token rows' partials of these samples, split by split: fixed order
+        for s in range(S):
+            p = pre_ptr + ((rows * S + s) * 2 * C)[:, None] + cols[None, :]
+            dw += tl.sum(tl.load(p, mask=mask, other=0.0), axis=0)
+            db += tl.sum(tl.load(p + C, mask=mask, other=0.0), axis=0)
+    part = part_ptr + pid.to(tl.int64) * (2 * C + NUM_E * CE)
+    tl.store(part + cols, dw, mask=mask_c)
+    tl.store(part + C + cols, db, mask=mask_c)
+    if NUM_E > 0:
+        _col_sums(part + 2 * C, e0_ptr, stride_e0m, stride_e0c, rows, mask_m, CE, BLOCK_E)
+    if NUM_E > 1:
+        _col_sums(part + 2 * C + CE, e1_ptr, stride_e1m, stride_e1c, rows, mask_m, CE, BLOCK_E)
+    if NUM_E > 2:
+        _col_sums(part + 2 * C + 2 * CE, e2_ptr, stride_e2m, stride_e2c, rows, mask_m, CE, BLOCK_E)
+
+
 # -- launchers -----------------------------------------------------------------------------------
 
 
@@ -231,13 +327,12 @@ def layer_norm_fwd(
         return y, mean, rstd
     block_c, block_m, warps = _row_block(C)
     y2 = y.view(M, C) if y is not None else mean  # dummy pointer when not stored
-    with on_device(x):
-        launch(
-            _layer_norm_fwd_kernel, (triton.cdiv(M, block_m),),
-            x2, weight, bias, y2, mean, rstd, M, C, x2.stride(0), x2.stride(1), C, eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, STORE_Y=y is not None,
-            EMULATE=dot_in_fp32(), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
-        )  # fmt: skip
+    launch(
+        _layer_norm_fwd_kernel, (triton.cdiv(M, block_m),),
+        x2, weight, bias, y2, mean, rstd, M, C, x2.stride(0), x2.stride(1), C, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, STORE_Y=y is not None,
+        EMULATE=dot_in_fp32(), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
     return y, mean, rstd
 
 
@@ -266,28 +361,104 @@ def layer_norm_bwd(
     dw_part = torch.empty((grid, C), device=x.device, dtype=torch.float32) if need_dw else None
     db_part = torch.empty((grid, C), device=x.device, dtype=torch.float32) if need_db else None
     if M > 0:
-        with on_device(x):
-            launch(
-                _layer_norm_bwd_kernel, (grid,),
-                x2, weight, bias, mean, rstd, dy2, dres2, dx.view(M, C),
-                y.view(M, C) if y is not None else dx, dw_part, db_part,
-                M, C, rows_per_prog, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-                dres2.stride(0) if dres2 is not None else 0,
-                dres2.stride(1) if dres2 is not None else 0, C, C,
-                HAS_W=weight is not None, HAS_B=bias is not None, HAS_DRES=dres2 is not None,
-                STORE_Y=y is not None, STORE_DW=need_dw, STORE_DB=need_db, EMULATE=dot_in_fp32(),
-                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
-            )  # fmt: skip
+        launch(
+            _layer_norm_bwd_kernel, (grid,),
+            x2, weight, bias, mean, rstd, dy2, dres2, dx.view(M, C),
+            y.view(M, C) if y is not None else dx, dw_part, db_part,
+            M, C, rows_per_prog, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
+            dres2.stride(0) if dres2 is not None else 0,
+            dres2.stride(1) if dres2 is not None else 0, C, C,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_DRES=dres2 is not None,
+            STORE_Y=y is not None, STORE_DW=need_dw, STORE_DB=need_db, EMULATE=dot_in_fp32(),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     db = db_part.sum(0).to(bias.dtype) if need_db else None
     return dx, dw, db, y
 
 
+def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for the row kernels: whole rows in registers."""
+    block_c = next_pow2(max(C, 16))
+    return max(1, min(16, cap // block_c)), block_c, 4 if block_c <= 512 else 8
+
+
+def cls_norm_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype,
+    gelu: bool,
+    residual_base: bool = False,
+    add: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Row-wise [GELU](LayerNorm(x)). x: (M, C) any strides, fp32/fp16/bf16; statistics in fp32.
+
+    Returns (y (M, C) in out_dtype, r) with r = x + add (M, C) in out_dtype when residual_base
+    (the residual base that the out-projection GEMM then accumulates into), else None.
+    """
+    M, C = x.shape
+    y = x.new_empty((M, C), dtype=out_dtype)
+    r = x.new_empty((M, C), dtype=out_dtype) if residual_base else None
+    if M == 0:
+        return y, r
+    block_m, block_c, num_warps = _row_tiles(C, 4096)
+    launch(
+        _cls_norm_fwd_kernel, (triton.cdiv(M, block_m),),
+        x, x.stride(0), x.stride(1), weight, bias, y, add, r, M, C, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu, HAS_R=residual_base,
+        HAS_ADD=add is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )  # fmt: skip
+    return y, r
+
+
+def cls_norm_bwd(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    gelu: bool,
+    res: Tensor | None = None,
+    pre: Tensor | None = None,
+    extras: tuple[Tensor, ...] = (),
+) -> tuple[Tensor, Tensor]:
+    """Backward of `cls_norm_fwd`. x, dy: (M, C); res: (M, C) added to dx; pre: (M, S, 2, C)
+    fp32 partial (dgamma, dbeta) of the same LayerNorm from other rows; extras: up to 3 tensors
+    (M, CE) whose column sums are wanted (bias gradients).
+
+    Returns dx (M, C) in x.dtype and sums (2C + len(extras) * CE,) fp32 = dgamma | dbeta |
+    colsum(extras[0]) | ... — reduced from per-program partials in a fixed order.
+    """
+    M, C = x.shape
+    CE = extras[0].shape[1] if extras else 0
+    width = 2 * C + len(extras) * CE
+    dx = x.new_empty((M, C))
+    if M == 0:
+        return dx, x.new_zeros((width,), dtype=torch.float32)
+    block_m, _, num_warps = _row_tiles(max(C, CE), 2048)  # rows of both tiles fit registers
+    block_c = next_pow2(max(C, 16))
+    P = triton.cdiv(M, block_m)
+    part = x.new_empty((P, width), dtype=torch.float32)
+    e = list(extras) + [None] * (3 - len(extras))
+    es = [(t.stride(0), t.stride(1)) if t is not None else (0, 0) for t in e]
+    launch(
+        _cls_norm_bwd_kernel, (P,),
+        x, x.stride(0), x.stride(1), dy, dy.stride(0), dy.stride(1), weight, bias,
+        res, *((res.stride(0), res.stride(1)) if res is not None else (0, 0)),
+        pre, pre.shape[1] if pre is not None else 0,
+        e[0], *es[0], e[1], *es[1], e[2], *es[2],
+        dx, part, M, C, CE, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu, HAS_RES=res is not None,
+        HAS_PRE=pre is not None, NUM_E=len(extras), BLOCK_M=block_m, BLOCK_C=block_c,
+        BLOCK_E=next_pow2(max(CE, 16)), num_warps=num_warps,
+    )  # fmt: skip
+    # P <= M / BLOCK_M rows: one small deterministic reduction for every LN / bias gradient
+    return dx, part.sum(0)
+
+
 # -- registered ops ------------------------------------------------------------------------------
-
-
-def _empty(x: Tensor) -> Tensor:
-    return x.new_empty(0)
 
 
 @register_op("crossvit_fast::layer_norm")
@@ -306,7 +477,7 @@ def _layer_norm_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dweight, dbias); a gradient not requested (or of a None parameter) is empty."""
     dx, dw, db, _ = layer_norm_bwd(x, weight, bias, mean, rstd, dy, None, need_dw, need_db)
-    return dx, dw if dw is not None else _empty(x), db if db is not None else _empty(x)
+    return dx, dw if dw is not None else empty(x), db if db is not None else empty(x)
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -379,4 +550,28 @@ def _cost_layer_norm_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
     b = M * C * per_row + 8 * M  # + mean, rstd
     b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
     b += P * C * 4 * (meta["STORE_DW"] + meta["STORE_DB"])  # fp32 partial rows
+    return b, 0
+
+
+@register_cost("_cls_norm_fwd_kernel")
+def _cost_cls_norm_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    M, C, P = a["M"], a["C"], grid[0]
+    b = M * C * (esize(a["x_ptr"]) + esize(a["y_ptr"]))
+    b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
+    if meta["HAS_R"]:
+        b += M * C * esize(a["r_ptr"]) + P * C * esize(a["add_ptr"]) * meta["HAS_ADD"]
+    return b, 0
+
+
+@register_cost("_cls_norm_bwd_kernel")
+def _cost_cls_norm_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    M, C, CE, P = a["M"], a["C"], a["CE"], grid[0]
+    b = M * C * (esize(a["x_ptr"]) + esize(a["dy_ptr"]) + esize(a["dx_ptr"]))
+    b += P * C * esize(a["w_ptr"]) * meta["HAS_W"]
+    b += P * C * esize(a["b_ptr"]) * (meta["GELU"] and meta["HAS_B"])
+    b += M * C * esize(a["res_ptr"]) * meta["HAS_RES"]
+    b += 2 * a["S"] * M * C * 4 * meta["HAS_PRE"]
+    b += P * 2 * C * 4
+    for i in range(meta["NUM_E"]):
+        b += M * CE * esize(a[f"e{i}_ptr"]) + P * CE * 4
     return b, 0

@@ -40,19 +40,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import check_tensor
-from .layer_norm import (
-    as_rows,
-    check_param_dtype,
-    compute_dtype,
+from ..common import cast, check_tensor, compute_dtype
+from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd
+from .utils import (
+    dot_flags,
+    gelu_erf,
+    gelu_erf_grad,
+    gemm_configs,
+    grouped_tile,
     launch,
-    layer_norm_bwd,
-    layer_norm_fwd,
-    on_device,
+    prune_by_dtype,
     register_op,
     round_to,
 )
-from .utils import dot_flags, gelu_erf, gelu_erf_grad, grouped_tile
 
 __all__ = ["OPS", "fused_linear", "mlp"]
 
@@ -163,28 +163,16 @@ def _fused_linear_kernel(
 # (123 / 80 registers); fp32 (IEEE products on the FMA units, no tensor cores) spilled ~320 bytes
 # at 32-deep K steps and uses 16-deep ones (198-206 registers). The autotuner picks per
 # (N, K, variant, dtypes) among the configs `_prune` keeps.
-_CONFIGS_16 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]  # fmt: skip
-_CONFIGS_16_GELU_BWD = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-]  # fmt: skip
-_CONFIGS_32 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
-]  # fmt: skip
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_CONFIGS_16 = gemm_configs((128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+_CONFIGS_16_GELU_BWD = gemm_configs((128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4))
+_CONFIGS_32 = gemm_configs((128, 64, 16, 8, 3), (64, 64, 16, 4, 3))
 # Partial-sum rows are indexed by pid_m: sized for the smallest BLOCK_M any config may use.
 _MIN_BLOCK_M = 64
 
-
-def _prune(configs, named_args, **kwargs):
-    if named_args["w_ptr"].element_size() >= 4:
-        return list(_CONFIGS_32)
-    return list(_CONFIGS_16_GELU_BWD if kwargs.get("GELU") == GELU_BWD else _CONFIGS_16)
+_prune = prune_by_dtype(
+    _CONFIGS_32, _CONFIGS_16, _CONFIGS_16_GELU_BWD, lambda named, meta: meta.get("GELU") == GELU_BWD
+)
 
 
 _fused_linear_tuned = triton.autotune(
@@ -239,8 +227,7 @@ def fused_linear(
         C_SUM=c_sum is not None, **dot_flags(w.dtype),
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    with on_device(a):
-        launch(_fused_linear_tuned, grid, *args, **flags)
+    launch(_fused_linear_tuned, grid, *args, **flags)
     return out
 
 
@@ -372,18 +359,11 @@ def mlp(
     check_tensor("norm_bias", norm_bias, shape=(C,), like=x, optional=True)
     check_tensor("fc1_bias", fc1_bias, shape=(Hd,), like=x, optional=True)
     check_tensor("fc2_bias", fc2_bias, shape=(C,), like=x, optional=True)
-    check_param_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight,
-                      fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
-    cdt = compute_dtype(x)
-    cast = lambda t: t.to(cdt) if t is not None else None  # what autocast does to F.linear's args
-    params = (
-        norm_weight,
-        norm_bias,
-        cast(fc1_weight),
-        cast(fc1_bias),
-        cast(fc2_weight),
-        cast(fc2_bias),
-    )
+    cdt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight,
+                        fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
+    # what autocast does to F.linear's arguments
+    params = (norm_weight, norm_bias, cast(fc1_weight, cdt), cast(fc1_bias, cdt),
+              cast(fc2_weight, cdt), cast(fc2_bias, cdt))  # fmt: skip
     save_act = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *params)
     )

@@ -1,13 +1,9 @@
 """Patch embedding in Triton: the `patch_embed` op (conv with kernel = stride = p, + bias, CLS
-row and position embedding, in one kernel) and the `token_assemble` op (dagger stems: flatten
-the cuDNN stem's output + CLS + position embedding).
+row and position embedding, in one kernel).
 
-Ladders:
-  `_patch_embed_fwd_kernel` / `_patch_embed_bwd_kernel` (weight gradient) /
-  `_patch_embed_bwd_input_kernel` (image gradient) -> launchers -> ops
-  `crossvit_fast::patch_embed` / `crossvit_fast::patch_embed_backward` -> functional `patch_embed`;
-  `_token_assemble_fwd_kernel` / `_token_assemble_bwd_kernel` -> launchers -> ops
-  `crossvit_fast::token_assemble` / `crossvit_fast::token_assemble_backward` -> `token_assemble`.
+Ladder: `_patch_embed_fwd_kernel` / `_patch_embed_bwd_kernel` (weight gradient) /
+`_patch_embed_bwd_input_kernel` (image gradient) -> launchers -> ops
+`crossvit_fast::patch_embed` / `crossvit_fast::patch_embed_backward` -> functional `patch_embed`.
 
 Patch convolution as an implicit GEMM: with kernel = stride = p the patches do not overlap, so
 out[b, 1 + t, :] = A[m] @ W^T with m = (b, t), t = (ph, pw) and A[m, k], k = (c, i, j), read
@@ -21,8 +17,8 @@ Each patch row is padded from p to a power of two in the K ordering (`_patch_col
 image loads vectorise (16-byte loads for p = 8 / 16, 8-byte for p = 12; checked in the sm_90
 PTX).
 
-Backward: one pass over d_out reduces over the batch into fp32 partial rows: d_pos_embed, and
-from it d_cls (row 0) and d_bias (sum of rows 1..); the weight gradient is an implicit GEMM over
+Backward: one pass over d_out (`token_grads`, the `token_assemble` op's backward kernel) reduces
+over the batch into fp32 partial rows: d_pos_embed, and from it d_cls (row 0) and d_bias (sum of rows 1..); the weight gradient is an implicit GEMM over
 all patches (split over M for parallelism, fp32 partials, deterministic), reading the image
 directly again; the image gradient (only when the image requires grad) is the transposed
 implicit GEMM scattering straight into the image layout.
@@ -36,11 +32,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import autocast_dtype, check_tensor
-from .layer_norm import check_param_dtype, launch, on_device, program_slots, register_op, round_to
-from .utils import dot_flags, dot_in_fp32, grouped_tile, next_pow2
+from ..common import cast, check_tensor, compute_dtype
+from .token_assemble import check_tokens, token_grads
+from .utils import (
+    dot_flags,
+    empty,
+    gemm_configs,
+    grouped_tile,
+    launch,
+    next_pow2,
+    program_slots,
+    prune_by_dtype,
+    register_op,
+    round_to,
+)
 
-__all__ = ["OPS", "patch_embed", "token_assemble"]
+__all__ = ["OPS", "patch_embed"]
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -225,95 +232,22 @@ def _patch_embed_bwd_input_kernel(
     )
 
 
-@triton.jit
-def _token_assemble_fwd_kernel(
-    f_ptr, cls_ptr, pos_ptr, out_ptr,
-    T, D, sfb, sfd, sft, spt, spd, sob, sot,
-    EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """out[b, r, d] = (cls[d] if r == 0 else feat[b, d, r - 1]) + pos[r, d], r < T = 1 + h*w.
-    feat's (h, w) are one flat token axis with stride sft (checked by the launcher)."""
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    mask = (rows < T)[:, None] & d_mask[None, :]
-    is_patch = rows >= 1
-    # The (BLOCK_T, BLOCK_D) tile is read along whichever axis feat is contiguous in (tokens for
-    # NCHW, channels for channels_last) and written along D: Triton transposes through shared
-    # memory in between.
-    f = tl.load(f_ptr + b * sfb + offs_d[None, :] * sfd + (rows - 1)[:, None] * sft,
-                mask=mask & is_patch[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    cls = tl.load(cls_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    val = tl.where(is_patch[:, None], f, cls[None, :])
-    val += tl.load(pos_ptr + rows[:, None] * spt + offs_d[None, :] * spd, mask=mask, other=0.0).to(
-        tl.float32
-    )
-    val = round_to(val, out_ptr.dtype.element_ty, EMULATE)
-    tl.store(out_ptr + b * sob + rows[:, None] * sot + offs_d[None, :], val, mask=mask)
-
-
-@triton.jit
-def _token_assemble_bwd_kernel(
-    g_ptr, df_ptr, part_ptr,
-    B, T, D, batch_per_split, sgb, sgt, sgd, sfb, sfd, sft,
-    HAS_DFEAT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """One pass over d_out: part[s, r, d] = sum over the split's images of d_out[b, r, d]
-    (d_pos_embed partials), and with HAS_DFEAT d_feat[b, d, r - 1] = d_out[b, r, d]."""
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    split = tl.program_id(2)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows < T)[:, None] & (offs_d < D)[None, :]
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    b_start = split * batch_per_split
-    n_b = tl.minimum(batch_per_split, B - b_start)
-    # int64 image offsets; the loop then steps the pointers one image at a time.
-    g_ptrs = g_ptr + b_start.to(tl.int64) * sgb + rows[:, None] * sgt + offs_d[None, :] * sgd
-    if HAS_DFEAT:
-        df_ptrs = (
-            df_ptr + b_start.to(tl.int64) * sfb + offs_d[None, :] * sfd + (rows - 1)[:, None] * sft
-        )
-    for _ in range(0, n_b):
-        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc += g
-        if HAS_DFEAT:
-            df = round_to(g, df_ptr.dtype.element_ty, EMULATE)
-            tl.store(df_ptrs, df, mask=mask & (rows >= 1)[:, None])
-            df_ptrs += sfb
-        g_ptrs += sgb
-    part = part_ptr + split.to(tl.int64) * T * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(part, acc, mask=mask)
-
-
 # -- configs -------------------------------------------------------------------------------------
 
 # 16-bit weights: Hopper wgmma tiles. An fp32 image cast in-kernel (AMP) holds the fp32 A tile as
 # well: 128x64 / 64x128 with 4 warps spilled 8-40 bytes (sm_90 toolchain tier), so that case runs
 # them with 8 warps. fp32 weights: IEEE products, smaller tiles.
-_CONFIGS_16 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]  # fmt: skip
-_CONFIGS_16_FP32_IMAGE = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-]  # fmt: skip
-_CONFIGS_32 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-]  # fmt: skip
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_CONFIGS_16 = gemm_configs((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+_CONFIGS_16_FP32_IMAGE = gemm_configs(
+    (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)
+)
+_CONFIGS_32 = gemm_configs((64, 64, 32, 4, 3))
 
-
-def _prune(configs, named_args, **kwargs):
-    if named_args["w_ptr"].element_size() >= 4:
-        return list(_CONFIGS_32)
-    return list(_CONFIGS_16_FP32_IMAGE if named_args["x_ptr"].element_size() >= 4 else _CONFIGS_16)
+_prune = prune_by_dtype(
+    _CONFIGS_32, _CONFIGS_16, _CONFIGS_16_FP32_IMAGE,
+    lambda named, meta: named["x_ptr"].element_size() >= 4,
+)  # fmt: skip
 
 
 _patch_embed_fwd_tuned = triton.autotune(
@@ -323,15 +257,7 @@ _patch_embed_fwd_tuned = triton.autotune(
 )(_patch_embed_fwd_kernel)
 
 
-def _clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, next_pow2(n)))
-
-
 # -- launchers -----------------------------------------------------------------------------------
-
-
-def _token_tile(T: int, D: int) -> tuple[int, int]:
-    return 32, _clamp_pow2(D, 16, 128)
 
 
 def _padded_weight(weight: Tensor) -> tuple[Tensor, int]:
@@ -364,36 +290,8 @@ def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: T
             out.stride(0), out.stride(1))  # fmt: skip
     flags = dict(P=p, PP=pp, HAS_BIAS=bias is not None, **dot_flags(weight.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-    with on_device(x):
-        launch(_patch_embed_fwd_tuned, grid, *args, **flags)
+    launch(_patch_embed_fwd_tuned, grid, *args, **flags)
     return out
-
-
-def token_grads(dout: Tensor, dfeat: Tensor | None) -> Tensor:
-    """d_pos_embed as an fp32 (1 + N, D) sum over the batch of dout (B, 1 + N, D); with dfeat
-    (B, D, h, w), also scatters dout[:, 1:] into it (any memory format with mergeable h, w)."""
-    B, T, D = dout.shape
-    block_t, block_d = _token_tile(T, D)
-    tiles = triton.cdiv(T, block_t) * triton.cdiv(D, block_d)
-    splits = max(1, min(B, program_slots(dout.device) // max(tiles, 1)))
-    per_split = triton.cdiv(max(B, 1), splits)
-    splits = triton.cdiv(B, per_split) if B > 0 else 0
-    part = dout.new_empty((splits, T, D), dtype=torch.float32)  # every split writes its row
-    if splits > 0:
-        fs = (
-            (dfeat.stride(0), dfeat.stride(1), _token_stride(dfeat))
-            if dfeat is not None
-            else (0, 0, 0)
-        )
-        with on_device(dout):
-            launch(
-                _token_assemble_bwd_kernel,
-                (triton.cdiv(T, block_t), triton.cdiv(D, block_d), splits),
-                dout, dfeat, part, B, T, D, per_split, *dout.stride(), *fs,
-                HAS_DFEAT=dfeat is not None, EMULATE=dot_in_fp32(), BLOCK_T=block_t,
-                BLOCK_D=block_d, num_warps=4,
-            )  # fmt: skip
-    return part.sum(0)
 
 
 def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool):
@@ -420,69 +318,28 @@ def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need
         splits = triton.cdiv(M, rows)
         part = x.new_empty((splits, D, K), dtype=torch.float32)
         if M > 0:
-            with on_device(x):
-                launch(
-                    _patch_embed_bwd_kernel, (tiles, splits),
-                    x, dout, weight, part, M, D, K, Np, Wp, rows, *x.stride(), *dout.stride(),
-                    P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                    num_stages=stages, **dots,
-                )  # fmt: skip
+            launch(
+                _patch_embed_bwd_kernel, (tiles, splits),
+                x, dout, weight, part, M, D, K, Np, Wp, rows, *x.stride(), *dout.stride(),
+                P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                num_stages=stages, **dots,
+            )  # fmt: skip
         dw = part.sum(0).view(D, Cin, p, pp)[..., :p].to(cdt).contiguous()
     if need_dx:
         dx = torch.empty_like(x)  # keeps x's memory format; fully overwritten
         w2, _ = _padded_weight(weight)
         bm, bn, bk, warps = (64, 32, 64, 4) if cdt == torch.float32 else (128, 64, 64, 8)
         if M > 0:
-            with on_device(x):
-                launch(
-                    _patch_embed_bwd_input_kernel, (triton.cdiv(M, bm) * triton.cdiv(K, bk),),
-                    dout, w2, dx, M, D, K, Np, Wp, *dout.stride(), w2.stride(0), w2.stride(1),
-                    *dx.stride(), P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                    num_warps=warps, **dots,
-                )  # fmt: skip
+            launch(
+                _patch_embed_bwd_input_kernel, (triton.cdiv(M, bm) * triton.cdiv(K, bk),),
+                dout, w2, dx, M, D, K, Np, Wp, *dout.stride(), w2.stride(0), w2.stride(1),
+                *dx.stride(), P=p, PP=pp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=warps, **dots,
+            )  # fmt: skip
     return dx, dw, dpos
 
 
-def _flat_tokens(feat: Tensor) -> Tensor:
-    """feat with (h, w) mergeable into one token axis (true for NCHW and channels_last);
-    a contiguous copy otherwise."""
-    _, _, h, w = feat.shape
-    if h > 1 and w > 1 and feat.stride(2) != w * feat.stride(3):
-        return feat.contiguous()
-    return feat
-
-
-def _token_stride(feat: Tensor) -> int:
-    # Stride between consecutive (row-major) tokens once (h, w) are merged.
-    return feat.stride(3) if feat.shape[3] > 1 else feat.stride(2)
-
-
-def token_assemble_fwd(
-    feat: Tensor, cls_token: Tensor, pos_embed: Tensor, out_dtype: torch.dtype
-) -> Tensor:
-    B, D, h, w = feat.shape
-    T = 1 + h * w
-    out = feat.new_empty((B, T, D), dtype=out_dtype)
-    if B == 0:
-        return out
-    feat = _flat_tokens(feat)
-    pos = pos_embed.reshape(T, D)
-    block_t, block_d = _token_tile(T, D)
-    with on_device(feat):
-        launch(
-            _token_assemble_fwd_kernel, (triton.cdiv(T, block_t), triton.cdiv(D, block_d), B),
-            feat, cls_token.reshape(D), pos, out, T, D, feat.stride(0), feat.stride(1),
-            _token_stride(feat), pos.stride(0), pos.stride(1), out.stride(0), out.stride(1),
-            EMULATE=dot_in_fp32(), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
-    return out
-
-
 # -- registered ops ------------------------------------------------------------------------------
-
-
-def _empty(x: Tensor) -> Tensor:
-    return x.new_empty(0)
 
 
 @register_op("crossvit_fast::patch_embed")
@@ -502,8 +359,8 @@ def _patch_embed_backward_op(
     need_dx, need_dw = needs
     dx, dw, dpos = patch_embed_bwd(dout, x, weight, need_dx, need_dw)
     return (
-        dx if dx is not None else _empty(x),
-        dw if dw is not None else _empty(x),
+        dx if dx is not None else empty(x),
+        dw if dw is not None else empty(x),
         dpos[1:].sum(0),
         dpos[0].clone(),
         dpos,
@@ -536,67 +393,7 @@ def _patch_embed_backward(ctx, dout):
 _patch_embed_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
 
 
-@register_op("crossvit_fast::token_assemble")
-def _token_assemble_op(
-    feat: Tensor, cls_token: Tensor, pos_embed: Tensor, out_dtype: torch.dtype
-) -> Tensor:
-    return token_assemble_fwd(feat, cls_token, pos_embed, out_dtype)
-
-
-@register_op("crossvit_fast::token_assemble_backward")
-def _token_assemble_backward_op(
-    dout: Tensor,
-    feat_shape: list[int],
-    feat_dtype: torch.dtype,
-    channels_last: bool,
-    need_dfeat: bool,
-) -> tuple[Tensor, Tensor]:
-    """(dfeat (B, D, h, w) in feat's dtype and memory format, or empty; dpos fp32 (1 + N, D))."""
-    dfeat = None
-    if need_dfeat:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        dfeat = dout.new_empty(feat_shape, dtype=feat_dtype).contiguous(memory_format=fmt)
-    dpos = token_grads(dout, dfeat)
-    return dfeat if dfeat is not None else _empty(dout), dpos
-
-
-def _token_assemble_setup(ctx, inputs, output):
-    feat, cls_token, pos_embed, _ = inputs
-    ctx.feat_shape = list(feat.shape)
-    ctx.feat_dtype = feat.dtype
-    # The stem's output layout (channels_last when the convolutions run channels_last): the
-    # gradient goes back in the same layout, so cuDNN's backward reads it without a copy.
-    ctx.channels_last = (
-        feat.dim() == 4
-        and feat.is_contiguous(memory_format=torch.channels_last)
-        and not feat.is_contiguous()
-    )
-    ctx.dtypes = (cls_token.dtype, pos_embed.dtype)
-
-
-def _token_assemble_backward(ctx, dout):
-    need = ctx.needs_input_grad
-    dfeat, dpos = torch.ops.crossvit_fast.token_assemble_backward(
-        dout, ctx.feat_shape, ctx.feat_dtype, ctx.channels_last, need[0]
-    )
-    c_dt, p_dt = ctx.dtypes
-    return (
-        dfeat if need[0] else None,
-        dpos[0].view(1, 1, -1).to(c_dt) if need[1] else None,
-        dpos.unsqueeze(0).to(p_dt) if need[2] else None,
-        None,
-    )
-
-
-_token_assemble_op.register_autograd(_token_assemble_backward, setup_context=_token_assemble_setup)
-
-
 # -- functionals ---------------------------------------------------------------------------------
-
-
-def _check_tokens(D: int, Np: int, cls_token: Tensor, pos_embed: Tensor, like: Tensor) -> None:
-    check_tensor("cls_token", cls_token, shape=(1, 1, D), like=like)
-    check_tensor("pos_embed", pos_embed, shape=(1, 1 + Np, D), like=like)
 
 
 def patch_embed(
@@ -625,30 +422,14 @@ def patch_embed(
     if H % p or W % p:
         raise ValueError(f"x: image size ({H}, {W}) is not divisible by the patch size {p}")
     check_tensor("bias", bias, shape=(D,), like=x, optional=True)
-    _check_tokens(D, (H // p) * (W // p), cls_token, pos_embed, x)
-    check_param_dtype(x, weight=weight, bias=bias)
-    cdt = autocast_dtype(x.device.type) or x.dtype
+    check_tokens(D, (H // p) * (W // p), cls_token, pos_embed, x)
+    cdt = compute_dtype(x, weight=weight, bias=bias)
     out_dtype = torch.promote_types(torch.promote_types(cdt, cls_token.dtype), pos_embed.dtype)
-    weight, bias = weight.to(cdt), bias.to(cdt) if bias is not None else None  # autocast's cast
+    weight, bias = weight.to(cdt), cast(bias, cdt)  # autocast's cast
     return torch.ops.crossvit_fast.patch_embed(x, weight, bias, cls_token, pos_embed, out_dtype)
 
 
-def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
-    """`cat(cls_token, flatten(feat)) + pos_embed` in one pass.
-
-    feat: (B, D, h, w), fp32 / fp16 / bf16, any strides (NCHW and channels_last read in place);
-    cls_token: (1, 1, D); pos_embed: (1, 1 + h*w, D). Returns (B, 1 + h*w, D) in
-    promote(feat, cls, pos) (cat and add are not autocast ops)."""
-    check_tensor("feat", feat, ndim=4)
-    _, D, h, w = feat.shape
-    _check_tokens(D, h * w, cls_token, pos_embed, feat)
-    out_dtype = torch.promote_types(
-        torch.promote_types(feat.dtype, cls_token.dtype), pos_embed.dtype
-    )
-    return torch.ops.crossvit_fast.token_assemble(feat, cls_token, pos_embed, out_dtype)
-
-
-OPS = {"patch_embed": patch_embed, "token_assemble": token_assemble}
+OPS = {"patch_embed": patch_embed}
 
 
 # -- cost formulas (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` --------
@@ -707,19 +488,3 @@ def _cost_patch_embed_bwd_input(a: dict, meta: dict, grid: tuple) -> tuple[int, 
     tm, tk = cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_K"])
     issued = _patch_embed_bwd_input_bytes(a, meta, tm, tk)
     return issued, 2 * M * N * K, _patch_embed_bwd_input_bytes(a, meta, 1, 1)
-
-
-@register_cost("_token_assemble_fwd_kernel")
-def _cost_token_assemble_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    T, D, B = a["T"], a["D"], grid[2]
-    b = B * (T - 1) * D * esize(a["f_ptr"]) + grid[0] * B * D * esize(a["cls_ptr"])
-    return b + B * T * D * (esize(a["pos_ptr"]) + esize(a["out_ptr"])), 0
-
-
-@register_cost("_token_assemble_bwd_kernel")
-def _cost_token_assemble_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    B, T, D = a["B"], a["T"], a["D"]
-    b = B * T * D * esize(a["g_ptr"]) + grid[2] * T * D * 4
-    if meta["HAS_DFEAT"]:
-        b += B * (T - 1) * D * esize(a["df_ptr"])
-    return b, 0

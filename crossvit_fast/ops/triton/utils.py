@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 
 import torch
 import triton
@@ -38,15 +39,25 @@ __all__ = [
     "dot_flags",
     "dot_in_fp32",
     "dot_precision",
+    "empty",
     "force_configs",
     "gelu_erf",
     "gelu_erf_grad",
+    "gemm_configs",
     "grouped_tile",
+    "input_grads",
     "launch",
     "next_pow2",
+    "program_slots",
+    "prune_by_dtype",
     "register_op",
+    "round_to",
     "sm_count",
 ]
+
+
+# registered op name -> its argument names, in order (`input_grads`)
+_ARG_NAMES: dict[str, tuple[str, ...]] = {}
 
 
 def register_op(name: str):
@@ -60,6 +71,7 @@ def register_op(name: str):
     """
 
     def deco(fn):
+        _ARG_NAMES[name] = tuple(inspect.signature(fn).parameters)
         if not interpreter_enabled():
             return triton_op(name, mutates_args=())(fn)
         op = torch.library.custom_op(name, mutates_args=())(fn)
@@ -67,6 +79,15 @@ def register_op(name: str):
         return op
 
     return deco
+
+
+def input_grads(name: str, **grads) -> tuple:
+    """What an autograd backward of registered op `name` returns: one gradient per argument, in
+    argument order, given by argument name; every argument not named gets None."""
+    unknown = set(grads) - set(_ARG_NAMES[name])
+    if unknown:
+        raise TypeError(f"{name} has no arguments {sorted(unknown)}")
+    return tuple(grads.get(arg) for arg in _ARG_NAMES[name])
 
 
 # kernel name -> index into its pruned autotune configs; set only by `force_configs` (tests)
@@ -99,7 +120,9 @@ def _interpreter_config(kernel: Autotuner, args: tuple, meta: dict) -> dict:
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """Launch `kernel` through `wrap_triton` (on the current stream). Fake tensors (shape
+    """Launch `kernel` through `wrap_triton`, on the current stream of the device of its first
+    tensor argument (`device_guard`). Every kernel of this backend is launched here, which is
+    how the sm_90 compile tier (tests/sm90_compile.py) sees all of them. Fake tensors (shape
     propagation of an interpreted op, see `register_op`) have no data: nothing to launch."""
     if interpreter_enabled():
         if any(isinstance(a, Tensor) and is_fake(a) for a in args):
@@ -107,7 +130,9 @@ def launch(kernel, grid, *args, **meta) -> None:
         if isinstance(kernel, Autotuner):
             meta = {**meta, **_interpreter_config(kernel, args, meta)}
             kernel = kernel.fn
-    wrap_triton(kernel)[grid](*args, **meta)
+    device = next((a.device for a in args if isinstance(a, Tensor)), None)
+    with device_guard(device):
+        wrap_triton(kernel)[grid](*args, **meta)
 
 
 def sm_count(device: torch.device) -> int:
@@ -117,9 +142,47 @@ def sm_count(device: torch.device) -> int:
     return 4  # the CPU interpreter: a pretend 4-SM device, so that small tests exercise splits
 
 
-def device_guard(device: torch.device):
+def program_slots(device: torch.device) -> int:
+    """How many programs a persistent-style reduction grid should use on `device`."""
+    return 4 * sm_count(device)
+
+
+def device_guard(device: torch.device | None):
     """Triton launches on the *current* CUDA device: make it the tensors' device (multi-GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def empty(x: Tensor) -> Tensor:
+    """A 0-element tensor on x's device: what a registered op returns for an absent output (a
+    gradient not requested, or of a None parameter); custom ops cannot return None."""
+    return x.new_empty(0)
+
+
+def gemm_configs(*tiles: tuple[int, int, int, int, int]) -> list[triton.Config]:
+    """Autotune configs of a GEMM-like kernel, one per (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages), all in grouped order with GROUP_M = 8 (`grouped_tile`)."""
+    return [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+            num_warps=warps,
+            num_stages=stages,
+        )
+        for m, n, k, warps, stages in tiles
+    ]
+
+
+def prune_by_dtype(fp32: list, bit16: list, bit16_variant: list, is_variant):
+    """`early_config_prune` of a GEMM-like kernel: `fp32` for fp32 weights (`w_ptr`), else
+    `bit16_variant` when `is_variant(named_args, meta)`, else `bit16`."""
+
+    def prune(configs, named_args, **meta):
+        if named_args["w_ptr"].element_size() >= 4:
+            return list(fp32)
+        return list(bit16_variant if is_variant(named_args, meta) else bit16)
+
+    return prune
 
 
 # erf-GELU constants: GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2, Phi' = pdf.
@@ -153,6 +216,17 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """Cast fp32 `x` to `dtype` rounding to nearest even, as the GPU (and PyTorch) do. The CPU
+    interpreter truncates fp32 -> bf16, so there (EMULATE) the rounding is done on the bits."""
+    if EMULATE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit

@@ -1,21 +1,15 @@
-"""CrossViT's CLS-side fusion ops in Triton: `cls_proj` (projs / revert_projs) and the whole
-fusion step `cross_fusion` = cls_proj -> cross_attention -> cls_proj.
+"""The `cls_proj` op in Triton: CrossViT's projs / revert_projs, Linear(GELU_erf(LayerNorm(x))).
 
-Specs: `crossvit_fast.ops.reference.cls_proj` / `cross_fusion`.
+Spec: `crossvit_fast.ops.reference.cls_proj`.
+
+Ladder: `cls_norm_fwd` / `cls_norm_bwd` (crossvit_fast.ops.triton.layer_norm) + cuBLAS -> ops
+`crossvit_fast::cls_proj` / `crossvit_fast::cls_proj_backward` -> functional `cls_proj`.
 
 cls_proj = Linear(GELU_erf(LayerNorm(x))) on B CLS rows: one Triton launch for the row-wise
 LayerNorm + GELU (`_cls_norm_fwd_kernel`, statistics in fp32), one cuBLAS GEMM with the bias in
 its epilogue. Backward: two GEMMs (dg, dW) and one Triton launch that does the GELU and
 LayerNorm backward and the per-program partials of dgamma, dbeta and the bias gradient, reduced
 by one deterministic sum.
-
-One fusion step (at B >= #SMs, where the token pass needs no split; smaller batches add one
-merge launch forward and one partial-sum backward) costs 11 launches forward — cls_proj 2,
-cross_attention 7 (LN(cls), q, k~, token pass, o + b_v, o's head merge, out-proj), cls_proj 2 — of which only
-the token pass touches the (B, N, C) tokens, and 21 backward — cls_proj 4, cross_attention 13
-(8 GEMMs / batched GEMMs, dq's head merge, the token pass, the CLS-row LayerNorm backward, one
-partial sum, the memset of the exactly-zero db_k), cls_proj 4 — against 20 / 38 for the reference in eager mode,
-most of which read or write whole token tensors (tests/test_triton_fusion.py::test_launch_count).
 """
 
 from __future__ import annotations
@@ -23,21 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import check_tensor
-from .cross_attention import (
-    cast,
-    cls_norm_bwd,
-    cls_norm_fwd,
-    compute_dtype,
-    cross_attention,
-    register_op,
-)
+from ..common import cast, check_tensor, compute_dtype
+from .layer_norm import cls_norm_bwd, cls_norm_fwd
+from .utils import input_grads, register_op
 
-__all__ = ["OPS", "cls_proj", "cross_fusion"]
+__all__ = ["OPS", "cls_proj"]
 
 
-@register_op("crossvit_fast::cls_proj_fwd")
-def _cls_proj_fwd(
+@register_op("crossvit_fast::cls_proj")
+def _cls_proj_op(
     x: Tensor,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
@@ -54,8 +42,8 @@ def _cls_proj_fwd(
     return y, g
 
 
-@register_op("crossvit_fast::cls_proj_bwd")
-def _cls_proj_bwd(
+@register_op("crossvit_fast::cls_proj_backward")
+def _cls_proj_backward_op(
     dy: Tensor,
     x: Tensor,
     g: Tensor,
@@ -74,7 +62,7 @@ def _cls_proj_bwd(
     return dx, dw, sums
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _cls_proj_setup(ctx, inputs, output) -> None:
     x, nw, nb, weight, bias, eps = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -83,19 +71,20 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (nw, nb, bias))
 
 
-def _backward(ctx, dy, _):
+def _cls_proj_backward(ctx, dy, _):
+    name = "crossvit_fast::cls_proj"
     if dy is None:
-        return (None,) * 6
+        return input_grads(name)
     x, g, nw, nb, weight = ctx.saved_tensors
     C = x.shape[1]
     has_bias = ctx.dtypes[2] is not None
-    dx, dw, sums = _cls_proj_bwd(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
+    dx, dw, sums = _cls_proj_backward_op(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
     grads = (sums[:C], sums[C : 2 * C], sums[2 * C :])
     g_nw, g_nb, g_b = (None if t is None else s.to(t) for s, t in zip(grads, ctx.dtypes))
-    return dx, g_nw, g_nb, dw, g_b, None
+    return input_grads(name, x=dx, norm_weight=g_nw, norm_bias=g_nb, weight=dw, bias=g_b)
 
 
-_cls_proj_fwd.register_autograd(_backward, setup_context=_setup_context)
+_cls_proj_op.register_autograd(_cls_proj_backward, setup_context=_cls_proj_setup)
 
 
 def cls_proj(
@@ -122,49 +111,10 @@ def cls_proj(
     check_tensor("norm_weight", norm_weight, shape=(C_in,), like=x, optional=True)
     check_tensor("norm_bias", norm_bias, shape=(C_in,), like=x, optional=True)
     check_tensor("bias", bias, shape=(C_out,), like=x, optional=True)
-    dt = compute_dtype(x, {"norm_weight": norm_weight, "norm_bias": norm_bias, "weight": weight,
-                           "bias": bias})  # fmt: skip
+    dt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
-    y = _cls_proj_fwd(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
+    y = _cls_proj_op(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)
 
 
-def cross_fusion(
-    cls: Tensor,
-    tokens: Tensor,
-    proj_norm_weight: Tensor | None,
-    proj_norm_bias: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    attn_norm_weight: Tensor | None,
-    attn_norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    attn_proj_weight: Tensor,
-    attn_proj_bias: Tensor | None,
-    revert_norm_weight: Tensor | None,
-    revert_norm_bias: Tensor | None,
-    revert_weight: Tensor,
-    revert_bias: Tensor | None,
-    num_heads: int,
-    eps: float,
-) -> Tensor:
-    """One fusion step for branch i: revert_projs(cross_attention(projs(cls), tokens)).
-
-    cls: (B, C_i); tokens: (B, 1 + N, C_j), read in place (row 0 ignored). Returns (B, C_i).
-    Limits as `cls_proj` and `cross_attention` (num_heads is branch j's head count).
-    """
-    check_tensor("cls", cls, ndim=2)
-    c = cls_proj(cls, proj_norm_weight, proj_norm_bias, proj_weight, proj_bias, eps)
-    f = cross_attention(
-        c, tokens, attn_norm_weight, attn_norm_bias, wq, bq, wk, bk, wv, bv,
-        attn_proj_weight, attn_proj_bias, num_heads, eps,
-    )  # fmt: skip
-    return cls_proj(f, revert_norm_weight, revert_norm_bias, revert_weight, revert_bias, eps)
-
-
-OPS = {"cls_proj": cls_proj, "cross_fusion": cross_fusion}
+OPS = {"cls_proj": cls_proj}

@@ -113,24 +113,26 @@ def test_self_attention_errors():
         tsa.self_attention(x, nw, nb, wqkv, bqkv, wp, bp.to("meta"), 4, EPS)
 
 
-def test_ln_linear_and_linear_residual_opcheck():
+def test_self_attention_qkv_and_self_attention_proj_opcheck():
     x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(2, 3, 32)]
     x.requires_grad_()
     wqkv.requires_grad_()
-    torch.library.opcheck(torch.ops.crossvit_fast.ln_linear.default, (x, nw, nb, wqkv, bqkv, EPS))
-    _, mean, rstd = torch.ops.crossvit_fast.ln_linear(x, nw, nb, wqkv, bqkv, EPS)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.self_attention_qkv.default, (x, nw, nb, wqkv, bqkv, EPS)
+    )
+    _, mean, rstd = torch.ops.crossvit_fast.self_attention_qkv(x, nw, nb, wqkv, bqkv, EPS)
     args = (torch.randn(2, 3, 96, device=DEVICE), x.detach(), nw, nb, wqkv.detach(), mean.detach(),
             rstd.detach(), [True] * 4)  # fmt: skip
     torch.library.opcheck(
-        torch.ops.crossvit_fast.ln_linear_backward.default, args, test_utils=BWD_OPCHECK
+        torch.ops.crossvit_fast.self_attention_qkv_backward.default, args, test_utils=BWD_OPCHECK
     )
     o = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.crossvit_fast.linear_residual.default, (o, wp, bp, x, torch.float32)
+        torch.ops.crossvit_fast.self_attention_proj.default, (o, wp, bp, x, torch.float32)
     )
     args = (torch.randn(2, 3, 32, device=DEVICE), o.detach(), wp, [True, True])
     torch.library.opcheck(
-        torch.ops.crossvit_fast.linear_residual_backward.default, args, test_utils=BWD_OPCHECK
+        torch.ops.crossvit_fast.self_attention_proj_backward.default, args, test_utils=BWD_OPCHECK
     )
 
 
@@ -184,8 +186,10 @@ def test_self_attention_gpu_opcheck():
         t.to(torch.bfloat16) for t in attn_inputs(2, 197, 96, device="cuda")
     ]
     x.requires_grad_()
-    torch.library.opcheck(torch.ops.crossvit_fast.ln_linear.default, (x, nw, nb, wqkv, bqkv, EPS))
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.self_attention_qkv.default, (x, nw, nb, wqkv, bqkv, EPS)
+    )
     o = torch.randn(2, 197, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.crossvit_fast.linear_residual.default, (o, wp, bp, x, torch.bfloat16)
+        torch.ops.crossvit_fast.self_attention_proj.default, (o, wp, bp, x, torch.bfloat16)
     )

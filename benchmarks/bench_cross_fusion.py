@@ -1,7 +1,7 @@
 """One CrossViT fusion step (`cross_fusion` = cls_proj -> CLS cross-attention -> cls_proj) at the
 real shapes: Triton (K/V-free) vs the reference eager vs the reference under torch.compile, bf16.
 
-Run on a GPU: `pytest benchmarks/bench_cross_attention.py --benchmark-only -s` (`-k crossvit_18`
+Run on a GPU: `pytest benchmarks/bench_cross_fusion.py --benchmark-only -s` (`-k crossvit_18`
 for one model). Each case times the forward, the backward alone (repeated on one retained
 graph) and forward + backward of all three implementations in the same run (CUDA events, median
 with p20 / p80), prints one row per (implementation, pass) and appends it to
@@ -14,7 +14,7 @@ is bytes = B * N * C * elem_size; the forward needs that once, the backward read
 and writes d tokens once (2x), forward + backward 3x. Reported as GB/s and % of the device's HBM
 bandwidth (harness.PEAKS).
 
-Goals (issue 3, H100, bf16, crossvit_18, batch 256, both fusion directions): forward + backward
+Goals (H100, bf16, crossvit_18, batch 256, both fusion directions): forward + backward
 >= 8x the reference eager and >= 3x the compiled reference; forward >= 60% of HBM bandwidth.
 """
 
@@ -25,6 +25,8 @@ import itertools
 import harness
 import pytest
 import torch
+
+from crossvit_fast.backends import fusion_params
 
 # CrossViT variants: (width, heads) of branch 0 and branch 1, and (N0, N1) patch tokens.
 _240 = (400, 196)  # 240 px with patch 12 -> 20 x 20; 224 px with patch 16 -> 14 x 14
@@ -80,7 +82,7 @@ def _inputs(c_i: int, n_i: int, c_j: int, n_j: int, batch: int) -> tuple[list, l
         else:  # projs / revert_projs: LayerNorm, Linear
             params += [_param(c_in, scale=0.1, offset=1.0), _param(c_in, scale=0.1),
                        _param(c_out, c_in, scale=c_in**-0.5), _param(c_out, scale=0.1)]  # fmt: skip
-    return [y_i[:, 0], tokens, *params], [y_i, tokens, *params]
+    return [y_i[:, 0], tokens, *fusion_params(params)], [y_i, tokens, *params]
 
 
 def _runner(fn, args: list, grad_inputs: list, pass_: str):
