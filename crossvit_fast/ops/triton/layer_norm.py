@@ -484,10 +484,13 @@ def _layer_norm_setup(ctx, inputs, output):
     x, weight, bias, _eps, _out_dtype = inputs
     _y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of mean / rstd (never read)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]

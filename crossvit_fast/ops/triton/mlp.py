@@ -311,6 +311,8 @@ def _mlp_setup(ctx, inputs, output):
     )
     _out, mean, rstd, act, hidden = output
     ctx.mark_non_differentiable(mean, rstd, act, hidden)
+    # No zero-filled gradients of the saved-for-backward outputs: two (M, hidden) memsets a block.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(
         x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, act, hidden
     )
@@ -320,6 +322,8 @@ def _mlp_setup(ctx, inputs, output):
 
 
 def _mlp_backward(ctx, dout, *_):
+    if dout is None:
+        return (None,) * 10
     saved = ctx.saved_tensors
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[:7])]
     if saved[7].numel() == 0 and saved[0].numel() > 0:

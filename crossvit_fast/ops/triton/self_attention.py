@@ -80,11 +80,14 @@ def _self_attention_qkv_setup(ctx, inputs, output):
     x, norm_weight, norm_bias, weight, bias, _eps = inputs
     _out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of mean / rstd (never read)
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
     ctx.has = [norm_weight is not None, norm_bias is not None, True, bias is not None]
 
 
 def _self_attention_qkv_backward(ctx, dout, _dmean, _drstd):
+    if dout is None:
+        return (None,) * 6
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[1:5])]
     dx, *grads = torch.ops.crossvit_fast.self_attention_qkv_backward(
         dout, *ctx.saved_tensors, needs
