@@ -48,10 +48,12 @@ from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
 from .cross_attention_rows import (
+    gamma_chunk,
     head_chunk,
     mm,
     normed_chunk,
     row_stats,
+    saved_stats,
     split_plan,
     token_tiles,
 )
@@ -132,8 +134,7 @@ def _cross_attention_fwd_kernel(
         for r0 in range(start, end, BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N)
             mask_r = rows < end
-            mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-            rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            mean, rstd = saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r)
             _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                                rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
@@ -252,9 +253,7 @@ def _cross_attention_bwd_kernel(
         ut = tl.load(ut_ptr + (b * H + heads[:, None]) * C + cols[None, :],
                      mask=mask_h[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         delta += tl.sum(du * ut, axis=1)
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        w = gamma_chunk(w_ptr, cols, mask_c, HAS_W, BLOCK_C)
         duw += tl.sum(du * w[None, :], axis=1)
         ktw += tl.sum(kt * w[None, :], axis=1)
     lse = tl.load(lse_ptr + b * BLOCK_H + heads)
@@ -264,8 +263,7 @@ def _cross_attention_bwd_kernel(
     for r0 in range(start, end, BLOCK_N):  # phase 1
         rows = r0 + tl.arange(0, BLOCK_N)
         mask_r = rows < end
-        mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-        rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+        mean, rstd = saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r)
         z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         da = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -295,17 +293,14 @@ def _cross_attention_bwd_kernel(
         mask_c = cols < C
         kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
         du = head_chunk(du_b, stride_duh, heads, mask_h, cols, mask_c, EMULATE)
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        w = gamma_chunk(w_ptr, cols, mask_c, HAS_W, BLOCK_C)
         dkt = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
         dw = tl.zeros([BLOCK_C], tl.float32)
         db = tl.zeros([BLOCK_C], tl.float32)
         for r0 in range(start, end, BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N)
             mask_r = rows < end
-            mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
-            rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+            mean, rstd = saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r)
             xhat, y, _, _ = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                           stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
                                           rstd, w_ptr, HAS_W, BLOCK_C)  # fmt: skip
@@ -613,81 +608,3 @@ def cross_attention(
 
 
 OPS = {"cross_attention": cross_attention}
-
-
-# -- cost formulas (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` --------
-
-
-from .utils import cdiv, esize, register_cost  # noqa: E402
-
-
-def _token_pass_splits(a: dict, grid: tuple):
-    """(rows R, holds the CLS row 0) of each split's row range."""
-    N1, rps = a["N1"], a["rows_per_split"]
-    for s in range(grid[1]):
-        start = s * rps
-        yield max(0, min(start + rps, N1) - start), start == 0
-
-
-def _row_pass(a: dict, R: int, has_cls: bool) -> int:
-    """Bytes of one read of rows (tokens in place, row 0 from cls) over the whole width."""
-    return a["C"] * ((R - has_cls) * esize(a["tok_ptr"]) + has_cls * esize(a["cls_ptr"]))
-
-
-@register_cost("_cross_attention_fwd_kernel")
-def _cost_cross_attention_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    """Per program: phase 1 reads its rows 3x (two statistics passes, then the logits), phase 2
-    once more (L2 serves the repeats of a program's own rows); k~ once per row block."""
-    B, C, H, BH = grid[0], a["C"], a["H"], meta["BLOCK_H"]
-    bn, n_c = meta["BLOCK_N"], cdiv(C, meta["BLOCK_C"])
-    ew = esize(a["w_ptr"]) * meta["HAS_W"]
-    total = flops = dram = 0
-    for R, has_cls in _token_pass_splits(a, grid):
-        nb = cdiv(R, bn)
-        b = 4 * _row_pass(a, R, has_cls) + 2 * nb * C * ew + nb * H * C * esize(a["kt_ptr"])
-        b += 8 * R + 4 * BH * R  # statistics, logits (stored)
-        b += n_c * (8 * R + 4 * BH * R)  # phase 2 re-reads them per width chunk
-        if meta["SINGLE"]:
-            b += H * C * (esize(a["ut_ptr"]) + esize(a["u_ptr"])) + 4 * BH
-            b += C * esize(a["b_ptr"]) * meta["HAS_B"]
-        else:
-            b += H * C * esize(a["acc_ptr"]) + 8 * BH
-        total += B * b
-        # DRAM: the program's own rows and k~ once (the repeats come from L1 / L2)
-        l2 = 3 * _row_pass(a, R, has_cls) + (nb - 1) * H * C * esize(a["kt_ptr"])
-        dram += B * (b - l2)
-        flops += B * 4 * BH * R * C  # logits + weighted sum (on the padded head tile)
-    return total, flops, dram
-
-
-@register_cost("_cross_attention_merge_kernel")
-def _cost_cross_attention_merge(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    B, C, H, S, BH = grid[0], a["C"], a["H"], a["S"], meta["BLOCK_H"]
-    b = S * (8 * BH * grid[1] + H * C * esize(a["acc_ptr"]))
-    b += H * C * (esize(a["ut_ptr"]) + esize(a["u_ptr"])) + C * esize(a["b_ptr"]) * meta["HAS_B"]
-    return B * (b + 4 * BH), 0
-
-
-@register_cost("_cross_attention_bwd_kernel")
-def _cost_cross_attention_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    """Per program: the per-head constants, phase 1 (rows once, k~ / du~ per row block), phase 2
-    (rows once more, k~ / du~ once, the stored probabilities re-read per width chunk)."""
-    B, C, H, BH = grid[0], a["C"], a["H"], meta["BLOCK_H"]
-    bn, n_c = meta["BLOCK_N"], cdiv(C, meta["BLOCK_C"])
-    ew = esize(a["w_ptr"]) * meta["HAS_W"]
-    heads = H * C * (esize(a["kt_ptr"]) + esize(a["du_ptr"]))
-    total = flops = dram = 0
-    for R, has_cls in _token_pass_splits(a, grid):
-        nb = cdiv(R, bn)
-        b = heads + H * C * esize(a["ut_ptr"]) + C * ew + 4 * BH  # constants, lse
-        b += 8 * R + _row_pass(a, R, has_cls) + nb * (C * ew + heads)  # phase 1
-        b += 2 * 4 * BH * R + 8 * R  # p, dz, c1, c2 stored
-        b += heads + C * ew  # phase 2
-        b += n_c * (8 * R + 8 * R + 2 * 4 * BH * R)  # mean / rstd, c1 / c2, p / dz per chunk
-        b += _row_pass(a, R, has_cls) + nb * C * ew
-        b += R * C * esize(a["dtok_ptr"]) + has_cls * C * esize(a["dn0_ptr"])
-        b += H * C * esize(a["dkt_ptr"]) + 2 * C * 4
-        total += B * b
-        dram += B * (b - _row_pass(a, R, has_cls) - nb * heads)  # repeats served by L2
-        flops += B * 10 * BH * R * C  # z, da, dn (2), dk~ on the padded head tile
-    return total, flops, dram

@@ -1,5 +1,6 @@
 """The token pass of `cross_attention` (crossvit_fast.ops.triton.cross_attention): its row access
-(device functions its forward and backward kernels share) and its tile / split plan.
+(device functions its forward and backward kernels share), its tile / split plan, and the cost
+formulas of its kernels (bytes and FLOPs per launch, for `crossvit_fast.cost`).
 
 The attended sequence of sample b is rows r = 0..N: row 0 is the CLS row (cls[b]), rows 1..N are
 tokens[b, 1..N] read in place. Every tile is BLOCK_N rows x BLOCK_C columns of it, never a whole
@@ -13,9 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import sm_count
+from .utils import cdiv, esize, register_cost, sm_count
 
-__all__ = ["head_chunk", "mm", "normed_chunk", "row_stats", "split_plan", "token_tiles"]
+__all__ = [
+    "gamma_chunk",
+    "head_chunk",
+    "mm",
+    "normed_chunk",
+    "row_stats",
+    "saved_stats",
+    "split_plan",
+    "token_tiles",
+]
 
 _MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
 
@@ -73,6 +83,14 @@ def row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stri
 
 
 @triton.jit
+def saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r):
+    """The (mean, rstd) of rows `rows` that forward phase 1 stored ((B, N1) fp32 each)."""
+    mean = tl.load(mean_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+    rstd = tl.load(rstd_ptr + b * N1 + rows, mask=mask_r, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
 def normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stride_tc, b,
                   rows, mask_r, c0, C, mean, rstd, w_ptr, HAS_W: tl.constexpr,
                   BLOCK_C: tl.constexpr):  # fmt: skip
@@ -82,8 +100,17 @@ def normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, s
     xhat = tl.where(mask_c[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
     y = xhat
     if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        y = y * gamma_chunk(w_ptr, cols, mask_c, HAS_W, BLOCK_C)[None, :]
     return xhat, y, cols, mask_c
+
+
+@triton.jit
+def gamma_chunk(w_ptr, cols, mask_c, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The LayerNorm weight at `cols`, fp32 (ones without an affine weight)."""
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    return w
 
 
 @triton.jit
@@ -102,9 +129,10 @@ def head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr
 
 # Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
 # 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
-# registers, backward 101 (16-bit) / 150 (fp32), zero spills; with 4 warps, or Triton's 2-stage
-# pipelining, the backward spilled 16-488 bytes (tests/test_toolchain_triton.py checks this).
-# The interpreter runs the same tiles.
+# registers, backward 101 (16-bit) / 174 (AMP: fp32 tokens) / 150 (fp32), zero spills; with 4
+# warps, or Triton's 2-stage pipelining, the backward spilled 16-488 bytes. ptxas is sensitive
+# here: hoisting the backward's per-head constants loop into a helper spilled 36 bytes in fp32.
+# tests/test_toolchain_triton.py checks zero spills. The interpreter runs the same tiles.
 _TOKEN_TILES = {"BLOCK_N": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
 
 
@@ -124,3 +152,78 @@ def split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[int
         splits = max(1, min(triton.cdiv(2 * sms, max(B, 1)), n_blocks // _MIN_BLOCKS_PER_SPLIT))
     rows = triton.cdiv(n_blocks, splits) * block_n
     return triton.cdiv(N1, rows), rows
+
+
+# -- cost formulas (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` --------
+
+
+def _token_pass_splits(a: dict, grid: tuple):
+    """(rows R, holds the CLS row 0) of each split's row range."""
+    N1, rps = a["N1"], a["rows_per_split"]
+    for s in range(grid[1]):
+        start = s * rps
+        yield max(0, min(start + rps, N1) - start), start == 0
+
+
+def _row_pass(a: dict, R: int, has_cls: bool) -> int:
+    """Bytes of one read of rows (tokens in place, row 0 from cls) over the whole width."""
+    return a["C"] * ((R - has_cls) * esize(a["tok_ptr"]) + has_cls * esize(a["cls_ptr"]))
+
+
+@register_cost("_cross_attention_fwd_kernel")
+def _cost_cross_attention_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    """Per program: phase 1 reads its rows 3x (two statistics passes, then the logits), phase 2
+    once more (L2 serves the repeats of a program's own rows); k~ once per row block."""
+    B, C, H, BH = grid[0], a["C"], a["H"], meta["BLOCK_H"]
+    bn, n_c = meta["BLOCK_N"], cdiv(C, meta["BLOCK_C"])
+    ew = esize(a["w_ptr"]) * meta["HAS_W"]
+    total = flops = dram = 0
+    for R, has_cls in _token_pass_splits(a, grid):
+        nb = cdiv(R, bn)
+        b = 4 * _row_pass(a, R, has_cls) + 2 * nb * C * ew + nb * H * C * esize(a["kt_ptr"])
+        b += 8 * R + 4 * BH * R  # statistics, logits (stored)
+        b += n_c * (8 * R + 4 * BH * R)  # phase 2 re-reads them per width chunk
+        if meta["SINGLE"]:
+            b += H * C * (esize(a["ut_ptr"]) + esize(a["u_ptr"])) + 4 * BH
+            b += C * esize(a["b_ptr"]) * meta["HAS_B"]
+        else:
+            b += H * C * esize(a["acc_ptr"]) + 8 * BH
+        total += B * b
+        # DRAM: the program's own rows and k~ once (the repeats come from L1 / L2)
+        l2 = 3 * _row_pass(a, R, has_cls) + (nb - 1) * H * C * esize(a["kt_ptr"])
+        dram += B * (b - l2)
+        flops += B * 4 * BH * R * C  # logits + weighted sum (on the padded head tile)
+    return total, flops, dram
+
+
+@register_cost("_cross_attention_merge_kernel")
+def _cost_cross_attention_merge(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    B, C, H, S, BH = grid[0], a["C"], a["H"], a["S"], meta["BLOCK_H"]
+    b = S * (8 * BH * grid[1] + H * C * esize(a["acc_ptr"]))
+    b += H * C * (esize(a["ut_ptr"]) + esize(a["u_ptr"])) + C * esize(a["b_ptr"]) * meta["HAS_B"]
+    return B * (b + 4 * BH), 0
+
+
+@register_cost("_cross_attention_bwd_kernel")
+def _cost_cross_attention_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    """Per program: the per-head constants, phase 1 (rows once, k~ / du~ per row block), phase 2
+    (rows once more, k~ / du~ once, the stored probabilities re-read per width chunk)."""
+    B, C, H, BH = grid[0], a["C"], a["H"], meta["BLOCK_H"]
+    bn, n_c = meta["BLOCK_N"], cdiv(C, meta["BLOCK_C"])
+    ew = esize(a["w_ptr"]) * meta["HAS_W"]
+    heads = H * C * (esize(a["kt_ptr"]) + esize(a["du_ptr"]))
+    total = flops = dram = 0
+    for R, has_cls in _token_pass_splits(a, grid):
+        nb = cdiv(R, bn)
+        b = heads + H * C * esize(a["ut_ptr"]) + C * ew + 4 * BH  # constants, lse
+        b += 8 * R + _row_pass(a, R, has_cls) + nb * (C * ew + heads)  # phase 1
+        b += 2 * 4 * BH * R + 8 * R  # p, dz, c1, c2 stored
+        b += heads + C * ew  # phase 2
+        b += n_c * (8 * R + 8 * R + 2 * 4 * BH * R)  # mean / rstd, c1 / c2, p / dz per chunk
+        b += _row_pass(a, R, has_cls) + nb * C * ew
+        b += R * C * esize(a["dtok_ptr"]) + has_cls * C * esize(a["dn0_ptr"])
+        b += H * C * esize(a["dkt_ptr"]) + 2 * C * 4
+        total += B * b
+        dram += B * (b - _row_pass(a, R, has_cls) - nb * heads)  # repeats served by L2
+        flops += B * 10 * BH * R * C  # z, da, dn (2), dk~ on the padded head tile
+    return total, flops, dram
