@@ -674,6 +674,10 @@ class Trainer:
             os.makedirs(os.path.dirname(os.path.abspath(a.metrics_json)), exist_ok=True)
             with open(a.metrics_json, "w") as f:
                 json.dump(metrics, f, indent=2)
+        if d.world_size > 1 and d.initialized:
+            # Leave together: a rank that tears down its (gloo) group while rank 0 is still
+            # saving or writing aborts at exit ("terminate called without an active exception").
+            dist_mod.dist.barrier()
         return metrics
 
     def _time_save_due(self) -> bool:
