@@ -99,6 +99,14 @@ def _tensors(tree) -> list[torch.Tensor]:
     return out
 
 
+def _copied(outputs: list, args) -> bool:
+    """Whether an op whose schema may alias its input (`to`, `reshape`, `contiguous`, ...) made a
+    copy instead: such composite ops reach a dispatch mode whole when called from inside a custom
+    op's body, and their copy kernel runs below it unseen."""
+    inputs = _tensors(list(args))
+    return any(not any(torch._C._is_alias_of(o, i) for i in inputs) for o in outputs)
+
+
 def _distinct_bytes(t: torch.Tensor) -> int:
     """Bytes of the distinct elements of t (a broadcast / expanded dim is read once)."""
     n = 1
@@ -178,9 +186,11 @@ class Ledger(TorchDispatchMode):
             return self._run_body(func, args, kwargs)
         out = func(*args, **kwargs)
         base = func._schema.name.split("::")[-1]
-        if ns not in ("aten", "prims") or base in _NO_LAUNCH or func.is_view:
+        if ns not in ("aten", "prims") or base in _NO_LAUNCH:
             return out
         outputs = _tensors(out)
+        if func.is_view and not _copied(outputs, args):
+            return out  # a view; `to` / `reshape` / `contiguous` that copied are counted below
         if base in _WRITE_ONLY or base.startswith("new_"):
             inputs = []  # `self` gives the shape / dtype / device, or is only written
         elif base == "copy_":

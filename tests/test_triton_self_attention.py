@@ -113,27 +113,41 @@ def test_self_attention_errors():
         tsa.self_attention(x, nw, nb, wqkv, bqkv, wp, bp.to("meta"), 4, EPS)
 
 
-def test_self_attention_qkv_and_self_attention_proj_opcheck():
+def test_self_attention_op_and_backward_opcheck():
     x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(2, 3, 32)]
     x.requires_grad_()
     wqkv.requires_grad_()
+    args = (x, nw, nb, wqkv, bqkv, wp, bp, 4, EPS, True, True)
+    torch.library.opcheck(torch.ops.crossvit_fast.self_attention.default, args)
+    _, mean, rstd, qkv, o, saved = torch.ops.crossvit_fast.self_attention(*args)
+    dout = torch.randn(2, 3, 32, device=DEVICE)
+    bargs = (dout, x.detach(), nw, nb, wqkv.detach(), wp, mean, rstd, qkv, o, saved, 4, True,
+             [True] * 6)  # fmt: skip
     torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_qkv.default, (x, nw, nb, wqkv, bqkv, EPS)
+        torch.ops.crossvit_fast.self_attention_backward.default, bargs, test_utils=BWD_OPCHECK
     )
-    _, mean, rstd = torch.ops.crossvit_fast.self_attention_qkv(x, nw, nb, wqkv, bqkv, EPS)
-    args = (torch.randn(2, 3, 96, device=DEVICE), x.detach(), nw, nb, wqkv.detach(), mean.detach(),
-            rstd.detach(), [True] * 4)  # fmt: skip
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_qkv_backward.default, args, test_utils=BWD_OPCHECK
+
+
+def test_self_attention_no_save_and_segmented_dgrad():
+    """Inference keeps nothing for backward; the q / k / v K-segments GEMM equals the GEMM of
+    their concatenation."""
+    x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(1, 3, 32)]
+    out, _, _, qkv, o, saved = torch.ops.crossvit_fast.self_attention(
+        x, nw, nb, wqkv, bqkv, wp, bp, 4, EPS, True, False
     )
-    o = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_proj.default, (o, wp, bp, x, torch.float32)
-    )
-    args = (torch.randn(2, 3, 32, device=DEVICE), o.detach(), wp, [True, True])
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_proj_backward.default, args, test_utils=BWD_OPCHECK
-    )
+    assert out.shape == x.shape and qkv.numel() == 0 and o.numel() == 0
+    assert all(t.numel() == 0 for t in saved)
+    from crossvit_fast.ops.triton.mlp import fused_linear, sum_rows
+
+    segs = [torch.randn(5, 16, device=DEVICE).t().contiguous().t() for _ in range(3)]
+    w = torch.randn(48, 8, device=DEVICE)
+    got, want = torch.empty(5, 8, device=DEVICE), torch.cat(segs, 1) @ w
+    asum = torch.zeros(sum_rows(5), 48, device=DEVICE)
+    fused_linear(tuple(segs), w, got, transpose_w=False, a_sum=asum)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(asum.sum(0), torch.cat(segs, 1).sum(0))
+    with pytest.raises(ValueError, match="segments"):
+        fused_linear((segs[0], segs[1][:4]), w[:32], got, transpose_w=False)
 
 
 def test_self_attention_torch_compile():
@@ -187,9 +201,6 @@ def test_self_attention_gpu_opcheck():
     ]
     x.requires_grad_()
     torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_qkv.default, (x, nw, nb, wqkv, bqkv, EPS)
-    )
-    o = torch.randn(2, 197, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_proj.default, (o, wp, bp, x, torch.bfloat16)
+        torch.ops.crossvit_fast.self_attention.default,
+        (x, nw, nb, wqkv, bqkv, wp, bp, 3, EPS, True, True),
     )

@@ -65,17 +65,19 @@ GELU_NONE, GELU_FWD, GELU_BWD = 0, 1, 2
 
 @triton.jit
 def _fused_linear_kernel(
-    a_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr,
+    a_ptr, a1_ptr, a2_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr,
     mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, asum_ptr, csum_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
-    LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+    A_SEGS: tl.constexpr, LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
     A_SUM: tl.constexpr, C_SUM: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C (M, N) = A (M, K) @ B (K, N), B[k, n] at w_ptr + k * stride_wk + n * stride_wn (so a
     weight (N, K) is read transposed for forward, (K, N) as is for dgrad); fp32 accumulation.
+    A_SEGS = 2 / 3: A is the column concatenation [a | a1 | a2] of equal-width (M, K / A_SEGS)
+    tensors with a's strides, each read in place (attention's q / k / v gradients: no stack).
 
     Prologue: LN: A[m, k] <- (A - mean[m]) * rstd[m] * lnw[k] + lnb[k] as tiles are loaded.
     A is rounded to the compute dtype (w's dtype) before the product, as the reference rounds.
@@ -101,32 +103,41 @@ def _fused_linear_kernel(
         rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < K
-        a = tl.load(
-            a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        if LN:
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            if LN_W:
-                a = a * tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            if LN_B:
-                a = a + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            a = round_to(a, cdt, EMULATE)
-        elif a.dtype != cdt:
-            a = round_to(a.to(tl.float32), cdt, EMULATE)
-        if A_SUM:
-            # Masked store, not a branch: keeps the K loop straight-line for software pipelining.
-            only_first = k_mask & ((ks * 0 + pid_n) == 0)
-            tl.store(asum_ptr + pid_m * K + ks, tl.sum(a.to(tl.float32), axis=0), mask=only_first)
-        w = tl.load(
-            w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0
-        )
-        if EMULATE:  # the interpreter's 16-bit dot is wrong; fp32 copies are exact there
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    K_SEG = K // A_SEGS
+    for seg in tl.static_range(A_SEGS):
+        if seg == 1:
+            a_rows = a1_ptr + m64[:, None] * stride_am
+        if seg == 2:
+            a_rows = a2_ptr + m64[:, None] * stride_am
+        for k0 in range(0, K_SEG, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < K_SEG
+            a = tl.load(
+                a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            if LN:
+                a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+                if LN_W:
+                    a = a * tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                if LN_B:
+                    a = a + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                a = round_to(a, cdt, EMULATE)
+            elif a.dtype != cdt:
+                a = round_to(a.to(tl.float32), cdt, EMULATE)
+            if A_SUM:
+                # Masked store, not a branch: keeps the K loop straight-line for software pipelining.
+                only_first = k_mask & ((ks * 0 + pid_n) == 0)
+                tl.store(asum_ptr + pid_m * K + seg * K_SEG + ks, tl.sum(a.to(tl.float32), axis=0),
+                         mask=only_first)  # fmt: skip
+            w = tl.load(
+                w_cols + (seg * K_SEG + ks)[:, None] * stride_wk,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            if EMULATE:  # the interpreter's 16-bit dot is wrong; fp32 copies are exact there
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
@@ -177,7 +188,7 @@ _prune = prune_by_dtype(
 
 _fused_linear_tuned = triton.autotune(
     configs=_CONFIGS_16 + _CONFIGS_16_GELU_BWD + _CONFIGS_32,
-    key=["N", "K", "LN", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
+    key=["N", "K", "A_SEGS", "LN", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
     prune_configs_by={"early_config_prune": _prune},
     # Autotuning launches every config; the partial-sum buffers are rows per pid_m, so zero them
     # between trials (a config with bigger tiles leaves rows of a previous trial otherwise).
@@ -194,14 +205,16 @@ def sum_rows(M: int) -> int:
 
 
 def fused_linear(
-    a: Tensor, w: Tensor, out: Tensor, *, transpose_w: bool, bias: Tensor | None = None,
+    a: Tensor | tuple[Tensor, ...], w: Tensor, out: Tensor, *, transpose_w: bool, bias: Tensor | None = None,
     res: Tensor | None = None, aux: Tensor | None = None, gelu: int = GELU_NONE,
     ln: tuple | None = None, a_sum: Tensor | None = None, c_sum: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
     `_fused_linear_kernel`; returns `out`.
 
-    a: (M, K) any strides / float dtype (cast to w's dtype, the compute dtype). w: (N, K) with
+    a: (M, K) any strides / float dtype (cast to w's dtype, the compute dtype), or a tuple of
+    2 / 3 same-shape, same-strides (M, K / len) tensors read as their column concatenation
+    (no LayerNorm prologue then). w: (N, K) with
     transpose_w (nn.Linear forward) or (K, N) (dgrad), any strides. out: (M, N) with unit
     column stride, any float dtype. bias (N,); res (M, N) any strides; aux (M, N) unit column
     stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
@@ -209,20 +222,24 @@ def fused_linear(
     a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N): zero-initialised fp32 buffers receiving
     per-M-tile column sums of a / out; `.sum(0)` finishes them.
     """
-    M, K = a.shape
+    segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
+    a = segs[0]
+    if any(t.shape != a.shape or t.stride() != a.stride() for t in segs) or (ln and len(segs) > 1):
+        raise ValueError("fused_linear: A segments must share shape and strides, without ln")
+    M, K = a.shape[0], a.shape[1] * len(segs)
     N = w.shape[0] if transpose_w else w.shape[1]
     if M == 0 or N == 0:
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
     mean, rstd, lnw, lnb = ln if ln is not None else (None, None, None, None)
     args = (
-        a, w, out, bias, res, aux, mean, rstd, lnw, lnb, a_sum, c_sum, M, N, K,
+        a, segs[1] if len(segs) > 1 else None, segs[2] if len(segs) > 2 else None, w, out, bias, res, aux, mean, rstd, lnw, lnb, a_sum, c_sum, M, N, K,
         a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
         res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
         aux.stride(0) if aux is not None else 0,
     )  # fmt: skip
     flags = dict(
-        LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None, HAS_BIAS=bias is not None,
+        A_SEGS=len(segs), LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None, HAS_BIAS=bias is not None,
         GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
         C_SUM=c_sum is not None, **dot_flags(w.dtype),
     )  # fmt: skip

@@ -1,27 +1,30 @@
-"""ViT-block attention half with LayerNorm fused into the qkv GEMM: `x + proj(MHSA(LN(x)))`.
+"""ViT-block attention half as one op: `x + proj(MHSA(LN(x)))`, forward and backward.
 
-The attention itself stays torch's SDPA (flash / cuDNN / memory-efficient kernels): it is already
-a fused, IO-aware kernel, and rewriting it buys nothing here. What the Triton backend fuses is the
-GEMM work around it:
+The attention core stays torch's SDPA kernels (flash on the GPU for 16-bit, memory-efficient for
+fp32, the CPU flash kernel under the interpreter): they are fused, IO-aware kernels already.
+What this op owns is everything around them, so that autograd adds no traffic of its own:
 
-* `crossvit_fast::self_attention_qkv` — LayerNorm applied to the A tiles of the qkv GEMM as they
-  are loaded (row statistics from one small pass), + bias in the epilogue: LN(x) is never
-  written. Backward:
-  the dgrad GEMM (Triton) also reduces the bias gradient from its input tiles; the LayerNorm
-  backward kernel re-emits LN(x) for the weight-gradient GEMM (cuBLAS, a plain long-K GEMM).
-* `crossvit_fast::self_attention_proj` — proj GEMM with bias + residual add in the epilogue, so
-  the block output is written once. Backward: dgrad (Triton, bias gradient fused) and wgrad
-  (cuBLAS); the residual gradient is dy itself.
-
-Both sub-ops (`crossvit_fast::self_attention_<part>` / `..._<part>_backward`) run the
-`fused_linear` GEMM of `mlp.py`. Ladder per sub-op: kernels (`_fused_linear_kernel`,
-`_layer_norm_*_kernel`) -> launcher -> registered op + backward op -> functional.
+Forward (M = B * N rows, C = width):
+  1. LayerNorm row statistics (one read of x), then the qkv GEMM with LN applied to its A tiles
+     as they load (LN(x) is never written) and the bias in the epilogue: qkv (M, 3C).
+  2. SDPA forward on q / k / v viewed in place from qkv (no copies): o, logsumexp.
+  3. proj GEMM, bias + residual x in the epilogue: the block output is written once.
+Backward (one op, `crossvit_fast::self_attention_backward`):
+  1. proj dgrad (Triton, proj-bias gradient from its A tiles), dW_proj (cuBLAS).
+  2. SDPA backward -> dq, dk, dv, three tensors as the kernel writes them.
+  3. qkv dgrad reads them in place as the K-segments of one GEMM (`fused_linear` with A
+     segments, qkv-bias gradient from the same tiles): no stack / clone of (M, 3C) that
+     autograd's unbind / permute backward would make.
+  4. LayerNorm backward with the residual gradient dy added in, so dx is written once (no
+     autograd add of the two paths into x); it re-emits LN(x) for the three dW_qkv GEMMs.
+Ladder: kernels (`_fused_linear_kernel`, `_layer_norm_*_kernel`, torch SDPA) -> launchers
+(`fused_linear`, `layer_norm_fwd/bwd`, `sdpa_forward/backward`) -> ops
+`crossvit_fast::self_attention[_backward]` -> functional `self_attention`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
@@ -29,150 +32,167 @@ from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd
 from .mlp import fused_linear, sum_rows
 from .utils import empty, register_op
 
-__all__ = ["OPS", "self_attention", "self_attention_proj", "self_attention_qkv"]
+__all__ = ["OPS", "self_attention"]
+
+_aten = torch.ops.aten
 
 
-# -- self_attention_qkv: LN(x) @ W^T + b -----------------------------------------------------------
+# -- SDPA without autograd: the kernel a device / dtype gets, forward and backward --------------
 
 
-@register_op("crossvit_fast::self_attention_qkv")
-def _self_attention_qkv_op(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor,
-    bias: Tensor | None, eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(out, mean, rstd). x: (..., C) any float dtype / strides; weight (N, C), bias (N,) in the
-    compute dtype; out: (..., N) in the compute dtype; mean / rstd: fp32 (M,)."""
+def sdpa_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """o = softmax(q k^T / sqrt(d)) v, no mask / dropout. q, k, v: (B, H, N, d), unit last
+    stride. Returns (o (B, H, N, d), what `sdpa_backward` needs). CUDA: flash for 16-bit
+    (head dim a multiple of 8, <= 256: every CrossViT), memory-efficient otherwise; CPU: the
+    CPU flash kernel (the interpreter path)."""
+    if q.device.type != "cuda":
+        o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return o, [lse]
+    d = q.shape[-1]
+    if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+        o, lse, _, _, _, _, seed, offset, _ = _aten._scaled_dot_product_flash_attention(q, k, v)
+        return o, [lse, seed, offset]
+    o, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return o, [lse, seed, offset]
+
+
+def sdpa_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, saved: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `sdpa_forward`, from the same kernel family."""
+    if q.device.type != "cuda":
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, saved[0], 0.0, False
+        )
+    lse, seed, offset = saved
+    N, d = q.shape[2], q.shape[3]
+    if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+        return _aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, o, lse, None, None, N, k.shape[2], 0.0, False, seed, offset
+        )
+    dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
+        do, q, k, v, None, o, lse, seed, offset, 0.0, [True, True, True, False]
+    )
+    return dq, dk, dv
+
+
+def _heads(t: Tensor, B: int, N: int, H: int) -> Tensor:
+    """(B, N, H * d) rows -> the (B, H, N, d) view SDPA takes (no copy)."""
+    return t.view(B, N, H, t.shape[-1] // H).transpose(1, 2)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(B, H, N, d) -> (B * N, H * d): a view for the (B, N, H, d) memory order SDPA's kernels
+    write, a copy otherwise."""
+    B, H, N, d = t.shape
+    return t.transpose(1, 2).reshape(B * N, H * d)
+
+
+# -- registered ops -------------------------------------------------------------------------------
+
+
+@register_op("crossvit_fast::self_attention")
+def _self_attention_op(
+    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, qkv_weight: Tensor,
+    qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, num_heads: int,
+    eps: float, residual: bool, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
+    """(out, mean, rstd, qkv, o, sdpa_saved). x: (B, N, C) any float dtype / strides; weights
+    and biases in the compute dtype. out: (B, N, C), promote(x, compute dtype) with the
+    residual, else the compute dtype. With `save` (for backward): qkv (M, 3C) and o
+    (B, H, N, d) in the compute dtype, mean / rstd fp32 (M,), the SDPA kernel's saved tensors;
+    without, qkv and o come back empty."""
+    B, N, C = x.shape
+    cdt = qkv_weight.dtype
     x2 = as_rows(x)
-    N = weight.shape[0]
+    M = x2.shape[0]
     _, mean, rstd = layer_norm_fwd(x2, None, None, eps, None)
-    out = x.new_empty((*x.shape[:-1], N), dtype=weight.dtype)
-    fused_linear(x2, weight, out.view(-1, N), transpose_w=True, bias=bias,
+    qkv = x.new_empty((M, 3 * C), dtype=cdt)
+    fused_linear(x2, qkv_weight, qkv, transpose_w=True, bias=qkv_bias,
                  ln=(mean, rstd, norm_weight, norm_bias))  # fmt: skip
-    return out, mean, rstd
+    q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
+    o, saved = sdpa_forward(q, k, v)
+    out_dtype = torch.promote_types(x.dtype, cdt) if residual else cdt
+    out = x.new_empty((B, N, C), dtype=out_dtype)
+    fused_linear(_rows(o), proj_weight, out.view(M, C), transpose_w=True, bias=proj_bias,
+                 res=x2 if residual else None)  # fmt: skip
+    if not save:
+        return out, mean, rstd, empty(x), empty(x), [empty(x) for _ in saved]
+    return out, mean, rstd, qkv, o, saved
 
 
-@register_op("crossvit_fast::self_attention_qkv_backward")
-def _self_attention_qkv_backward_op(
+@register_op("crossvit_fast::self_attention_backward")
+def _self_attention_backward_op(
     dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-    weight: Tensor, mean: Tensor, rstd: Tensor, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dnorm_weight, dnorm_bias, dweight, dbias); `needs` flags the last four."""
-    need_nw, need_nb, need_w, need_b = needs
+    qkv_weight: Tensor, proj_weight: Tensor, mean: Tensor, rstd: Tensor, qkv: Tensor, o: Tensor,
+    sdpa_saved: list[Tensor], num_heads: int, residual: bool, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dnorm_weight, dnorm_bias, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias);
+    `needs` flags the last six (an unneeded one comes back empty)."""
+    need_nw, need_nb, need_wqkv, need_bqkv, need_wp, need_bp = needs
+    B, N, C = x.shape
+    cdt = qkv_weight.dtype
     x2, dy = as_rows(x), as_rows(dout)
-    M, C = x2.shape
-    dxhat = x.new_empty((M, C), dtype=weight.dtype)
-    b_sum = x.new_zeros((sum_rows(M), weight.shape[0]), dtype=torch.float32) if need_b else None
-    fused_linear(dy, weight, dxhat, transpose_w=False, a_sum=b_sum)
+    M = x2.shape[0]
+    # 1. proj: do = dy @ W_proj (bias gradient from dy's tiles), dW_proj = dy^T o.
+    do = x.new_empty((M, C), dtype=cdt)
+    bp_sum = x.new_zeros((sum_rows(M), C), dtype=torch.float32) if need_bp else None
+    fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum)
+    dy16 = dy.to(cdt)
+    dwp = torch.mm(dy16.t(), _rows(o)) if need_wp else empty(x)
+    # 2. SDPA backward on the in-place q / k / v views.
+    q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
+    dq, dk, dv = (_rows(g) for g in sdpa_backward(_heads(do, B, N, num_heads), q, k, v, o,
+                                                  sdpa_saved))  # fmt: skip
+    # 3. dLN(x) = [dq | dk | dv] @ W_qkv, read as three K-segments; qkv-bias gradient alongside.
+    dxhat = x.new_empty((M, C), dtype=cdt)
+    bqkv_sum = x.new_zeros((sum_rows(M), 3 * C), dtype=torch.float32) if need_bqkv else None
+    fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
+    # 4. LayerNorm backward + the residual gradient; LN(x) re-emitted for dW_qkv.
     dx, dnw, dnb, ln_out = layer_norm_bwd(
-        x2, norm_weight, norm_bias, mean, rstd, dxhat, None, need_nw, need_nb,
-        y_dtype=weight.dtype if need_w else None,
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
+        y_dtype=cdt if need_wqkv else None,
     )  # fmt: skip
+    dwqkv = torch.cat([torch.mm(g.t(), ln_out) for g in (dq, dk, dv)]) if need_wqkv else empty(x)
     return (
         dx.view(x.shape),
         dnw if dnw is not None else empty(x),
         dnb if dnb is not None else empty(x),
-        torch.mm(dy.to(weight.dtype).t(), ln_out) if need_w else empty(x),
-        b_sum.sum(0).to(weight.dtype) if need_b else empty(x),
+        dwqkv,
+        bqkv_sum.sum(0).to(cdt) if need_bqkv else empty(x),
+        dwp,
+        bp_sum.sum(0).to(cdt) if need_bp else empty(x),
     )
 
 
-def _self_attention_qkv_setup(ctx, inputs, output):
-    x, norm_weight, norm_bias, weight, bias, _eps = inputs
-    _out, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients of mean / rstd (never read)
-    ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
-    ctx.has = [norm_weight is not None, norm_bias is not None, True, bias is not None]
+def _self_attention_setup(ctx, inputs, output):
+    x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, _, res, _ = (
+        inputs
+    )
+    _out, mean, rstd, qkv, o, saved = output
+    ctx.mark_non_differentiable(mean, rstd, qkv, o, *saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the saved outputs
+    ctx.save_for_backward(x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, qkv, o,
+                          *saved)  # fmt: skip
+    ctx.heads, ctx.residual = heads, res
+    ctx.has = [norm_weight is not None, norm_bias is not None, True, qkv_bias is not None, True,
+               proj_bias is not None]  # fmt: skip
 
 
-def _self_attention_qkv_backward(ctx, dout, _dmean, _drstd):
+def _self_attention_backward(ctx, dout, *_):
     if dout is None:
-        return (None,) * 6
-    needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[1:5])]
-    dx, *grads = torch.ops.crossvit_fast.self_attention_qkv_backward(
-        dout, *ctx.saved_tensors, needs
+        return (None,) * 11
+    x, nw, nb, wqkv, wp, mean, rstd, qkv, o, *saved = ctx.saved_tensors
+    if qkv.numel() == 0 and x.numel() > 0:
+        raise RuntimeError("crossvit_fast::self_attention: backward through a call with save=False")
+    needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[1:7])]
+    dx, *grads = torch.ops.crossvit_fast.self_attention_backward(
+        dout, x, nw, nb, wqkv, wp, mean, rstd, qkv, o, saved, ctx.heads, ctx.residual, needs
     )
-    return (dx, *(g if n else None for g, n in zip(grads, needs)), None)
+    return (dx, *(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
 
-_self_attention_qkv_op.register_autograd(
-    _self_attention_qkv_backward, setup_context=_self_attention_qkv_setup
-)
-
-
-def self_attention_qkv(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor,
-    bias: Tensor | None, eps: float,
-) -> Tensor:  # fmt: skip
-    """`F.linear(LN(x), weight, bias)` with LN fused into the GEMM's prologue. Operands as
-    `_self_attention_qkv_op`; weight / bias already in the compute dtype."""
-    return torch.ops.crossvit_fast.self_attention_qkv(
-        x, norm_weight, norm_bias, weight, bias, float(eps)
-    )[0]
-
-
-# -- self_attention_proj: a @ W^T + b (+ res) ------------------------------------------------------
-
-
-@register_op("crossvit_fast::self_attention_proj")
-def _self_attention_proj_op(
-    a: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor | None, out_dtype: torch.dtype
-) -> Tensor:
-    """a: (..., K) any float dtype / strides; weight (N, K), bias (N,) in the compute dtype;
-    res: (..., N) or None. Returns (..., N) in out_dtype."""
-    a2 = as_rows(a)
-    N = weight.shape[0]
-    out = a.new_empty((*a.shape[:-1], N), dtype=out_dtype)
-    fused_linear(a2, weight, out.view(-1, N), transpose_w=True, bias=bias,
-                 res=as_rows(res) if res is not None else None)  # fmt: skip
-    return out
-
-
-@register_op("crossvit_fast::self_attention_proj_backward")
-def _self_attention_proj_backward_op(
-    dout: Tensor, a: Tensor, weight: Tensor, needs: list[bool]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(da, dweight, dbias); `needs` flags the last two. The residual's gradient is dout."""
-    need_w, need_b = needs
-    a2, dy = as_rows(a), as_rows(dout)
-    M, K = a2.shape
-    da = a.new_empty(a.shape, dtype=weight.dtype)
-    b_sum = a.new_zeros((sum_rows(M), weight.shape[0]), dtype=torch.float32) if need_b else None
-    fused_linear(dy, weight, da.view(M, K), transpose_w=False, a_sum=b_sum)
-    dw = torch.mm(dy.to(weight.dtype).t(), a2.to(weight.dtype)) if need_w else empty(a)
-    db = b_sum.sum(0).to(weight.dtype) if need_b else empty(a)
-    return da.to(a.dtype), dw, db
-
-
-def _self_attention_proj_setup(ctx, inputs, output):
-    a, weight, bias, res, _out_dtype = inputs
-    ctx.save_for_backward(a, weight)
-    ctx.has_bias = bias is not None
-    ctx.res_dtype = res.dtype if res is not None else None
-
-
-def _self_attention_proj_backward(ctx, dout):
-    a, weight = ctx.saved_tensors
-    need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    da, dw, db = torch.ops.crossvit_fast.self_attention_proj_backward(
-        dout, a, weight, [ctx.needs_input_grad[1], need_b]
-    )
-    dres = dout.to(ctx.res_dtype) if ctx.res_dtype is not None and ctx.needs_input_grad[3] else None
-    return da, dw if ctx.needs_input_grad[1] else None, db if need_b else None, dres, None
-
-
-_self_attention_proj_op.register_autograd(
-    _self_attention_proj_backward, setup_context=_self_attention_proj_setup
-)
-
-
-def self_attention_proj(
-    a: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor | None
-) -> Tensor:
-    """`res + F.linear(a, weight, bias)` (or without `res`) with the add in the GEMM epilogue.
-    Output dtype: promote(res, weight) with a residual, else weight's (the compute dtype)."""
-    out_dtype = torch.promote_types(res.dtype, weight.dtype) if res is not None else weight.dtype
-    return torch.ops.crossvit_fast.self_attention_proj(a, weight, bias, res, out_dtype)
+_self_attention_op.register_autograd(_self_attention_backward, setup_context=_self_attention_setup)
 
 
 # -- functional ------------------------------------------------------------------------------------
@@ -190,7 +210,7 @@ def self_attention(
     rules as `mlp` (autocast: GEMMs and SDPA in the autocast dtype, LayerNorm in fp32).
     """
     check_tensor("x", x, ndim=3)
-    B, N, C = x.shape
+    C = x.shape[-1]
     if not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing C = {C}, got {num_heads!r}")
     check_tensor("norm_weight", norm_weight, shape=(C,), like=x, optional=True)
@@ -204,16 +224,14 @@ def self_attention(
         proj_weight=proj_weight, proj_bias=proj_bias,
     )  # fmt: skip
     # what autocast does to F.linear's arguments
-    qkv = self_attention_qkv(
-        x, norm_weight, norm_bias, cast(qkv_weight, cdt), cast(qkv_bias, cdt), eps
+    params = (cast(qkv_weight, cdt), cast(qkv_bias, cdt), cast(proj_weight, cdt),
+              cast(proj_bias, cdt))  # fmt: skip
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, norm_weight, norm_bias, *params)
     )
-    q, k, v = qkv.view(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
-    # (B, H, N, d) -> (B, N, C): a view when SDPA returns the (B, N, H, d) memory layout (flash).
-    o = o.transpose(1, 2).reshape(B, N, C)
-    return self_attention_proj(
-        o, cast(proj_weight, cdt), cast(proj_bias, cdt), x if residual else None
-    )
+    return torch.ops.crossvit_fast.self_attention(
+        x, norm_weight, norm_bias, *params, num_heads, float(eps), bool(residual), save
+    )[0]
 
 
 OPS = {"self_attention": self_attention}
