@@ -129,6 +129,19 @@ def _to_fake_cuda(mode: FakeTensorMode, value):
     return value
 
 
+def _cuda_sdpa_saved(mode: FakeTensorMode, args: tuple) -> tuple:
+    """self_attention_backward's SDPA tensors as the CUDA kernels save them (the CPU run
+    recorded the CPU kernel's): the forward kernel run on the fake CUDA q / k / v."""
+    from crossvit_fast.ops.triton.self_attention import _heads, sdpa_forward
+
+    x, qkv = args[1], args[8]
+    B, N, C = x.shape
+    with mode:
+        q, k, v = (_heads(t, B, N, args[11]) for t in qkv.split(C, dim=1))
+        _, saved = sdpa_forward(q, k, v)
+    return (*args[:10], saved, *args[11:])
+
+
 def main() -> None:
     _patch_for_fake_cuda()
     out = {"graphs": {}, "kernels": {}, "backward_ops": {}, "errors": {}}
@@ -149,6 +162,8 @@ def main() -> None:
     for name, (op, args, kwargs) in sorted(calls.items()):
         try:
             fargs, fkwargs = _to_fake_cuda(mode, args), _to_fake_cuda(mode, kwargs)
+            if name == "crossvit_fast::self_attention_backward":
+                fargs = _cuda_sdpa_saved(mode, fargs)
             with mode:
                 _, out["backward_ops"][name] = _compile_and_count(
                     lambda *a, op=op, kw=fkwargs: op(*a, **kw), *fargs
