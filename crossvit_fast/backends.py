@@ -38,6 +38,7 @@ OPS = (
     "cross_attention",  # CrossAttentionBlock on the CLS query (K/V-free in fast backends)
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
     "layer_norm",  # final norms
+    "cast_params",  # autocast's casts of the GEMM weights / biases, once per forward
 )
 
 # -- parameter groups of the fusion step ----------------------------------------------------------
@@ -153,6 +154,14 @@ class OpSet:
         except KeyError:
             raise AttributeError(op) from None
 
+    def param(self, t: Tensor | None) -> Tensor | None:
+        """A GEMM parameter as the ops get it: itself (`bind` gives the per-forward casts)."""
+        return t
+
+    def bind(self, casted: dict[Tensor, Tensor]) -> BoundOps:
+        """This OpSet for one forward whose GEMM parameters were cast once (`cast_params`)."""
+        return BoundOps(self, casted)
+
     def with_dropout(self, op: str) -> Callable:
         """The implementation of `op` that takes its dropout arguments."""
         try:
@@ -162,6 +171,22 @@ class OpSet:
                 f"no backend of this OpSet ({self.backend!r} on {self.device_type}) declares "
                 f"dropout support for {op!r}"
             ) from None
+
+
+@dataclass(frozen=True)
+class BoundOps:
+    """An OpSet plus one forward's casts of the GEMM parameters (parameter -> its copy in the
+    autocast dtype, made by one `cast_params` call): `param(t)` is what an op gets for t. Lives
+    for that forward only (passed down the call, never stored)."""
+
+    ops: OpSet
+    casted: dict = field(repr=False)
+
+    def __getattr__(self, op: str):
+        return getattr(self.ops, op)
+
+    def param(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else self.casted.get(t, t)
 
 
 def resolve(backend: str, device_type: str) -> OpSet:

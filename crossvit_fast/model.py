@@ -18,8 +18,17 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends
 from .config import CrossViTConfig
+from .ops.common import autocast_dtype
 
 __all__ = ["CrossViT"]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _p(module: nn.Module, name: str) -> Tensor | None:
@@ -85,7 +94,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor, cls_token: Tensor, pos_embed: Tensor, ops) -> Tensor:
         """x: (B, C_in, H, W) at this branch's img_size -> tokens (B, 1 + N, D) incl. CLS + pos."""
         if not self.multi_conv:
-            return ops.patch_embed(x, self.proj.weight, self.proj.bias, cls_token, pos_embed)
+            w, b = ops.param(self.proj.weight), ops.param(self.proj.bias)
+            return ops.patch_embed(x, w, b, cls_token, pos_embed)
         # Dagger: the convolutions stay cuDNN; the flatten + CLS + pos step is the table's op.
         return ops.token_assemble(self.proj(x), cls_token, pos_embed)
 
@@ -126,16 +136,17 @@ class Block(nn.Module):
         self.eps = eps
         self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, N, C) -> (B, N, C), timm's Block.forward; ops from the model's backend."""
-        ops = self._ops.get(x.device.type)
-        a, m, t = self.attn, self.mlp, self.training
+    def forward(self, x: Tensor, ops=None) -> Tensor:
+        """x: (B, N, C) -> (B, N, C), timm's Block.forward; ops from the model's backend (the
+        model passes its per-forward ops, with the GEMM parameters cast once)."""
+        ops = ops if ops is not None else self._ops.get(x.device.type)
+        a, m, t, P = self.attn, self.mlp, self.training, ops.param
         attn_args = (
             *_ln(self.norm1),
-            a.qkv.weight,
-            a.qkv.bias,
-            a.proj.weight,
-            a.proj.bias,
+            P(a.qkv.weight),
+            P(a.qkv.bias),
+            P(a.proj.weight),
+            P(a.proj.bias),
             a.num_heads,
             self.eps,
         )
@@ -151,7 +162,10 @@ class Block(nn.Module):
             )
         else:
             x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
-        mlp_args = (*_ln(self.norm2), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, self.eps)
+        mlp_args = (
+            *_ln(self.norm2), P(m.fc1.weight), P(m.fc1.bias), P(m.fc2.weight), P(m.fc2.bias),
+            self.eps,
+        )  # fmt: skip
         if t and m.drop > 0:
             mlp = ops.with_dropout("mlp")
             return _residual_op(mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
@@ -175,17 +189,10 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop, self.proj_drop = attn_drop, proj_drop
 
-    def args(self) -> tuple:
-        return (
-            self.wq.weight,
-            self.wq.bias,
-            self.wk.weight,
-            self.wk.bias,
-            self.wv.weight,
-            self.wv.bias,
-            self.proj.weight,
-            self.proj.bias,
-        )
+    def args(self, param=lambda t: t) -> tuple:
+        """(wq, bq, wk, bk, wv, bv, proj_weight, proj_bias), each through `param` (an OpSet's)."""
+        layers = (self.wq, self.wk, self.wv, self.proj)
+        return tuple(param(t) for lin in layers for t in (lin.weight, lin.bias))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -199,13 +206,13 @@ class CrossAttentionBlock(nn.Module):
         self.eps = eps
         self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
 
-    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, tokens: Tensor | None = None, ops=None) -> Tensor:
         """timm's CrossAttentionBlock.forward: x (B, 1 + N, C) = cat(CLS, tokens) -> the new CLS
         (B, 1, C) = x[:, :1] + DropPath(CrossAttn(LN1(x))) (the CLS query attends over all rows).
 
         The model passes x = the CLS (B, 1, C) and `tokens` (B, 1 + N, C), the other branch's
         tokens whose row 0 stands for the CLS: the same sequence without materialising the cat."""
-        ops = self._ops.get(x.device.type)
+        ops = ops if ops is not None else self._ops.get(x.device.type)
         return self.attend(x[:, 0], x if tokens is None else tokens, ops).unsqueeze(1)
 
     def attend(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
@@ -217,7 +224,7 @@ class CrossAttentionBlock(nn.Module):
         if cls.dtype != tokens.dtype:
             cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
         a, t = self.attn, self.training
-        args = (tokens, *_ln(self.norm1), *a.args(), a.num_heads, self.eps)
+        args = (tokens, *_ln(self.norm1), *a.args(ops.param), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
             return _residual_op(
                 ops.with_dropout("cross_attention"),
@@ -239,8 +246,8 @@ def _cls_proj_module(dim_in: int, dim_out: int, eps: float) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim_in, eps=eps), nn.GELU(), nn.Linear(dim_in, dim_out))
 
 
-def _cls_proj_args(seq: nn.Sequential) -> backends.ClsProjParams:
-    return backends.ClsProjParams(*_ln(seq[0]), seq[2].weight, seq[2].bias)
+def _cls_proj_args(seq: nn.Sequential, ops) -> backends.ClsProjParams:
+    return backends.ClsProjParams(*_ln(seq[0]), ops.param(seq[2].weight), ops.param(seq[2].bias))
 
 
 class MultiScaleBlock(nn.Module):
@@ -301,7 +308,11 @@ class MultiScaleBlock(nn.Module):
         for blk in seq:
             # Non-reentrant checkpoint: only the block input is kept; the block (and its
             # drop-path draws: the RNG state is restored) is replayed in backward.
-            x = checkpoint(blk, x, use_reentrant=False) if self._checkpointing() else blk(x)
+            x = (
+                checkpoint(blk, x, ops, use_reentrant=False)
+                if self._checkpointing()
+                else blk(x, ops)
+            )
         return x
 
     def _fuse(self, i: int, y_i: Tensor, y_j: Tensor, ops) -> Tensor:
@@ -314,16 +325,16 @@ class MultiScaleBlock(nn.Module):
             and not (fusion.training and (fusion.attn.attn_drop > 0 or fusion.attn.proj_drop > 0))
         ):
             # The whole step as one table op (fused by the fast backends).
-            attn = backends.CrossAttentionParams(*_ln(fusion.norm1), *fusion.attn.args())
+            attn = backends.CrossAttentionParams(*_ln(fusion.norm1), *fusion.attn.args(ops.param))
             return ops.cross_fusion(
-                y_i[:, 0], y_j, _cls_proj_args(proj), attn, _cls_proj_args(revert),
+                y_i[:, 0], y_j, _cls_proj_args(proj, ops), attn, _cls_proj_args(revert, ops),
                 fusion.attn.num_heads, self.eps,
             )  # fmt: skip
-        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj), self.eps).unsqueeze(1)
+        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj, ops), self.eps).unsqueeze(1)
         for k, blk in enumerate([fusion] if single else fusion):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
-            c = blk(c, y_j if k == 0 else None)
-        return ops.cls_proj(c[:, 0], *_cls_proj_args(revert), self.eps)
+            c = blk(c, y_j if k == 0 else None, ops)
+        return ops.cls_proj(c[:, 0], *_cls_proj_args(revert, ops), self.eps)
 
     def forward(self, xs: list[Tensor], ops) -> list[Tensor]:
         ys = [self._run_blocks(x, seq, ops) for x, seq in zip(xs, self.blocks)]
@@ -541,7 +552,7 @@ class CrossViT(nn.Module):
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """(B, C_in, H, W) -> list of normed token tensors [(B, 1 + N_i, D_i) per branch]."""
         self._check_input(x)
-        ops = self.opset(x.device)
+        ops = self._bind_casts(self.opset(x.device), x)
         cfg = self.config
         xs = []
         for i, pe in enumerate(self.patch_embed):
@@ -557,6 +568,34 @@ class CrossViT(nn.Module):
         for stage in self.blocks:
             xs = stage(xs, ops)
         return [ops.layer_norm(t, *_ln(n), n.eps) for t, n in zip(xs, self.norm)]
+
+    def _gemm_params(self) -> list[Tensor]:
+        """The Linear / Conv parameters the table's ops take (not the heads' nor the dagger stem's
+        convolutions: torch modules run those, and autocast casts them there)."""
+        out = []
+        for m in self.modules():
+            if isinstance(m, (Attention, Mlp, CrossAttention)):
+                out += [p for lin in m.children() for p in (lin.weight, lin.bias)]
+            elif isinstance(m, PatchEmbed) and not m.multi_conv:
+                out += [m.proj.weight, m.proj.bias]
+            elif isinstance(m, MultiScaleBlock):
+                out += [
+                    p for seq in (*m.projs, *m.revert_projs) for p in (seq[2].weight, seq[2].bias)
+                ]
+        return [p for p in out if p is not None]
+
+    def _bind_casts(self, ops, x: Tensor):
+        """Under autocast, the ops for this forward with every GEMM parameter cast to the
+        autocast dtype by one `cast_params` call (autocast would cast each at its use: a launch
+        per tensor forward and backward); otherwise `ops` itself. Not for parameters sharded as
+        DTensors (FSDP2 gathers them per stage, and its mixed-precision policy casts them)."""
+        dt = autocast_dtype(x.device.type)
+        params = self._gemm_params()
+        if dt is None or not params or any(p.dtype != torch.float32 for p in params):
+            return ops
+        if any(_is_dtensor(p) for p in params):
+            return ops
+        return ops.bind(dict(zip(params, ops.cast_params(params, dt))))
 
     def forward_head(self, xs: list[Tensor], pre_logits: bool = False) -> Tensor:
         """Pool (CLS or patch mean), head dropout, then the mean of the branch heads (or the

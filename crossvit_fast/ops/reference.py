@@ -202,6 +202,12 @@ def patch_embed(
 # -- backend-table interface (see crossvit_fast.backends) -----------------------------------------
 
 
+def cast_params(params: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Each tensor in `dtype`, one cast each: what autocast does to a Linear / Conv parameter at
+    its use."""
+    return [p.to(dtype) for p in params]
+
+
 # Ops whose implementation here takes the dropout arguments (see the module docstring).
 DROPOUT_OPS = frozenset({"self_attention", "mlp", "cross_attention"})
 
