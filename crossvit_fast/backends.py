@@ -20,6 +20,7 @@ Adding a kernel = adding an entry to that backend's `ops()`; the model does not 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,20 +148,25 @@ class OpSet:
     sources: dict[str, str]
     dropout_impls: dict[str, Callable] = field(default_factory=dict, repr=False)
     dropout_sources: dict[str, str] = field(default_factory=dict)
+    casted: dict = field(default_factory=dict, repr=False)
 
     def __getattr__(self, op: str) -> Callable:
-        try:
-            return self.impls[op]
-        except KeyError:
-            raise AttributeError(op) from None
+        # Only reached for names that are not fields; read `impls` from __dict__ so that an
+        # instance being built (copy, replace, Dynamo) raises AttributeError, not recursion.
+        impls = self.__dict__.get("impls")
+        if impls is None or op not in impls:
+            raise AttributeError(op)
+        return impls[op]
 
     def param(self, t: Tensor | None) -> Tensor | None:
-        """A GEMM parameter as the ops get it: itself (`bind` gives the per-forward casts)."""
-        return t
+        """A GEMM parameter as the ops get it: its cast copy in a `bind`-made OpSet, else t."""
+        return self.casted.get(t, t) if self.casted and t is not None else t
 
-    def bind(self, casted: dict[Tensor, Tensor]) -> BoundOps:
-        """This OpSet for one forward whose GEMM parameters were cast once (`cast_params`)."""
-        return BoundOps(self, casted)
+    def bind(self, casted: dict[Tensor, Tensor]) -> OpSet:
+        """This OpSet for one forward whose GEMM parameters were cast once (`cast_params`):
+        parameter -> its copy in the autocast dtype. Made per forward and passed down the call,
+        never stored (the model's cached OpSets have none)."""
+        return dataclasses.replace(self, casted=casted)
 
     def with_dropout(self, op: str) -> Callable:
         """The implementation of `op` that takes its dropout arguments."""
@@ -171,22 +177,6 @@ class OpSet:
                 f"no backend of this OpSet ({self.backend!r} on {self.device_type}) declares "
                 f"dropout support for {op!r}"
             ) from None
-
-
-@dataclass(frozen=True)
-class BoundOps:
-    """An OpSet plus one forward's casts of the GEMM parameters (parameter -> its copy in the
-    autocast dtype, made by one `cast_params` call): `param(t)` is what an op gets for t. Lives
-    for that forward only (passed down the call, never stored)."""
-
-    ops: OpSet
-    casted: dict = field(repr=False)
-
-    def __getattr__(self, op: str):
-        return getattr(self.ops, op)
-
-    def param(self, t: Tensor | None) -> Tensor | None:
-        return None if t is None else self.casted.get(t, t)
 
 
 def resolve(backend: str, device_type: str) -> OpSet:
