@@ -66,12 +66,13 @@ GELU_NONE, GELU_FWD, GELU_BWD = 0, 1, 2
 @triton.jit
 def _fused_linear_kernel(
     a_ptr, a1_ptr, a2_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr,
-    mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, asum_ptr, csum_ptr,
+    mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, asum_ptr, csum_ptr, aout_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
-    A_SEGS: tl.constexpr, LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
-    A_SUM: tl.constexpr, C_SUM: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    A_SEGS: tl.constexpr, LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
+    A_SUM: tl.constexpr, C_SUM: tl.constexpr, A_OUT: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
+    EMULATE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C (M, N) = A (M, K) @ B (K, N), B[k, n] at w_ptr + k * stride_wk + n * stride_wn (so a
@@ -81,8 +82,13 @@ def _fused_linear_kernel(
 
     Prologue: LN: A[m, k] <- (A - mean[m]) * rstd[m] * lnw[k] + lnb[k] as tiles are loaded.
     A is rounded to the compute dtype (w's dtype) before the product, as the reference rounds.
-    A_SUM: column sums of A (rounded) for programs with pid_n == 0 -> asum[pid_m, k] (bias
-    gradient of the layer that produced A, when A is an output gradient).
+    A_SUM: column sums of A (rounded) for programs with pid_n == 0 -> asum[row, k] (bias
+    gradient of the layer that produced A, when A is an output gradient). A_OUT: those programs
+    also store A rounded to the compute dtype -> aout (M, K) contiguous (the dy the weight-
+    gradient GEMM takes: no separate cast pass).
+    Partial-sum rows (A_SUM, C_SUM): cdiv(M, MIN_BLOCK_M) rows; a program owns rows
+    [pid_m * BLOCK_M / MIN_BLOCK_M, ...) and writes its sums to the first, zeros to the others,
+    so every row is written and the buffers need no zero fill.
     Epilogue, in order: + bias[n]; GELU == 1: aux <- pre-activation (STORE_AUX), then
     GELU_erf; GELU == 2: * GELU_erf'(aux[m, n]); + res[m, n]; store in c's dtype;
     C_SUM: column sums of the stored tile -> csum[pid_m, n].
@@ -103,6 +109,9 @@ def _fused_linear_kernel(
         rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    SUM_ROWS: tl.constexpr = BLOCK_M // MIN_BLOCK_M  # partial-sum rows a program owns
+    row0 = pid_m * SUM_ROWS
+    n_rows = tl.cdiv(M, MIN_BLOCK_M)
     K_SEG = K // A_SEGS
     for seg in tl.static_range(A_SEGS):
         if seg == 1:
@@ -124,11 +133,17 @@ def _fused_linear_kernel(
                 a = round_to(a, cdt, EMULATE)
             elif a.dtype != cdt:
                 a = round_to(a.to(tl.float32), cdt, EMULATE)
+            # Masked stores, not a branch: keep the K loop straight-line for software pipelining.
+            only_first = k_mask & ((ks * 0 + pid_n) == 0)
             if A_SUM:
-                # Masked store, not a branch: keeps the K loop straight-line for software pipelining.
-                only_first = k_mask & ((ks * 0 + pid_n) == 0)
-                tl.store(asum_ptr + pid_m * K + seg * K_SEG + ks, tl.sum(a.to(tl.float32), axis=0),
-                         mask=only_first)  # fmt: skip
+                cols = asum_ptr + seg * K_SEG + ks
+                tl.store(cols + row0 * K, tl.sum(a.to(tl.float32), axis=0), mask=only_first)
+                for r in tl.static_range(1, SUM_ROWS):
+                    tl.store(cols + (row0 + r) * K, tl.zeros_like(ks).to(tl.float32),
+                             mask=only_first & (ks * 0 + row0 + r < n_rows))  # fmt: skip
+            if A_OUT:
+                tl.store(aout_ptr + m64[:, None] * K + (seg * K_SEG + ks)[None, :], a,
+                         mask=m_mask[:, None] & only_first[None, :])  # fmt: skip
             w = tl.load(
                 w_cols + (seg * K_SEG + ks)[:, None] * stride_wk,
                 mask=k_mask[:, None] & n_mask[None, :],
@@ -160,7 +175,10 @@ def _fused_linear_kernel(
     tl.store(c_ptr + m64[:, None] * stride_cm + offs_n[None, :], c, mask=mask)
     if C_SUM:
         csum = tl.sum(tl.where(mask, c.to(tl.float32), 0.0), axis=0)
-        tl.store(csum_ptr + pid_m * N + offs_n, csum, mask=n_mask)
+        tl.store(csum_ptr + row0 * N + offs_n, csum, mask=n_mask)
+        for r in tl.static_range(1, SUM_ROWS):
+            tl.store(csum_ptr + (row0 + r) * N + offs_n, tl.zeros_like(csum),
+                     mask=n_mask & (offs_n * 0 + row0 + r < n_rows))  # fmt: skip
 
 
 # -- configs -------------------------------------------------------------------------------------
@@ -178,8 +196,8 @@ def _fused_linear_kernel(
 _CONFIGS_16 = gemm_configs((128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
 _CONFIGS_16_GELU_BWD = gemm_configs((128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4))
 _CONFIGS_32 = gemm_configs((128, 64, 16, 8, 3), (64, 64, 16, 4, 3))
-# Partial-sum rows are indexed by pid_m: sized for the smallest BLOCK_M any config may use.
-_MIN_BLOCK_M = 64
+# Partial-sum rows: one per 64 rows of A, the smallest BLOCK_M any config may use.
+MIN_BLOCK_M = 64
 
 _prune = prune_by_dtype(
     _CONFIGS_32, _CONFIGS_16, _CONFIGS_16_GELU_BWD, lambda named, meta: meta.get("GELU") == GELU_BWD
@@ -190,9 +208,6 @@ _fused_linear_tuned = triton.autotune(
     configs=_CONFIGS_16 + _CONFIGS_16_GELU_BWD + _CONFIGS_32,
     key=["N", "K", "A_SEGS", "LN", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
     prune_configs_by={"early_config_prune": _prune},
-    # Autotuning launches every config; the partial-sum buffers are rows per pid_m, so zero them
-    # between trials (a config with bigger tiles leaves rows of a previous trial otherwise).
-    reset_to_zero=["asum_ptr", "csum_ptr"],
 )(_fused_linear_kernel)
 
 
@@ -201,13 +216,14 @@ _fused_linear_tuned = triton.autotune(
 
 def sum_rows(M: int) -> int:
     """Rows of a partial column-sum buffer for an M-row GEMM (see `fused_linear`)."""
-    return triton.cdiv(M, _MIN_BLOCK_M)
+    return triton.cdiv(M, MIN_BLOCK_M)
 
 
 def fused_linear(
     a: Tensor | tuple[Tensor, ...], w: Tensor, out: Tensor, *, transpose_w: bool, bias: Tensor | None = None,
     res: Tensor | None = None, aux: Tensor | None = None, gelu: int = GELU_NONE,
     ln: tuple | None = None, a_sum: Tensor | None = None, c_sum: Tensor | None = None,
+    a_out: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
     `_fused_linear_kernel`; returns `out`.
@@ -219,8 +235,9 @@ def fused_linear(
     column stride, any float dtype. bias (N,); res (M, N) any strides; aux (M, N) unit column
     stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
     ln = (mean, rstd, ln_weight | None, ln_bias | None): LayerNorm prologue on a.
-    a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N): zero-initialised fp32 buffers receiving
-    per-M-tile column sums of a / out; `.sum(0)` finishes them.
+    a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N): fp32 buffers (torch.empty: every row is
+    written) receiving partial column sums of a / out; `.sum(0)` finishes them.
+    a_out (M, K) contiguous, w's dtype: receives a rounded to it (the GEMM's A as it ran).
     """
     segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
     a = segs[0]
@@ -233,15 +250,18 @@ def fused_linear(
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
     mean, rstd, lnw, lnb = ln if ln is not None else (None, None, None, None)
     args = (
-        a, segs[1] if len(segs) > 1 else None, segs[2] if len(segs) > 2 else None, w, out, bias, res, aux, mean, rstd, lnw, lnb, a_sum, c_sum, M, N, K,
+        a, segs[1] if len(segs) > 1 else None, segs[2] if len(segs) > 2 else None, w, out,
+        bias, res, aux, mean, rstd, lnw, lnb, a_sum, c_sum, a_out, M, N, K,
         a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
         res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
         aux.stride(0) if aux is not None else 0,
     )  # fmt: skip
     flags = dict(
-        A_SEGS=len(segs), LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None, HAS_BIAS=bias is not None,
+        A_SEGS=len(segs), LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None,
+        HAS_BIAS=bias is not None,
         GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
-        C_SUM=c_sum is not None, **dot_flags(w.dtype),
+        C_SUM=c_sum is not None, A_OUT=a_out is not None, MIN_BLOCK_M=MIN_BLOCK_M,
+        **dot_flags(w.dtype),
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_fused_linear_tuned, grid, *args, **flags)
@@ -298,12 +318,13 @@ def _mlp_backward_op(
     empty = lambda: x.new_empty(0)  # a distinct placeholder each time: outputs must not alias
     # 1. da = (dy @ W2) * GELU'(a); column sums give both bias gradients.
     da = x.new_empty((M, Hd), dtype=cdt)
-    b2_sum = x.new_zeros((sum_rows(M), C), dtype=torch.float32) if need_b2 else None
-    b1_sum = x.new_zeros((sum_rows(M), Hd), dtype=torch.float32) if need_b1 else None
+    b2_sum = x.new_empty((sum_rows(M), C), dtype=torch.float32) if need_b2 else None
+    b1_sum = x.new_empty((sum_rows(M), Hd), dtype=torch.float32) if need_b1 else None
+    dy16 = x.new_empty((M, C), dtype=cdt) if need_w2 and dy.dtype != cdt else None
     fused_linear(dy, fc2_weight, da, transpose_w=False, aux=act, gelu=GELU_BWD, a_sum=b2_sum,
-                 c_sum=b1_sum)  # fmt: skip
+                 c_sum=b1_sum, a_out=dy16)  # fmt: skip
     # 2. cuBLAS for the plain GEMMs (see the module docstring).
-    dw2 = torch.mm(dy.to(cdt).t(), hidden) if need_w2 else empty()
+    dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else empty()
     dxhat = torch.mm(da, fc1_weight)
     # 3. LayerNorm backward + residual gradient; LN(x) re-emitted for dW1.
     dx, dnw, dnb, ln_out = layer_norm_bwd(
@@ -403,7 +424,7 @@ from .utils import cdiv, esize, register_cost  # noqa: E402
 def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
     """Bytes loaded + stored when A is read by `tn` column tiles and W by `tm` row tiles."""
     M, N, K = a["M"], a["N"], a["K"]
-    rows_out = cdiv(M, meta["BLOCK_M"])  # partial-sum rows: written, one per row tile
+    rows_out = cdiv(M, MIN_BLOCK_M)  # partial-sum rows, every one written
     b = M * K * tn * esize(a["a_ptr"]) + N * K * tm * esize(a["w_ptr"])
     if meta["LN"]:
         b += 8 * M * tn  # mean, rstd per program
@@ -416,6 +437,8 @@ def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
     b += M * N * (esize(a["res_ptr"]) * meta["HAS_RES"] + esize(a["c_ptr"]))
     if meta["C_SUM"]:
         b += 4 * rows_out * N
+    if meta["A_OUT"]:
+        b += M * K * esize(a["aout_ptr"])
     return b
 
 

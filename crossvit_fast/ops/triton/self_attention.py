@@ -136,17 +136,17 @@ def _self_attention_backward_op(
     M = x2.shape[0]
     # 1. proj: do = dy @ W_proj (bias gradient from dy's tiles), dW_proj = dy^T o.
     do = x.new_empty((M, C), dtype=cdt)
-    bp_sum = x.new_zeros((sum_rows(M), C), dtype=torch.float32) if need_bp else None
-    fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum)
-    dy16 = dy.to(cdt)
-    dwp = torch.mm(dy16.t(), _rows(o)) if need_wp else empty(x)
+    bp_sum = x.new_empty((sum_rows(M), C), dtype=torch.float32) if need_bp else None
+    dy16 = x.new_empty((M, C), dtype=cdt) if need_wp and dy.dtype != cdt else None
+    fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16)
+    dwp = torch.mm((dy if dy16 is None else dy16).t(), _rows(o)) if need_wp else empty(x)
     # 2. SDPA backward on the in-place q / k / v views.
     q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
     dq, dk, dv = (_rows(g) for g in sdpa_backward(_heads(do, B, N, num_heads), q, k, v, o,
                                                   sdpa_saved))  # fmt: skip
     # 3. dLN(x) = [dq | dk | dv] @ W_qkv, read as three K-segments; qkv-bias gradient alongside.
     dxhat = x.new_empty((M, C), dtype=cdt)
-    bqkv_sum = x.new_zeros((sum_rows(M), 3 * C), dtype=torch.float32) if need_bqkv else None
+    bqkv_sum = x.new_empty((sum_rows(M), 3 * C), dtype=torch.float32) if need_bqkv else None
     fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
     # 4. LayerNorm backward + the residual gradient; LN(x) re-emitted for dW_qkv.
     dx, dnw, dnb, ln_out = layer_norm_bwd(
