@@ -134,12 +134,12 @@ def _cuda_sdpa_saved(mode: FakeTensorMode, args: tuple) -> tuple:
     recorded the CPU kernel's): the forward kernel run on the fake CUDA q / k / v."""
     from crossvit_fast.ops.triton.self_attention import _heads, sdpa_forward
 
-    x, qkv = args[1], args[8]
+    x, qkv, heads = args[1], args[9], args[12]
     B, N, C = x.shape
     with mode:
-        q, k, v = (_heads(t, B, N, args[11]) for t in qkv.split(C, dim=1))
+        q, k, v = (_heads(t, B, N, heads) for t in qkv.split(C, dim=1))
         _, saved = sdpa_forward(q, k, v)
-    return (*args[:10], saved, *args[11:])
+    return (*args[:11], saved, *args[12:])
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ def test_mlp_no_grad_skips_saving():
     inputs = [t.float() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)]
     with torch.no_grad():
         out = torch.ops.crossvit_fast.mlp(*inputs, EPS, True, False)
-    assert out[3].numel() == 0  # pre-activation not written in inference
+    assert out[4].numel() == 0  # pre-activation not written in inference
 
 
 def test_mlp_errors():

@@ -119,10 +119,10 @@ def test_self_attention_op_and_backward_opcheck():
     wqkv.requires_grad_()
     args = (x, nw, nb, wqkv, bqkv, wp, bp, 4, EPS, True, True)
     torch.library.opcheck(torch.ops.crossvit_fast.self_attention.default, args)
-    _, mean, rstd, qkv, o, saved = torch.ops.crossvit_fast.self_attention(*args)
+    _, mean, rstd, xhat, qkv, o, saved = torch.ops.crossvit_fast.self_attention(*args)
     dout = torch.randn(2, 3, 32, device=DEVICE)
-    bargs = (dout, x.detach(), nw, nb, wqkv.detach(), wp, mean, rstd, qkv, o, saved, 4, True,
-             [True] * 6)  # fmt: skip
+    bargs = (dout, x.detach(), nw, nb, wqkv.detach(), wp, mean, rstd, xhat, qkv, o, saved, 4,
+             True, [True] * 6)  # fmt: skip
     torch.library.opcheck(
         torch.ops.crossvit_fast.self_attention_backward.default, bargs, test_utils=BWD_OPCHECK
     )
@@ -132,10 +132,10 @@ def test_self_attention_no_save_and_segmented_dgrad():
     """Inference keeps nothing for backward; the q / k / v K-segments GEMM equals the GEMM of
     their concatenation."""
     x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(1, 3, 32)]
-    out, _, _, qkv, o, saved = torch.ops.crossvit_fast.self_attention(
+    out, _, _, xhat, qkv, o, saved = torch.ops.crossvit_fast.self_attention(
         x, nw, nb, wqkv, bqkv, wp, bp, 4, EPS, True, False
     )
-    assert out.shape == x.shape and qkv.numel() == 0 and o.numel() == 0
+    assert out.shape == x.shape and xhat.numel() == qkv.numel() == o.numel() == 0
     assert all(t.numel() == 0 for t in saved)
     from crossvit_fast.ops.triton.mlp import fused_linear, sum_rows
 

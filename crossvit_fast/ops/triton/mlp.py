@@ -1,32 +1,34 @@
 """Fused ViT-block MLP in Triton: `x + fc2(GELU_erf(fc1(LN(x))))`, forward and backward.
 
-Ladder: `_fused_linear_kernel` (one GEMM with optional LayerNorm prologue and bias / GELU /
-GELU-gradient / residual / bias-gradient epilogues) -> launcher `fused_linear` -> ops
+Ladder: `_fused_linear_kernel` (one GEMM with bias / GELU / GELU-gradient / residual /
+bias-gradient epilogues, A optionally read as 2-3 K-segments) -> launcher `fused_linear` -> ops
 `crossvit_fast::mlp` / `crossvit_fast::mlp_backward` (autograd registered on the first) ->
 functional `mlp` (reference signature, minus dropout). `self_attention` reuses `fused_linear`
-for its qkv (LayerNorm prologue) and proj (residual epilogue) GEMMs.
+for its proj GEMM (residual epilogue) and its dgrads.
 
 Forward (M = tokens x batch rows, C = width, Hd = hidden):
-  1. LayerNorm row statistics, fp32 (M,) mean / rstd: one read of x (`layer_norm_fwd`).
-  2. fc1: A tiles are read from x and normalised as they are loaded (the LayerNorm output is
-     never written); epilogue + bias, the pre-activation saved for backward (training only),
-     exact-erf GELU, the hidden activation written once in the compute dtype.
+  1. LayerNorm (`layer_norm_fwd`): one read of x (fp32 in CrossViT's residual stream), LN(x)
+     written once in the compute dtype (saved: it is also dW1's operand) with the row statistics.
+  2. fc1: epilogue + bias, the pre-activation saved for backward (training only), exact-erf
+     GELU, the hidden activation written once in the compute dtype.
   3. fc2: epilogue + bias + residual (x), written once in the output dtype.
-  Eager PyTorch writes and re-reads LN(x), the pre-activation, GELU's output and fc2's output
+  Eager PyTorch writes and re-reads the pre-activation, GELU's output and fc2's output
   separately; here the only (M, Hd) traffic is writing the hidden activation (plus the
-  pre-activation when training) and reading it once.
+  pre-activation when training) and reading it once. Why LN(x) is written rather than applied
+  in fc1's prologue: the GEMM re-reads A once per column tile (from L2), and a 16-bit LN(x) costs
+  half the bytes of the fp32 x each time, for one extra (M, C) write.
 
 Backward:
   1. Triton dgrad of fc2: da = (dy @ W2) * GELU'(a) in the epilogue; d(fc2 bias) from the
      column sums of the dy tiles and d(fc1 bias) from the column sums of da, reduced per
-     M-tile into fp32 partial rows (deterministic, no atomics).
+     64-row block into fp32 partial rows (deterministic, no atomics); the dy tiles, rounded
+     to the compute dtype as the GEMM uses them, are also written out for dW2 (no cast pass).
   2. cuBLAS: dW2 = dy^T @ h, dxhat = da @ W1, dW1 = da^T @ LN(x). These are plain GEMMs
      without a prologue or epilogue to fuse, and cuBLAS's split-K / stream-K kernels handle the
      long-K weight-gradient shapes (K = M = 50k-100k rows, output only C x Hd) better than a
      Triton GEMM would.
   3. Triton LayerNorm backward (`layer_norm_bwd`) with the residual gradient dy added in, so
-     dx is written once; it re-emits LN(x) in the compute dtype for the dW1 GEMM (cheaper than
-     keeping it alive from forward to backward: it is recomputed from x and the statistics).
+     dx is written once.
 
 Numerics follow the reference's rounding points: the LayerNorm output and the pre-activation
 are rounded to the compute dtype before the GEMM / GELU, accumulation is fp32; fp32 GEMMs use
@@ -66,11 +68,10 @@ GELU_NONE, GELU_FWD, GELU_BWD = 0, 1, 2
 @triton.jit
 def _fused_linear_kernel(
     a_ptr, a1_ptr, a2_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr,
-    mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, asum_ptr, csum_ptr, aout_ptr,
+    asum_ptr, csum_ptr, aout_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
-    A_SEGS: tl.constexpr, LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
+    A_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
     A_SUM: tl.constexpr, C_SUM: tl.constexpr, A_OUT: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
     EMULATE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -80,7 +81,6 @@ def _fused_linear_kernel(
     A_SEGS = 2 / 3: A is the column concatenation [a | a1 | a2] of equal-width (M, K / A_SEGS)
     tensors with a's strides, each read in place (attention's q / k / v gradients: no stack).
 
-    Prologue: LN: A[m, k] <- (A - mean[m]) * rstd[m] * lnw[k] + lnb[k] as tiles are loaded.
     A is rounded to the compute dtype (w's dtype) before the product, as the reference rounds.
     A_SUM: column sums of A (rounded) for programs with pid_n == 0 -> asum[row, k] (bias
     gradient of the layer that produced A, when A is an output gradient). A_OUT: those programs
@@ -104,9 +104,6 @@ def _fused_linear_kernel(
     a_rows = a_ptr + m64[:, None] * stride_am
     w_cols = w_ptr + offs_n[None, :] * stride_wn
     cdt = w_ptr.dtype.element_ty
-    if LN:
-        mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     SUM_ROWS: tl.constexpr = BLOCK_M // MIN_BLOCK_M  # partial-sum rows a program owns
@@ -124,14 +121,7 @@ def _fused_linear_kernel(
             a = tl.load(
                 a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
             )
-            if LN:
-                a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
-                if LN_W:
-                    a = a * tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                if LN_B:
-                    a = a + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                a = round_to(a, cdt, EMULATE)
-            elif a.dtype != cdt:
+            if a.dtype != cdt:
                 a = round_to(a.to(tl.float32), cdt, EMULATE)
             # Masked stores, not a branch: keep the K loop straight-line for software pipelining.
             only_first = k_mask & ((ks * 0 + pid_n) == 0)
@@ -206,7 +196,7 @@ _prune = prune_by_dtype(
 
 _fused_linear_tuned = triton.autotune(
     configs=_CONFIGS_16 + _CONFIGS_16_GELU_BWD + _CONFIGS_32,
-    key=["N", "K", "A_SEGS", "LN", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
+    key=["N", "K", "A_SEGS", "GELU", "HAS_RES", "A_SUM", "C_SUM"],
     prune_configs_by={"early_config_prune": _prune},
 )(_fused_linear_kernel)
 
@@ -222,7 +212,7 @@ def sum_rows(M: int) -> int:
 def fused_linear(
     a: Tensor | tuple[Tensor, ...], w: Tensor, out: Tensor, *, transpose_w: bool, bias: Tensor | None = None,
     res: Tensor | None = None, aux: Tensor | None = None, gelu: int = GELU_NONE,
-    ln: tuple | None = None, a_sum: Tensor | None = None, c_sum: Tensor | None = None,
+    a_sum: Tensor | None = None, c_sum: Tensor | None = None,
     a_out: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
@@ -234,31 +224,28 @@ def fused_linear(
     transpose_w (nn.Linear forward) or (K, N) (dgrad), any strides. out: (M, N) with unit
     column stride, any float dtype. bias (N,); res (M, N) any strides; aux (M, N) unit column
     stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
-    ln = (mean, rstd, ln_weight | None, ln_bias | None): LayerNorm prologue on a.
     a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N): fp32 buffers (torch.empty: every row is
     written) receiving partial column sums of a / out; `.sum(0)` finishes them.
     a_out (M, K) contiguous, w's dtype: receives a rounded to it (the GEMM's A as it ran).
     """
     segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
     a = segs[0]
-    if any(t.shape != a.shape or t.stride() != a.stride() for t in segs) or (ln and len(segs) > 1):
-        raise ValueError("fused_linear: A segments must share shape and strides, without ln")
+    if any(t.shape != a.shape or t.stride() != a.stride() for t in segs):
+        raise ValueError("fused_linear: A segments must share shape and strides")
     M, K = a.shape[0], a.shape[1] * len(segs)
     N = w.shape[0] if transpose_w else w.shape[1]
     if M == 0 or N == 0:
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
-    mean, rstd, lnw, lnb = ln if ln is not None else (None, None, None, None)
     args = (
         a, segs[1] if len(segs) > 1 else None, segs[2] if len(segs) > 2 else None, w, out,
-        bias, res, aux, mean, rstd, lnw, lnb, a_sum, c_sum, a_out, M, N, K,
+        bias, res, aux, a_sum, c_sum, a_out, M, N, K,
         a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
         res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
         aux.stride(0) if aux is not None else 0,
     )  # fmt: skip
     flags = dict(
-        A_SEGS=len(segs), LN=ln is not None, LN_W=lnw is not None, LN_B=lnb is not None,
-        HAS_BIAS=bias is not None,
+        A_SEGS=len(segs), HAS_BIAS=bias is not None,
         GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
         C_SUM=c_sum is not None, A_OUT=a_out is not None, MIN_BLOCK_M=MIN_BLOCK_M,
         **dot_flags(w.dtype),
@@ -281,31 +268,32 @@ def _mlp_op(
     x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, fc1_weight: Tensor,
     fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, eps: float,
     residual: bool, save_act: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(out, mean, rstd, act, hidden). x: (..., C) any float dtype; fc weights / biases in the
-    compute dtype. act: (M, Hd) pre-activation when save_act (for backward), else empty;
-    hidden: (M, Hd) GELU output; mean / rstd: fp32 (M,) LayerNorm statistics."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(out, mean, rstd, xhat, act, hidden). x: (..., C) any float dtype; fc weights / biases
+    in the compute dtype. xhat: (M, C) LN(x) in the compute dtype (fc1's A and dW1's operand);
+    act: (M, Hd) pre-activation when save_act (for backward), else empty; hidden: (M, Hd)
+    GELU output; mean / rstd: fp32 (M,) LayerNorm statistics."""
     C = x.shape[-1]
     Hd = fc1_weight.shape[0]
     cdt = fc1_weight.dtype
     x2 = as_rows(x)
     M = x2.shape[0]
-    _, mean, rstd = layer_norm_fwd(x2, None, None, eps, None)
+    xhat, mean, rstd = layer_norm_fwd(x2, norm_weight, norm_bias, eps, cdt)
     hidden = x.new_empty((M, Hd), dtype=cdt)
     act = x.new_empty((M, Hd) if save_act else (0,), dtype=cdt)
-    fused_linear(x2, fc1_weight, hidden, transpose_w=True, bias=fc1_bias, gelu=GELU_FWD,
-                 aux=act if save_act else None, ln=(mean, rstd, norm_weight, norm_bias))  # fmt: skip
+    fused_linear(xhat, fc1_weight, hidden, transpose_w=True, bias=fc1_bias, gelu=GELU_FWD,
+                 aux=act if save_act else None)  # fmt: skip
     out = x.new_empty(x.shape, dtype=_out_dtype(x, cdt, residual))
     fused_linear(hidden, fc2_weight, out.view(M, C), transpose_w=True, bias=fc2_bias,
                  res=x2 if residual else None)  # fmt: skip
-    return out, mean, rstd, act, hidden
+    return out, mean, rstd, xhat, act, hidden
 
 
 @register_op("crossvit_fast::mlp_backward")
 def _mlp_backward_op(
     dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-    fc1_weight: Tensor, fc2_weight: Tensor, mean: Tensor, rstd: Tensor, act: Tensor,
-    hidden: Tensor, residual: bool, needs: list[bool],
+    fc1_weight: Tensor, fc2_weight: Tensor, mean: Tensor, rstd: Tensor, xhat: Tensor,
+    act: Tensor, hidden: Tensor, residual: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (dx, dnorm_weight, dnorm_bias, dfc1_weight, dfc1_bias, dfc2_weight,
     dfc2_bias); `needs` flags the last six (an unneeded one comes back empty)."""
@@ -326,12 +314,11 @@ def _mlp_backward_op(
     # 2. cuBLAS for the plain GEMMs (see the module docstring).
     dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else empty()
     dxhat = torch.mm(da, fc1_weight)
-    # 3. LayerNorm backward + residual gradient; LN(x) re-emitted for dW1.
-    dx, dnw, dnb, ln_out = layer_norm_bwd(
-        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
-        y_dtype=cdt if need_w1 else None,
+    # 3. LayerNorm backward + residual gradient.
+    dx, dnw, dnb, _ = layer_norm_bwd(
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
     )  # fmt: skip
-    dw1 = torch.mm(da.t(), ln_out) if need_w1 else empty()
+    dw1 = torch.mm(da.t(), xhat) if need_w1 else empty()
     return (
         dx.view(x.shape),
         dnw if dnw is not None else empty(),
@@ -347,12 +334,12 @@ def _mlp_setup(ctx, inputs, output):
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _eps, residual, _ = (
         inputs
     )
-    _out, mean, rstd, act, hidden = output
-    ctx.mark_non_differentiable(mean, rstd, act, hidden)
+    _out, mean, rstd, xhat, act, hidden = output
+    ctx.mark_non_differentiable(mean, rstd, xhat, act, hidden)
     # No zero-filled gradients of the saved-for-backward outputs: two (M, hidden) memsets a block.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(
-        x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, act, hidden
+        x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, xhat, act, hidden
     )
     ctx.residual = residual
     ctx.has = [True, norm_weight is not None, norm_bias is not None, True, fc1_bias is not None,
@@ -364,7 +351,7 @@ def _mlp_backward(ctx, dout, *_):
         return (None,) * 10
     saved = ctx.saved_tensors
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[:7])]
-    if saved[7].numel() == 0 and saved[0].numel() > 0:
+    if saved[8].numel() == 0 and saved[0].numel() > 0:
         raise RuntimeError("crossvit_fast::mlp: backward through a call made with save_act=False")
     grads = torch.ops.crossvit_fast.mlp_backward(dout, *saved, ctx.residual, needs)
     return (*(g if n else None for g, n in zip(grads, needs)), None, None, None)
@@ -426,9 +413,6 @@ def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
     M, N, K = a["M"], a["N"], a["K"]
     rows_out = cdiv(M, MIN_BLOCK_M)  # partial-sum rows, every one written
     b = M * K * tn * esize(a["a_ptr"]) + N * K * tm * esize(a["w_ptr"])
-    if meta["LN"]:
-        b += 8 * M * tn  # mean, rstd per program
-        b += tm * tn * K * (esize(a["lnw_ptr"]) * meta["LN_W"] + esize(a["lnb_ptr"]) * meta["LN_B"])
     if meta["A_SUM"]:
         b += 4 * rows_out * K
     b += tm * N * esize(a["bias_ptr"]) * meta["HAS_BIAS"]

@@ -5,19 +5,20 @@ fp32, the CPU flash kernel under the interpreter): they are fused, IO-aware kern
 What this op owns is everything around them, so that autograd adds no traffic of its own:
 
 Forward (M = B * N rows, C = width):
-  1. LayerNorm row statistics (one read of x), then the qkv GEMM with LN applied to its A tiles
-     as they load (LN(x) is never written) and the bias in the epilogue: qkv (M, 3C).
+  1. LayerNorm (one read of x), LN(x) written once in the compute dtype and saved (dW_qkv's
+     operand), then the qkv GEMM with its bias on cuBLAS (a plain GEMM: nothing to fuse).
   2. SDPA forward on q / k / v viewed in place from qkv (no copies): o, logsumexp.
-  3. proj GEMM, bias + residual x in the epilogue: the block output is written once.
+  3. proj GEMM (Triton), bias + residual x in the epilogue: the block output is written once.
 Backward (one op, `crossvit_fast::self_attention_backward`):
-  1. proj dgrad (Triton, proj-bias gradient from its A tiles), dW_proj (cuBLAS).
+  1. proj dgrad (Triton; the proj-bias gradient from its dy tiles, which it also writes in the
+     compute dtype for dW_proj: no cast pass), dW_proj (cuBLAS).
   2. SDPA backward -> dq, dk, dv, three tensors as the kernel writes them.
   3. qkv dgrad reads them in place as the K-segments of one GEMM (`fused_linear` with A
      segments, qkv-bias gradient from the same tiles): no stack / clone of (M, 3C) that
      autograd's unbind / permute backward would make.
   4. LayerNorm backward with the residual gradient dy added in, so dx is written once (no
-     autograd add of the two paths into x); it re-emits LN(x) for the three dW_qkv GEMMs.
-Ladder: kernels (`_fused_linear_kernel`, `_layer_norm_*_kernel`, torch SDPA) -> launchers
+     autograd add of the two paths into x); dW_qkv: three cuBLAS GEMMs with the saved LN(x).
+Ladder: kernels (`_fused_linear_kernel`, `_layer_norm_*_kernel`, torch SDPA, cuBLAS) -> launchers
 (`fused_linear`, `layer_norm_fwd/bwd`, `sdpa_forward/backward`) -> ops
 `crossvit_fast::self_attention[_backward]` -> functional `self_attention`.
 """
@@ -96,20 +97,19 @@ def _self_attention_op(
     x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, qkv_weight: Tensor,
     qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, num_heads: int,
     eps: float, residual: bool, save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
-    """(out, mean, rstd, qkv, o, sdpa_saved). x: (B, N, C) any float dtype / strides; weights
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
+    """(out, mean, rstd, xhat, qkv, o, sdpa_saved). x: (B, N, C) any float dtype / strides; weights
     and biases in the compute dtype. out: (B, N, C), promote(x, compute dtype) with the
-    residual, else the compute dtype. With `save` (for backward): qkv (M, 3C) and o
+    residual, else the compute dtype. With `save` (for backward): LN(x) xhat (M, C), qkv (M, 3C), o
     (B, H, N, d) in the compute dtype, mean / rstd fp32 (M,), the SDPA kernel's saved tensors;
-    without, qkv and o come back empty."""
+    without, xhat, qkv and o come back empty."""
     B, N, C = x.shape
     cdt = qkv_weight.dtype
     x2 = as_rows(x)
     M = x2.shape[0]
-    _, mean, rstd = layer_norm_fwd(x2, None, None, eps, None)
-    qkv = x.new_empty((M, 3 * C), dtype=cdt)
-    fused_linear(x2, qkv_weight, qkv, transpose_w=True, bias=qkv_bias,
-                 ln=(mean, rstd, norm_weight, norm_bias))  # fmt: skip
+    xhat, mean, rstd = layer_norm_fwd(x2, norm_weight, norm_bias, eps, cdt)
+    qkv = torch.addmm(qkv_bias, xhat, qkv_weight.t()) if qkv_bias is not None else (
+        torch.mm(xhat, qkv_weight.t()))  # fmt: skip
     q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
     o, saved = sdpa_forward(q, k, v)
     out_dtype = torch.promote_types(x.dtype, cdt) if residual else cdt
@@ -117,14 +117,15 @@ def _self_attention_op(
     fused_linear(_rows(o), proj_weight, out.view(M, C), transpose_w=True, bias=proj_bias,
                  res=x2 if residual else None)  # fmt: skip
     if not save:
-        return out, mean, rstd, empty(x), empty(x), [empty(x) for _ in saved]
-    return out, mean, rstd, qkv, o, saved
+        return out, mean, rstd, empty(x), empty(x), empty(x), [empty(x) for _ in saved]
+    return out, mean, rstd, xhat, qkv, o, saved
 
 
 @register_op("crossvit_fast::self_attention_backward")
 def _self_attention_backward_op(
     dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-    qkv_weight: Tensor, proj_weight: Tensor, mean: Tensor, rstd: Tensor, qkv: Tensor, o: Tensor,
+    qkv_weight: Tensor, proj_weight: Tensor, mean: Tensor, rstd: Tensor, xhat: Tensor,
+    qkv: Tensor, o: Tensor,
     sdpa_saved: list[Tensor], num_heads: int, residual: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dnorm_weight, dnorm_bias, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias);
@@ -148,12 +149,11 @@ def _self_attention_backward_op(
     dxhat = x.new_empty((M, C), dtype=cdt)
     bqkv_sum = x.new_empty((sum_rows(M), 3 * C), dtype=torch.float32) if need_bqkv else None
     fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
-    # 4. LayerNorm backward + the residual gradient; LN(x) re-emitted for dW_qkv.
-    dx, dnw, dnb, ln_out = layer_norm_bwd(
-        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
-        y_dtype=cdt if need_wqkv else None,
+    # 4. LayerNorm backward + the residual gradient.
+    dx, dnw, dnb, _ = layer_norm_bwd(
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
     )  # fmt: skip
-    dwqkv = torch.cat([torch.mm(g.t(), ln_out) for g in (dq, dk, dv)]) if need_wqkv else empty(x)
+    dwqkv = torch.cat([torch.mm(g.t(), xhat) for g in (dq, dk, dv)]) if need_wqkv else empty(x)
     return (
         dx.view(x.shape),
         dnw if dnw is not None else empty(x),
@@ -169,11 +169,11 @@ def _self_attention_setup(ctx, inputs, output):
     x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, _, res, _ = (
         inputs
     )
-    _out, mean, rstd, qkv, o, saved = output
-    ctx.mark_non_differentiable(mean, rstd, qkv, o, *saved)
+    _out, mean, rstd, xhat, qkv, o, saved = output
+    ctx.mark_non_differentiable(mean, rstd, xhat, qkv, o, *saved)
     ctx.set_materialize_grads(False)  # no zero-filled gradients of the saved outputs
-    ctx.save_for_backward(x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, qkv, o,
-                          *saved)  # fmt: skip
+    ctx.save_for_backward(x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, xhat,
+                          qkv, o, *saved)  # fmt: skip
     ctx.heads, ctx.residual = heads, res
     ctx.has = [norm_weight is not None, norm_bias is not None, True, qkv_bias is not None, True,
                proj_bias is not None]  # fmt: skip
@@ -182,12 +182,12 @@ def _self_attention_setup(ctx, inputs, output):
 def _self_attention_backward(ctx, dout, *_):
     if dout is None:
         return (None,) * 11
-    x, nw, nb, wqkv, wp, mean, rstd, qkv, o, *saved = ctx.saved_tensors
+    x, nw, nb, wqkv, wp, mean, rstd, xhat, qkv, o, *saved = ctx.saved_tensors
     if qkv.numel() == 0 and x.numel() > 0:
         raise RuntimeError("crossvit_fast::self_attention: backward through a call with save=False")
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[1:7])]
     dx, *grads = torch.ops.crossvit_fast.self_attention_backward(
-        dout, x, nw, nb, wqkv, wp, mean, rstd, qkv, o, saved, ctx.heads, ctx.residual, needs
+        dout, x, nw, nb, wqkv, wp, mean, rstd, xhat, qkv, o, saved, ctx.heads, ctx.residual, needs
     )
     return (dx, *(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
