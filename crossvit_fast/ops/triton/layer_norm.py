@@ -43,6 +43,7 @@ __all__ = [
     "layer_norm",
     "layer_norm_bwd",
     "layer_norm_fwd",
+    "split_norm_grads",
 ]
 
 # One row must fit in one program's registers (CrossViT widths are <= 768).
@@ -91,6 +92,7 @@ def _layer_norm_bwd_kernel(
     x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dy_ptr, dres_ptr, dx_ptr, y_ptr, dw_ptr, db_ptr,
     M, C, rows_per_prog,
     stride_xm, stride_xc, stride_dym, stride_dyc, stride_rm, stride_rc, stride_dxm, stride_ym,
+    stride_part,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DRES: tl.constexpr, STORE_Y: tl.constexpr,
     STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -152,9 +154,9 @@ def _layer_norm_bwd_kernel(
         if STORE_DB:
             db_acc += tl.sum(dy, axis=0)
     if STORE_DW:
-        tl.store(dw_ptr + pid * C + cols, dw_acc, mask=cmask)
+        tl.store(dw_ptr + pid * stride_part + cols, dw_acc, mask=cmask)
     if STORE_DB:
-        tl.store(db_ptr + pid * C + cols, db_acc, mask=cmask)
+        tl.store(db_ptr + pid * stride_part + cols, db_acc, mask=cmask)
 
 
 # -- row helpers (the CLS-row kernels below) -------------------------------------------------------
@@ -340,12 +342,13 @@ def layer_norm_bwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
     dy: Tensor, dres: Tensor | None, need_dw: bool, need_db: bool,
     y_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Gradient of y = LN(x) (+ a residual gradient `dres`, same shape as x, added to dx).
 
-    x, dy, dres: (..., C), any strides / float dtypes. Returns (dx in x's dtype, dweight,
-    dbias (fp32 sums in the parameter's dtype, None unless requested), y re-emitted in
-    `y_dtype` when given (for a following weight-gradient GEMM), else None)."""
+    x, dy, dres: (..., C), any strides / float dtypes. Returns (dx in x's dtype, dnorm, y):
+    dnorm (n, C) the requested rows of [dweight; dbias] (fp32 sums, one reduction, in the
+    parameters' dtype; None when neither is requested; `split_norm_grads` takes them apart),
+    y re-emitted in `y_dtype` when given (for a following weight-gradient GEMM), else None."""
     C = x.shape[-1]
     x2, dy2 = as_rows(x), as_rows(dy)
     M = x2.shape[0]
@@ -357,9 +360,12 @@ def layer_norm_bwd(
     grid = triton.cdiv(M, rows_per_prog)
     need_dw = need_dw and weight is not None
     need_db = need_db and bias is not None
-    # Partial sums: every program writes its row, so empty (not zeros) is enough.
-    dw_part = torch.empty((grid, C), device=x.device, dtype=torch.float32) if need_dw else None
-    db_part = torch.empty((grid, C), device=x.device, dtype=torch.float32) if need_db else None
+    # Partial sums: every program writes its row, so empty (not zeros) is enough; dweight's and
+    # dbias's rows side by side in one buffer, so one reduction finishes both.
+    n_part = int(need_dw) + int(need_db)
+    parts = torch.empty((grid, max(n_part, 1), C), device=x.device, dtype=torch.float32)
+    dw_part = parts[:, 0] if need_dw else None
+    db_part = parts[:, n_part - 1] if need_db else None
     if M > 0:
         launch(
             _layer_norm_bwd_kernel, (grid,),
@@ -367,14 +373,20 @@ def layer_norm_bwd(
             y.view(M, C) if y is not None else dx, dw_part, db_part,
             M, C, rows_per_prog, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
             dres2.stride(0) if dres2 is not None else 0,
-            dres2.stride(1) if dres2 is not None else 0, C, C,
+            dres2.stride(1) if dres2 is not None else 0, C, C, parts.stride(0),
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_DRES=dres2 is not None,
             STORE_Y=y is not None, STORE_DW=need_dw, STORE_DB=need_db, EMULATE=dot_in_fp32(),
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
-    dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
-    db = db_part.sum(0).to(bias.dtype) if need_db else None
-    return dx, dw, db, y
+    pdt = (weight if weight is not None else bias).dtype if n_part else None
+    dnorm = parts.sum(0).to(pdt) if n_part else None
+    return dx, dnorm, y
+
+
+def split_norm_grads(dnorm: Tensor, need_dw: bool, need_db: bool) -> tuple:
+    """(dweight, dbias) from `layer_norm_bwd`'s stacked rows, None where not requested (views:
+    take them outside a registered op, whose outputs may not alias each other)."""
+    return (dnorm[0] if need_dw else None), (dnorm[int(need_dw)] if need_db else None)
 
 
 def _row_tiles(C: int, cap: int) -> tuple[int, int, int]:
@@ -474,10 +486,11 @@ def _layer_norm_op(
 def _layer_norm_backward_op(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
     rstd: Tensor, need_dw: bool, need_db: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dweight, dbias); a gradient not requested (or of a None parameter) is empty."""
-    dx, dw, db, _ = layer_norm_bwd(x, weight, bias, mean, rstd, dy, None, need_dw, need_db)
-    return dx, dw if dw is not None else empty(x), db if db is not None else empty(x)
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(dx, dnorm): dnorm the requested rows of [dweight; dbias] (`layer_norm_bwd`), empty
+    when neither is requested (or the parameters are None)."""
+    dx, dnorm, _ = layer_norm_bwd(x, weight, bias, mean, rstd, dy, None, need_dw, need_db)
+    return dx, dnorm if dnorm is not None else empty(x)
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -494,10 +507,10 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.crossvit_fast.layer_norm_backward(
+    dx, dnorm = torch.ops.crossvit_fast.layer_norm_backward(
         dy, x, weight, bias, mean, rstd, need_dw, need_db
     )
-    return dx, dw if need_dw else None, db if need_db else None, None, None
+    return dx, *split_norm_grads(dnorm, need_dw, need_db), None, None
 
 
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)

@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
-from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd
+from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .utils import (
     dot_flags,
     gelu_erf,
@@ -71,6 +71,7 @@ def _fused_linear_kernel(
     asum_ptr, csum_ptr, aout_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
+    stride_as, stride_cs,
     A_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
     A_SUM: tl.constexpr, C_SUM: tl.constexpr, A_OUT: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
     EMULATE: tl.constexpr, PRECISION: tl.constexpr,
@@ -127,9 +128,9 @@ def _fused_linear_kernel(
             only_first = k_mask & ((ks * 0 + pid_n) == 0)
             if A_SUM:
                 cols = asum_ptr + seg * K_SEG + ks
-                tl.store(cols + row0 * K, tl.sum(a.to(tl.float32), axis=0), mask=only_first)
+                tl.store(cols + row0 * stride_as, tl.sum(a.to(tl.float32), axis=0), mask=only_first)
                 for r in tl.static_range(1, SUM_ROWS):
-                    tl.store(cols + (row0 + r) * K, tl.zeros_like(ks).to(tl.float32),
+                    tl.store(cols + (row0 + r) * stride_as, tl.zeros_like(ks).to(tl.float32),
                              mask=only_first & (ks * 0 + row0 + r < n_rows))  # fmt: skip
             if A_OUT:
                 tl.store(aout_ptr + m64[:, None] * K + (seg * K_SEG + ks)[None, :], a,
@@ -165,9 +166,9 @@ def _fused_linear_kernel(
     tl.store(c_ptr + m64[:, None] * stride_cm + offs_n[None, :], c, mask=mask)
     if C_SUM:
         csum = tl.sum(tl.where(mask, c.to(tl.float32), 0.0), axis=0)
-        tl.store(csum_ptr + row0 * N + offs_n, csum, mask=n_mask)
+        tl.store(csum_ptr + row0 * stride_cs + offs_n, csum, mask=n_mask)
         for r in tl.static_range(1, SUM_ROWS):
-            tl.store(csum_ptr + (row0 + r) * N + offs_n, tl.zeros_like(csum),
+            tl.store(csum_ptr + (row0 + r) * stride_cs + offs_n, tl.zeros_like(csum),
                      mask=n_mask & (offs_n * 0 + row0 + r < n_rows))  # fmt: skip
 
 
@@ -224,8 +225,9 @@ def fused_linear(
     transpose_w (nn.Linear forward) or (K, N) (dgrad), any strides. out: (M, N) with unit
     column stride, any float dtype. bias (N,); res (M, N) any strides; aux (M, N) unit column
     stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
-    a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N): fp32 buffers (torch.empty: every row is
-    written) receiving partial column sums of a / out; `.sum(0)` finishes them.
+    a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N), unit column stride (column slices of one
+    buffer may share a `.sum(0)`): fp32 (torch.empty: every row is written), receiving partial
+    column sums of a / out; `.sum(0)` finishes them.
     a_out (M, K) contiguous, w's dtype: receives a rounded to it (the GEMM's A as it ran).
     """
     segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
@@ -243,6 +245,7 @@ def fused_linear(
         a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
         res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
         aux.stride(0) if aux is not None else 0,
+        a_sum.stride(0) if a_sum is not None else 0, c_sum.stride(0) if c_sum is not None else 0,
     )  # fmt: skip
     flags = dict(
         A_SEGS=len(segs), HAS_BIAS=bias is not None,
@@ -294,9 +297,12 @@ def _mlp_backward_op(
     dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
     fc1_weight: Tensor, fc2_weight: Tensor, mean: Tensor, rstd: Tensor, xhat: Tensor,
     act: Tensor, hidden: Tensor, residual: bool, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients (dx, dnorm_weight, dnorm_bias, dfc1_weight, dfc1_bias, dfc2_weight,
-    dfc2_bias); `needs` flags the last six (an unneeded one comes back empty)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients (dx, dnorm, dfc1_weight, dfc2_weight, dbiases): dnorm the requested rows of
+    [dnorm_weight; dnorm_bias] (`layer_norm_bwd`), dbiases = [dfc2_bias | dfc1_bias] for the
+    requested ones (one reduction finishes both); `needs`
+    flags (x, norm weight, norm bias, fc1 weight, fc1 bias, fc2 weight, fc2 bias); an unneeded
+    gradient comes back empty."""
     _, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = needs
     C = x.shape[-1]
     Hd = fc1_weight.shape[0]
@@ -306,8 +312,10 @@ def _mlp_backward_op(
     empty = lambda: x.new_empty(0)  # a distinct placeholder each time: outputs must not alias
     # 1. da = (dy @ W2) * GELU'(a); column sums give both bias gradients.
     da = x.new_empty((M, Hd), dtype=cdt)
-    b2_sum = x.new_empty((sum_rows(M), C), dtype=torch.float32) if need_b2 else None
-    b1_sum = x.new_empty((sum_rows(M), Hd), dtype=torch.float32) if need_b1 else None
+    # Both bias gradients' partial sums side by side ([fc2 | fc1] columns): one reduction.
+    sums = x.new_empty((sum_rows(M), C * need_b2 + Hd * need_b1), dtype=torch.float32)
+    b2_sum = sums[:, :C] if need_b2 else None
+    b1_sum = sums[:, C * need_b2 :] if need_b1 else None
     dy16 = x.new_empty((M, C), dtype=cdt) if need_w2 and dy.dtype != cdt else None
     fused_linear(dy, fc2_weight, da, transpose_w=False, aux=act, gelu=GELU_BWD, a_sum=b2_sum,
                  c_sum=b1_sum, a_out=dy16)  # fmt: skip
@@ -315,18 +323,16 @@ def _mlp_backward_op(
     dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else empty()
     dxhat = torch.mm(da, fc1_weight)
     # 3. LayerNorm backward + residual gradient.
-    dx, dnw, dnb, _ = layer_norm_bwd(
+    dx, dnorm, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
     )  # fmt: skip
     dw1 = torch.mm(da.t(), xhat) if need_w1 else empty()
     return (
         dx.view(x.shape),
-        dnw if dnw is not None else empty(),
-        dnb if dnb is not None else empty(),
+        dnorm if dnorm is not None else empty(),
         dw1,
-        b1_sum.sum(0).to(cdt) if need_b1 else empty(),
         dw2,
-        b2_sum.sum(0).to(cdt) if need_b2 else empty(),
+        sums.sum(0).to(cdt) if need_b1 or need_b2 else empty(),
     )
 
 
@@ -353,7 +359,13 @@ def _mlp_backward(ctx, dout, *_):
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[:7])]
     if saved[8].numel() == 0 and saved[0].numel() > 0:
         raise RuntimeError("crossvit_fast::mlp: backward through a call made with save_act=False")
-    grads = torch.ops.crossvit_fast.mlp_backward(dout, *saved, ctx.residual, needs)
+    dx, dnorm, dw1, dw2, db = torch.ops.crossvit_fast.mlp_backward(
+        dout, *saved, ctx.residual, needs
+    )
+    dnw, dnb = split_norm_grads(dnorm, needs[1], needs[2])
+    C = saved[0].shape[-1] if needs[6] else 0
+    db2, db1 = db[:C], db[C:]  # [fc2 | fc1], only the requested ones
+    grads = (dx, dnw, dnb, dw1, db1, dw2, db2)
     return (*(g if n else None for g, n in zip(grads, needs)), None, None, None)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..common import cast, check_tensor, compute_dtype
-from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd
+from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .mlp import fused_linear, sum_rows
 from .utils import empty, register_op
 
@@ -127,9 +127,12 @@ def _self_attention_backward_op(
     qkv_weight: Tensor, proj_weight: Tensor, mean: Tensor, rstd: Tensor, xhat: Tensor,
     qkv: Tensor, o: Tensor,
     sdpa_saved: list[Tensor], num_heads: int, residual: bool, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dnorm_weight, dnorm_bias, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias);
-    `needs` flags the last six (an unneeded one comes back empty)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dnorm, dqkv_weight, dproj_weight, dbiases): dnorm the requested rows of
+    [dnorm_weight; dnorm_bias] (`layer_norm_bwd`), dbiases =
+    [dproj_bias | dqkv_bias] for the requested ones (one reduction finishes both); `needs`
+    flags (norm weight, norm bias, qkv weight, qkv bias, proj weight, proj bias); an unneeded
+    gradient comes back empty."""
     need_nw, need_nb, need_wqkv, need_bqkv, need_wp, need_bp = needs
     B, N, C = x.shape
     cdt = qkv_weight.dtype
@@ -137,7 +140,9 @@ def _self_attention_backward_op(
     M = x2.shape[0]
     # 1. proj: do = dy @ W_proj (bias gradient from dy's tiles), dW_proj = dy^T o.
     do = x.new_empty((M, C), dtype=cdt)
-    bp_sum = x.new_empty((sum_rows(M), C), dtype=torch.float32) if need_bp else None
+    # Both bias gradients' partial sums side by side ([proj | qkv] columns): one reduction.
+    sums = x.new_empty((sum_rows(M), C * need_bp + 3 * C * need_bqkv), dtype=torch.float32)
+    bp_sum = sums[:, :C] if need_bp else None
     dy16 = x.new_empty((M, C), dtype=cdt) if need_wp and dy.dtype != cdt else None
     fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16)
     dwp = torch.mm((dy if dy16 is None else dy16).t(), _rows(o)) if need_wp else empty(x)
@@ -147,21 +152,19 @@ def _self_attention_backward_op(
                                                   sdpa_saved))  # fmt: skip
     # 3. dLN(x) = [dq | dk | dv] @ W_qkv, read as three K-segments; qkv-bias gradient alongside.
     dxhat = x.new_empty((M, C), dtype=cdt)
-    bqkv_sum = x.new_empty((sum_rows(M), 3 * C), dtype=torch.float32) if need_bqkv else None
+    bqkv_sum = sums[:, C * need_bp :] if need_bqkv else None
     fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
     # 4. LayerNorm backward + the residual gradient.
-    dx, dnw, dnb, _ = layer_norm_bwd(
+    dx, dnorm, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
     )  # fmt: skip
     dwqkv = torch.cat([torch.mm(g.t(), xhat) for g in (dq, dk, dv)]) if need_wqkv else empty(x)
     return (
         dx.view(x.shape),
-        dnw if dnw is not None else empty(x),
-        dnb if dnb is not None else empty(x),
+        dnorm if dnorm is not None else empty(x),
         dwqkv,
-        bqkv_sum.sum(0).to(cdt) if need_bqkv else empty(x),
         dwp,
-        bp_sum.sum(0).to(cdt) if need_bp else empty(x),
+        sums.sum(0).to(cdt) if need_bp or need_bqkv else empty(x),
     )
 
 
@@ -186,9 +189,12 @@ def _self_attention_backward(ctx, dout, *_):
     if qkv.numel() == 0 and x.numel() > 0:
         raise RuntimeError("crossvit_fast::self_attention: backward through a call with save=False")
     needs = [h and n for h, n in zip(ctx.has, ctx.needs_input_grad[1:7])]
-    dx, *grads = torch.ops.crossvit_fast.self_attention_backward(
+    dx, dnorm, dwqkv, dwp, db = torch.ops.crossvit_fast.self_attention_backward(
         dout, x, nw, nb, wqkv, wp, mean, rstd, xhat, qkv, o, saved, ctx.heads, ctx.residual, needs
     )
+    dnw, dnb = split_norm_grads(dnorm, needs[0], needs[1])
+    C = x.shape[-1] if needs[5] else 0
+    grads = (dnw, dnb, dwqkv, db[C:], dwp, db[:C])  # db: [proj | qkv], the requested ones
     return (dx, *(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
 
