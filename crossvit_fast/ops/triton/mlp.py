@@ -145,6 +145,59 @@ def _fused_linear_kernel(
             else:
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
+    # Epilogue in column slices of 128 (64 with a GELU): the extra tiles it loads (residual,
+    # pre-activation) and the GELU temporaries exist for one slice at a time, which is what keeps
+    # the 128 x 256 tiles (and the 128 x 128 GELU-gradient tile with A_OUT) spill-free on sm_90;
+    # the toolchain tier compiles every config.
+    EPI_COLS: tl.constexpr = 64 if GELU != 0 else 128
+    _fused_linear_epilogue_split(
+        acc, pid_n * BLOCK_N, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr,
+        csum_ptr, stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
+        STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, BLOCK_N,
+        BLOCK_N // EPI_COLS if BLOCK_N > EPI_COLS else 1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _fused_linear_epilogue_split(
+    acc, n0, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr, csum_ptr,
+    stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr, C_SUM: tl.constexpr,
+    EMULATE: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+    PARTS: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of accumulator columns [n0, n0 + WIDTH) in PARTS (a power of two) slices,
+    one after the other (tl.split halves a trailing dim of 2: quarters are halves of halves)."""
+    if PARTS == 1:
+        _fused_linear_epilogue(
+            acc, n0 + tl.arange(0, WIDTH), m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr,
+            res_ptr, aux_ptr, csum_ptr, stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt,
+            HAS_BIAS, GELU, STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS,
+        )  # fmt: skip
+    else:
+        HALF: tl.constexpr = WIDTH // 2
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        _fused_linear_epilogue_split(
+            lo, n0, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr, csum_ptr,
+            stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
+            STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, HALF, PARTS // 2,
+        )  # fmt: skip
+        _fused_linear_epilogue_split(
+            hi, n0 + HALF, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr,
+            csum_ptr, stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
+            STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, HALF, PARTS // 2,
+        )  # fmt: skip
+
+
+@triton.jit
+def _fused_linear_epilogue(
+    acc, offs_n, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr, csum_ptr,
+    stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr, C_SUM: tl.constexpr,
+    EMULATE: tl.constexpr, SUM_ROWS: tl.constexpr,
+):  # fmt: skip
+    """`_fused_linear_kernel`'s epilogue for the accumulator columns `offs_n` (see there)."""
+    n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -174,18 +227,25 @@ def _fused_linear_kernel(
 
 # -- configs -------------------------------------------------------------------------------------
 
-# Hopper: 128x128 tiles with 8 warps (two wgmma warpgroups) or 128x64 / 64x128 with 4, 64-deep K
-# steps, 4 pipeline stages (<= 132 KB of shared memory at 16 bits). Every config of every variant
-# is compiled for sm_90 in the toolchain tier (tests/test_toolchain_triton.py: wgmma, shared memory,
-# zero spills). What that tier found: 128x256 tiles spilled (up to 752 bytes with the
-# GELU-gradient epilogue); the GELU-gradient epilogue also holds the pre-activation tile, and with
-# 4 warps a 128x64 / 64x128 fp16 tile spilled 32 bytes, so that variant runs them with 8 warps
-# (123 / 80 registers); fp32 (IEEE products on the FMA units, no tensor cores) spilled ~320 bytes
-# at 32-deep K steps and uses 16-deep ones (198-206 registers). The autotuner picks per
-# (N, K, variant, dtypes) among the configs `_prune` keeps.
+# Hopper: 128x256 tiles with 8 warps (two wgmma warpgroups, 3 stages, 129-165 KB of shared memory
+# at 16 bits) first: per FLOP they issue 3/4 of a 128x128 tile's bytes (each A tile is re-read
+# by half as many column tiles), and the cost ledger charges a GEMM for those re-reads (L2).
+# Then 128x128 with 8 warps and 128x64 / 64x128 with 4, 64-deep K steps, 4 stages. Every config
+# of every variant is compiled for sm_90 in the toolchain tier (tests/test_toolchain_triton.py:
+# wgmma, shared memory, zero spills). What that tier found: 128x256 tiles spilled (152-2160 bytes)
+# until the epilogue ran in column slices (`_fused_linear_epilogue_split`); now 206-255 registers,
+# no spills. The GELU-gradient epilogue also holds the pre-activation tile, and with 4 warps a
+# 128x64 / 64x128 fp16 tile spilled 32 bytes, so that variant runs them with 8 warps; fp32 (IEEE
+# products on the FMA units, no tensor cores) spilled ~320 bytes at 32-deep K steps and uses
+# 16-deep ones (198-206 registers). The autotuner picks per (N, K, variant, dtypes) among the
+# configs `_prune` keeps; the ledger (crossvit_fast.cost) assumes the first.
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_CONFIGS_16 = gemm_configs((128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
-_CONFIGS_16_GELU_BWD = gemm_configs((128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4))
+_CONFIGS_16 = gemm_configs(
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)
+)
+_CONFIGS_16_GELU_BWD = gemm_configs(
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)
+)
 _CONFIGS_32 = gemm_configs((128, 64, 16, 8, 3), (64, 64, 16, 4, 3))
 # Partial-sum rows: one per 64 rows of A, the smallest BLOCK_M any config may use.
 MIN_BLOCK_M = 64
