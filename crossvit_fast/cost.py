@@ -195,8 +195,8 @@ class Ledger(TorchDispatchMode):
             inputs = []  # `self` gives the shape / dtype / device, or is only written
         elif base == "copy_":
             inputs = _tensors(args[1:2])  # dst is written, not read
-        else:
-            inputs = _tensors(list(args) + list(kwargs.values()))
+        else:  # an `out=` tensor is written, not read
+            inputs = _tensors(list(args) + [v for k, v in kwargs.items() if k != "out"])
         if not outputs and not base.endswith("_"):
             return out
         if base.startswith("_foreach_") and all(t.ndim == 0 for t in inputs):

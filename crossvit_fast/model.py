@@ -18,7 +18,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends
 from .config import CrossViTConfig
-from .ops.common import autocast_dtype
 
 __all__ = ["CrossViT"]
 
@@ -589,7 +588,12 @@ class CrossViT(nn.Module):
         autocast dtype by one `cast_params` call (autocast would cast each at its use: a launch
         per tensor forward and backward); otherwise `ops` itself. Not for parameters sharded as
         DTensors (FSDP2 gathers them per stage, and its mixed-precision policy casts them)."""
-        dt = autocast_dtype(x.device.type)
+        device_type = x.device.type
+        dt = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else None
+        )
         params = self._gemm_params()
         if dt is None or not params or any(p.dtype != torch.float32 for p in params):
             return ops
