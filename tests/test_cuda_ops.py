@@ -288,11 +288,9 @@ def check_golden(case: str, device: str):
     """The whole model with every op from the cuda backend reproduces timm's golden vectors in fp32."""
     g = golden.load(case)
     model = golden.build(g, "reference", torch.float32)
-    # Route every op through the cuda backend explicitly (on CPU: the emulated extension).
-    model._opsets[device] = backends.OpSet(
-        "cuda", device, dict(CF.OPS), dict.fromkeys(CF.OPS, "cuda")
-    )
+    model.set_backend("cuda")  # on CPU: the emulated extension (a backend of the table there)
     model.to(device)
+    assert set(model.opset(device).sources.values()) >= {"cuda"}
     g = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in g.items()}
     g["param_grads"] = {k: v.to(device) for k, v in g["param_grads"].items()}
     err = golden.run(g, model, torch.float32)

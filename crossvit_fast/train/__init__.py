@@ -3,7 +3,8 @@
 
 * `cli` — options and `main(argv) -> exit status`;
 * `trainer` — the run: data, model (DDP / FSDP2 / compile / AMP / grad checkpointing / EMA), the
-  loop, evaluation;
+  loop, checkpoints;
+* `meters` — autocast policy, evaluation sums, on-device training sums, the throughput clock;
 * `models` — the default model, `--model` resolution, `--init` weights;
 * `data`, `transforms`, `augment` — digits and ImageFolder data, per-image crops, mixup / cutmix;
 * `optim` — AdamW param groups, warm-up + cosine, EMA;

@@ -137,7 +137,7 @@ def _eval_split(args, st: dict, classes: list[str]):
 
 
 def cmd_eval(args) -> int:
-    from .trainer import eval_metrics, evaluate
+    from .meters import eval_metrics, evaluate
 
     st, cfg, weights, classes = _load(args)
     model, device = _model(args, cfg, weights)

@@ -38,121 +38,12 @@ from . import state as state_mod
 from .augment import Mix, soft_cross_entropy
 from .errors import BadImageError, TrainError
 from .logs import RunLog
+from .meters import Clock, Meter, Rate, amp_dtype, autocast, eval_metrics, evaluate, input_size
 from .models import DIGITS_LR, FINETUNE_LR_FACTOR, load_init, resolve_config
 from .optim import EMA, build_optimizer
 from .preempt import Agreement, SignalStop, Stopped
 
-__all__ = ["Trainer", "evaluate", "run"]
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def input_size(cfg) -> tuple[int, int]:
-    """The image size fed to the model: the largest branch size (timm's 240 for the *_240
-    variants); each branch resizes from it."""
-    return (max(h for h, _ in cfg.img_size), max(w for _, w in cfg.img_size))
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(net, batches, prep, device, amp_dtype=None) -> tuple[torch.Tensor, list]:
-    """Sums over `batches` ((uint8 images, labels, bad files) as `data.iterate` yields them):
-    (float64 [loss * n, top-1 hits, top-5 hits, n] on `device`, the bad files met)."""
-    was_training = net.training
-    net.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    bad = []
-    for xb, yb, b in batches:
-        bad += b
-        x, y = prep(xb), yb.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = net(x).float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += (top[:, 0] == y).sum()
-        sums[2] += (top == y[:, None]).any(-1).sum()
-        sums[3] += y.numel()
-    net.train(was_training)
-    return sums, bad
-
-
-def eval_metrics(sums: torch.Tensor) -> dict:
-    loss, top1, top5, n = sums.tolist()
-    n = max(n, 1)
-    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
-
-
-class _Meter:
-    """Running training sums on the device (no host sync per step); read at log points."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
-        # In-place adds with a Python count: no host -> device copy per step.
-        n = y.numel()
-        self.sums[0] += loss.detach().double() * n
-        self.sums[1] += (logits.detach().argmax(-1) == y).sum()
-        self.sums[2] += n
-
-
-class _Rate:
-    """Training time and steps."""
-
-    def __init__(self):
-        self.seconds, self.steps = 0.0, 0
-
-    def img_per_s(self, global_batch: int) -> float | None:
-        return self.steps * global_batch / self.seconds if self.steps and self.seconds > 0 else None
-
-
-class _Clock:
-    """Throughput: wall time from the end of a run's first step (compilation, warm-up) on, with
-    evaluation and checkpoint pauses left out; synced on GPUs at each pause. Accumulates into
-    the whole run, the current epoch and the current progress-bar window."""
-
-    def __init__(self, sync):
-        self.sync = sync
-        self.run, self.epoch, self.window = _Rate(), _Rate(), _Rate()
-        self._t, self._pending, self._started = None, 0, False
-
-    def start(self) -> None:
-        self.sync()
-        self._t, self._pending, self._started = time.perf_counter(), 0, True
-
-    def step(self) -> None:
-        if self._t is not None:
-            self._pending += 1
-
-    def pause(self) -> None:
-        if self._t is None:
-            return
-        self.sync()
-        dt = time.perf_counter() - self._t
-        for r in (self.run, self.epoch, self.window):
-            r.seconds += dt
-            r.steps += self._pending
-        self._t, self._pending = None, 0
-
-    def resume(self) -> None:
-        if self._started and self._t is None:
-            self._t = time.perf_counter()
+__all__ = ["Trainer", "run"]
 
 
 class Trainer:
@@ -206,7 +97,7 @@ class Trainer:
         )
         base_lr = DIGITS_LR if digits else 5e-4 * self.global_batch / 512
         self.lr = args.lr or base_lr * (FINETUNE_LR_FACTOR if args.init else 1.0)
-        self.amp_dtype = _amp_dtype(args.amp, self.device)
+        self.amp_dtype = amp_dtype(args.amp, self.device)
 
         # -- run directory (a resume there skips --init: the checkpoint has the weights) --
         self.notes: list[str] = []  # printed after the header
@@ -257,7 +148,7 @@ class Trainer:
         self.step = 0
         self.last_eval: dict = {}
         self.skipped: set[str] = set()  # bad files already named
-        self.meter = _Meter(self.device)
+        self.meter = Meter(self.device)
         if resume_path is not None:
             self._resume(resume_path)
 
@@ -421,7 +312,7 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: _Meter, rng) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter, rng) -> None:
         target = None
         if self.mix.enabled:
             x, target = self.mix(x, y, self.ds.num_classes, rng)
@@ -514,7 +405,7 @@ class Trainer:
         for note in self.notes:
             self.log.line(f"train: {note}")
 
-    def _epoch_record(self, event: str, rate: _Rate, train_loss: float | None) -> dict:
+    def _epoch_record(self, event: str, rate: Rate, train_loss: float | None) -> dict:
         e = self.last_eval
         rec = {
             "event": event,
@@ -561,7 +452,7 @@ class Trainer:
         )
         self.log.attach_bar(bar)
         meter = self.meter
-        clock = _Clock(self._sync)
+        clock = Clock(self._sync)
         first_step = self.step
         self._last_save = time.monotonic()
         signum = 0
@@ -573,7 +464,7 @@ class Trainer:
             )[offset : offset + (stop - self.step)]
             if offset == 0:
                 meter.reset()
-                clock.epoch = _Rate()
+                clock.epoch = Rate()
             loader = data_mod.iterate(
                 self.ds.train, batches, self.workers, self._pin, seed=a.seed * 100_003 + epoch
             )
@@ -613,7 +504,7 @@ class Trainer:
                     bar.set_postfix(post)
                     self.log.scalars(self.step, {"train/loss": s[0] / max(s[2], 1),
                                                  "train/lr": self.sched.get_last_lr()[0]})  # fmt: skip
-                    clock.window = _Rate()
+                    clock.window = Rate()
                     clock.resume()
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if epoch_end or self.step == self.total_steps:
@@ -690,7 +581,7 @@ class Trainer:
         kind, every = self.args.save_every
         return kind == "steps" and self.step % every == 0
 
-    def _epoch_line(self, rate: _Rate, train_loss: float) -> None:
+    def _epoch_line(self, rate: Rate, train_loss: float) -> None:
         e, r = self.last_eval, rate.img_per_s(self.global_batch)
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.log.line(

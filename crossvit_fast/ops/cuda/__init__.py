@@ -15,6 +15,10 @@ import torch
 
 
 def availability(device_type: str) -> tuple[bool, str]:
+    from . import build
+
+    if device_type == "cpu" and build.emulated():
+        return True, "the CPU emulator build of csrc/ (tests, through build.use_extension)"
     if torch.version.cuda is None:
         return (
             False,
@@ -24,8 +28,6 @@ def availability(device_type: str) -> tuple[bool, str]:
         return False, f"CUDA kernels need CUDA tensors; got {device_type} tensors"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU visible to torch"
-    from . import build
-
     return build.status()
 
 

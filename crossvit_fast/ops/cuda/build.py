@@ -476,6 +476,11 @@ def use_extension(module):
         _state.update(saved)
 
 
+def emulated() -> bool:
+    """Whether the extension in use is the CPU emulator build (`use_extension`); never loads one."""
+    return bool(getattr(_state.get("module"), "emulated", False))
+
+
 def _reset_for_tests() -> None:
     _state.update(module=None, error=None)
 

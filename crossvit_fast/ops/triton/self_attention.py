@@ -158,7 +158,9 @@ def _self_attention_backward_op(
     dx, dnorm, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
     )  # fmt: skip
-    dwqkv = torch.cat([torch.mm(g.t(), xhat) for g in (dq, dk, dv)]) if need_wqkv else empty(x)
+    dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else empty(x)
+    for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
+        torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
     return (
         dx.view(x.shape),
         dnorm if dnorm is not None else empty(x),
