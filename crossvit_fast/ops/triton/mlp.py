@@ -51,6 +51,7 @@ from .utils import (
     gemm_configs,
     grouped_tile,
     launch,
+    mma,
     prune_by_dtype,
     register_op,
     round_to,
@@ -140,10 +141,7 @@ def _fused_linear_kernel(
                 mask=k_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            if EMULATE:  # the interpreter's 16-bit dot is wrong; fp32 copies are exact there
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            acc = mma(a, w, acc, EMULATE, PRECISION)
 
     # Epilogue in column slices of 128 (64 with a GELU): the extra tiles it loads (residual,
     # pre-activation) and the GELU temporaries exist for one slice at a time, which is what keeps

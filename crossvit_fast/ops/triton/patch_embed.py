@@ -40,6 +40,7 @@ from .utils import (
     gemm_configs,
     grouped_tile,
     launch,
+    mma,
     next_pow2,
     program_slots,
     prune_by_dtype,
@@ -114,10 +115,7 @@ def _patch_embed_fwd_kernel(
             mask=k_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
-        if EMULATE:  # the interpreter's 16-bit dot is wrong; fp32 copies are exact there
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = mma(a, w, acc, EMULATE, PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
@@ -176,10 +174,7 @@ def _patch_embed_bwd_kernel(
         )
         g = round_to(g.to(tl.float32), cdt, EMULATE)
         a = round_to(a.to(tl.float32), cdt, EMULATE)
-        if EMULATE:
-            acc = tl.dot(tl.trans(g.to(tl.float32)), a.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(g), a, acc, input_precision=PRECISION)
+        acc = mma(tl.trans(g), a, acc, EMULATE, PRECISION)
     part = part_ptr + split.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
     tl.store(part, acc, mask=n_mask[:, None] & k_mask[None, :])
 
@@ -218,10 +213,7 @@ def _patch_embed_bwd_input_kernel(
             mask=n_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        if EMULATE:
-            acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        acc = mma(g, w, acc, EMULATE, PRECISION)
     row_off, _, _ = _patch_rows(offs_m, Np, Wp, P, sdb, sdh, sdw)
     col_off, in_row = _patch_cols(offs_k, P, PP, sdc, sdh, sdw)
     dx = round_to(acc, dx_ptr.dtype.element_ty, EMULATE)

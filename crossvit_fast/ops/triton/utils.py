@@ -9,8 +9,8 @@ autotune configs, launchers) is the same program:
    by the toolchain tier (tests/fake_cuda_compile.py).
 2. Launches with fake tensors (shape propagation of that custom op) are skipped (`launch`).
 3. `EMULATE` (`dot_flags`): the interpreter computes 16-bit `tl.dot` and fp32 -> bf16 casts
-   wrongly, so kernels upcast dot operands to fp32 (IEEE products) and round to bf16 on the bits
-   (`round_to`). On the GPU the operands stay 16-bit (tensor cores).
+   wrongly, so kernels upcast dot operands to fp32 (IEEE products: `mma`) and round to bf16 on
+   the bits (`round_to`). On the GPU the operands stay 16-bit (tensor cores).
 4. Autotuning (`launch`): the interpreter cannot time configs, so an autotuned kernel runs the
    first config its pruning keeps — or the one a test forces with `force_configs`, which is how
    every config of every op is checked against the reference (tests/test_triton_configs.py).
@@ -47,6 +47,7 @@ __all__ = [
     "grouped_tile",
     "input_grads",
     "launch",
+    "mma",
     "next_pow2",
     "program_slots",
     "prune_by_dtype",
@@ -227,6 +228,15 @@ def round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, EMULATE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b (tl.dot). EMULATE: on fp32 copies with IEEE products, since the CPU
+    interpreter's 16-bit dot is wrong and its fp32 one exact (the module docstring's list)."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
