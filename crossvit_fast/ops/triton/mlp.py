@@ -49,7 +49,7 @@ from .utils import (
     gelu_erf,
     gelu_erf_grad,
     gemm_configs,
-    grouped_tile,
+    gemm_tile,
     launch,
     mma,
     prune_by_dtype,
@@ -95,13 +95,8 @@ def _fused_linear_kernel(
     GELU_erf; GELU == 2: * GELU_erf'(aux[m, n]); + res[m, n]; store in c's dtype;
     C_SUM: column sums of the stored tile -> csum[pid_m, n].
     """
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     m64 = offs_m.to(tl.int64)
     a_rows = a_ptr + m64[:, None] * stride_am
     w_cols = w_ptr + offs_n[None, :] * stride_wn

@@ -38,7 +38,7 @@ from .utils import (
     dot_flags,
     empty,
     gemm_configs,
-    grouped_tile,
+    gemm_tile,
     launch,
     mma,
     next_pow2,
@@ -89,13 +89,8 @@ def _patch_embed_fwd_kernel(
     """out[b, 1 + t, n] = sum_k x_patch[m, k] w[n, k] + bias[n] + pos[1 + t, n], m = b*Np + t,
     and out[b, 0, n] = cls[n] + pos[0, n] (written by the tile holding patch t = 0 of b).
     K = C_in * P * PP (padded patch rows, see `_patch_cols`); w (N, K) is zero in the padding."""
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _, _, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     row_off, b, t = _patch_rows(offs_m, Np, Wp, P, sxb, sxh, sxw)
     cdt = w_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -44,6 +44,7 @@ __all__ = [
     "gelu_erf",
     "gelu_erf_grad",
     "gemm_configs",
+    "gemm_tile",
     "grouped_tile",
     "input_grads",
     "launch",
@@ -265,6 +266,16 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     first_m = (pid // group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     return first_m + (pid % group) % group_m, (pid % group) // group_m
+
+
+@triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of a grouped-order GEMM grid (`grouped_tile`): (pid_m, pid_n,
+    row offsets, column offsets, row mask, column mask)."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
 
 
 # -- cost formulas (the `python -m crossvit_fast cost` ledger) -------------------------------------
