@@ -139,32 +139,17 @@ class Block(nn.Module):
         """x: (B, N, C) -> (B, N, C), timm's Block.forward; ops from the model's backend (the
         model passes its per-forward ops, with the GEMM parameters cast once)."""
         ops = ops if ops is not None else self._ops.get(x.device.type)
-        a, m, t, P = self.attn, self.mlp, self.training, ops.param
-        attn_args = (
-            *_ln(self.norm1),
-            P(a.qkv.weight),
-            P(a.qkv.bias),
-            P(a.proj.weight),
-            P(a.proj.bias),
-            a.num_heads,
-            self.eps,
-        )
+        a, m, t = self.attn, self.mlp, self.training
+        gemm = map(ops.param, (a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias))
+        attn_args = (*_ln(self.norm1), *gemm, a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):  # an op that declares dropout support
-            x = _residual_op(
-                ops.with_dropout("self_attention"),
-                x,
-                attn_args,
-                self.drop_path,
-                t,
-                attn_drop=a.attn_drop,
-                proj_drop=a.proj_drop,
-            )
+            drop = dict(attn_drop=a.attn_drop, proj_drop=a.proj_drop)
+            op = ops.with_dropout("self_attention")
+            x = _residual_op(op, x, attn_args, self.drop_path, t, **drop)
         else:
             x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
-        mlp_args = (
-            *_ln(self.norm2), P(m.fc1.weight), P(m.fc1.bias), P(m.fc2.weight), P(m.fc2.bias),
-            self.eps,
-        )  # fmt: skip
+        gemm = map(ops.param, (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias))
+        mlp_args = (*_ln(self.norm2), *gemm, self.eps)
         if t and m.drop > 0:
             mlp = ops.with_dropout("mlp")
             return _residual_op(mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
@@ -225,15 +210,9 @@ class CrossAttentionBlock(nn.Module):
         a, t = self.attn, self.training
         args = (tokens, *_ln(self.norm1), *a.args(ops.param), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
-            return _residual_op(
-                ops.with_dropout("cross_attention"),
-                cls,
-                args,
-                self.drop_path,
-                t,
-                attn_drop=a.attn_drop,
-                proj_drop=a.proj_drop,
-            )
+            drop = dict(attn_drop=a.attn_drop, proj_drop=a.proj_drop)
+            op = ops.with_dropout("cross_attention")
+            return _residual_op(op, cls, args, self.drop_path, t, **drop)
         return _residual_op(ops.cross_attention, cls, args, self.drop_path, t)
 
     def extra_repr(self) -> str:
