@@ -8,7 +8,8 @@
 * `models` — the default model, `--model` resolution, `--init` weights;
 * `data`, `transforms`, `augment` — digits and ImageFolder data, per-image crops, mixup / cutmix;
 * `optim` — AdamW param groups, warm-up + cosine, EMA;
-* `state` — atomic, resumable checkpoints (`torch.load(weights_only=True)`), what a resume keeps;
+* `state` — atomic, resumable checkpoints (`torch.load(weights_only=True)`), what a resume keeps,
+  where a run's checkpoint lives (`run_paths`);
 * `preempt` — SIGINT / SIGTERM at a step boundary, agreed over ranks;
 * `logs` — stdout lines, `metrics.jsonl`, TensorBoard;
 * `infer` — `eval`, `predict`, `export`;

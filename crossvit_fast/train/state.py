@@ -32,9 +32,13 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 import torch
+
+from .dist import broadcast_object
+from .errors import TrainError
 
 FORMAT, VERSION = "crossvit_fast.train", 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -47,6 +51,7 @@ __all__ = [
     "load",
     "remove_stale_temporaries",
     "rng_state",
+    "run_paths",
     "save",
 ]
 
@@ -195,3 +200,37 @@ def set_rng_state(rng: dict, device: torch.device) -> None:
     torch.set_rng_state(rng["cpu"])
     if device.type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def run_paths(a, dist, notes: list) -> tuple[str, str, str | None]:
+    """(run directory, checkpoint path, checkpoint to resume or None) of a `train` run from its
+    options (`--out`, `--resume [CHECKPOINT]`). Refuses to overwrite another run's checkpoint;
+    removes the temporaries a killed save left (main rank). `notes` receives what to tell."""
+
+    resume = None
+    if a.resume is not None:
+        if a.resume:
+            resume = a.resume
+            if not os.path.isfile(resume):
+                raise CheckpointError(f"checkpoint {resume} does not exist")
+        elif a.out:
+            resume = os.path.join(a.out, CHECKPOINT_NAME)
+            if not os.path.isfile(resume):  # preempted before its first checkpoint
+                notes.append(f"no checkpoint at {resume} yet: starting the run")
+                resume = None
+        else:
+            raise TrainError("--resume without a CHECKPOINT needs --out DIR (its run directory)")
+    out = a.out or (os.path.dirname(os.path.abspath(resume)) if resume else None)
+    if out is None:
+        stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"), dist)
+        out = os.path.join("runs", f"train-{stamp}")
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    if os.path.exists(ckpt) and not (resume and os.path.samefile(resume, ckpt)):
+        raise TrainError(
+            f"{ckpt} exists: pass --resume to continue that run, or choose another --out "
+            "(a checkpoint is never overwritten by another run)"
+        )
+    if dist.is_main:
+        for f in remove_stale_temporaries(ckpt):
+            print(f"train: removed {f} (left by a save that was killed)", flush=True)
+    return out, ckpt, resume

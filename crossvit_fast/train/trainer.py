@@ -101,7 +101,9 @@ class Trainer:
 
         # -- run directory (a resume there skips --init: the checkpoint has the weights) --
         self.notes: list[str] = []  # printed after the header
-        self.out, self.ckpt_path, resume_path = self._paths()
+        self.out, self.ckpt_path, resume_path = state_mod.run_paths(
+            self.args, self.dist, self.notes
+        )
         self.log = RunLog(self.out, d.is_main)
         if self.lr <= args.min_lr:
             self.notes.append(
@@ -181,38 +183,6 @@ class Trainer:
             "seed": a.seed,
             "fsdp": a.fsdp,
         }
-
-    def _paths(self) -> tuple[str, str, str | None]:
-        a = self.args
-        resume = None
-        if a.resume is not None:
-            if a.resume:
-                resume = a.resume
-                if not os.path.isfile(resume):
-                    raise state_mod.CheckpointError(f"checkpoint {resume} does not exist")
-            elif a.out:
-                resume = os.path.join(a.out, state_mod.CHECKPOINT_NAME)
-                if not os.path.isfile(resume):  # preempted before its first checkpoint
-                    self.notes.append(f"no checkpoint at {resume} yet: starting the run")
-                    resume = None
-            else:
-                raise TrainError(
-                    "--resume without a CHECKPOINT needs --out DIR (its run directory)"
-                )
-        out = a.out or (os.path.dirname(os.path.abspath(resume)) if resume else None)
-        if out is None:
-            stamp = dist_mod.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), self.dist)
-            out = os.path.join("runs", f"train-{stamp}")
-        ckpt = os.path.join(out, state_mod.CHECKPOINT_NAME)
-        if os.path.exists(ckpt) and not (resume and os.path.samefile(resume, ckpt)):
-            raise TrainError(
-                f"{ckpt} exists: pass --resume to continue that run, or choose another --out "
-                "(a checkpoint is never overwritten by another run)"
-            )
-        if self.dist.is_main:
-            for f in state_mod.remove_stale_temporaries(ckpt):
-                print(f"train: removed {f} (left by a save that was killed)", flush=True)
-        return out, ckpt, resume
 
     def _resume(self, path: str) -> None:
         from torch.distributed.checkpoint.state_dict import (
