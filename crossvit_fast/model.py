@@ -573,10 +573,10 @@ class CrossViT(nn.Module):
             if torch.is_autocast_enabled(device_type)
             else None
         )
-        params = self._gemm_params()
-        if dt is None or not params or any(p.dtype != torch.float32 for p in params):
+        if dt is None:  # checked first: no walk over the modules when autocast is off
             return ops
-        if any(_is_dtensor(p) for p in params):
+        params = self._gemm_params()
+        if not params or any(p.dtype != torch.float32 or _is_dtensor(p) for p in params):
             return ops
         return ops.bind(dict(zip(params, ops.cast_params(params, dt))))
 

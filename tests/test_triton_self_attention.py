@@ -128,6 +128,21 @@ def test_self_attention_op_and_backward_opcheck():
     )
 
 
+def test_self_attention_backward_adds_no_autograd_traffic():
+    """The module docstring's claims: autograd stacks / clones no q, k, v gradient and adds no
+    residual gradient (the op's backward reads them in place and adds inside LayerNorm's)."""
+    from crossvit_fast.cost import Ledger
+
+    inputs = [t.float().requires_grad_() if t is not None else None for t in attn_inputs(2, 5, 32)]
+    out = tsa.self_attention(*inputs, 4, EPS)
+    rec = Ledger()
+    rec.phase = "backward"
+    with rec:
+        out.backward(torch.randn_like(out))
+    names = {e.name for e in rec.entries}
+    assert not names & {"aten::stack", "aten::clone", "aten::add", "aten::cat"}, names
+
+
 def test_self_attention_no_save_and_segmented_dgrad():
     """Inference keeps nothing for backward; the q / k / v K-segments GEMM equals the GEMM of
     their concatenation."""

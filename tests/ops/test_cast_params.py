@@ -60,3 +60,20 @@ def test_model_under_autocast_is_unchanged_by_batching(backend, monkeypatch):
     out_ref, grads_ref = run()
     assert torch.equal(out, out_ref)
     assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+
+
+def test_triton_one_launch_each_way():
+    """The docstring's claim: all the casts in one launch forward and one backward."""
+    from crossvit_fast.cost import Ledger
+
+    cast_params = resolve("triton", DEVICE).cast_params
+    params = [torch.randn(4, 3, device=DEVICE, requires_grad=True) for _ in range(5)]
+    fwd, bwd = Ledger(), Ledger()
+    with fwd:
+        out = cast_params(params, torch.bfloat16)
+    grads = [torch.ones_like(o) for o in out]
+    with bwd:
+        torch.autograd.backward(out, grads)
+    assert [e.name for e in fwd.entries] == ["aten::cat"]
+    assert [e.name for e in bwd.entries] == ["aten::cat"]
+    assert all(p.grad.dtype == torch.float32 for p in params)

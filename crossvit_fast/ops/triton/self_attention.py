@@ -49,8 +49,7 @@ def sdpa_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor]]
     if q.device.type != "cuda":
         o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return o, [lse]
-    d = q.shape[-1]
-    if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+    if _flash(q):
         o, lse, _, _, _, _, seed, offset, _ = _aten._scaled_dot_product_flash_attention(q, k, v)
         return o, [lse, seed, offset]
     o, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
@@ -66,15 +65,20 @@ def sdpa_backward(
             do, q, k, v, o, saved[0], 0.0, False
         )
     lse, seed, offset = saved
-    N, d = q.shape[2], q.shape[3]
-    if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+    if _flash(q):
         return _aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, o, lse, None, None, N, k.shape[2], 0.0, False, seed, offset
+            do, q, k, v, o, lse, None, None, q.shape[2], k.shape[2], 0.0, False, seed, offset
         )
     dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
         do, q, k, v, None, o, lse, seed, offset, 0.0, [True, True, True, False]
     )
     return dq, dk, dv
+
+
+def _flash(q: Tensor) -> bool:
+    """Whether CUDA q takes the flash kernels (16-bit, head dim a multiple of 8 up to 256)."""
+    d = q.shape[-1]
+    return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
 
 
 def _heads(t: Tensor, B: int, N: int, H: int) -> Tensor:
@@ -108,8 +112,10 @@ def _self_attention_op(
     x2 = as_rows(x)
     M = x2.shape[0]
     xhat, mean, rstd = layer_norm_fwd(x2, norm_weight, norm_bias, eps, cdt)
-    qkv = torch.addmm(qkv_bias, xhat, qkv_weight.t()) if qkv_bias is not None else (
-        torch.mm(xhat, qkv_weight.t()))  # fmt: skip
+    if qkv_bias is not None:
+        qkv = torch.addmm(qkv_bias, xhat, qkv_weight.t())
+    else:
+        qkv = torch.mm(xhat, qkv_weight.t())
     q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
     o, saved = sdpa_forward(q, k, v)
     out_dtype = torch.promote_types(x.dtype, cdt) if residual else cdt
