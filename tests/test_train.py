@@ -337,3 +337,15 @@ def test_trainer_applies_model_options(tmp_path, quick):
         assert t.warmup == 1 and t.lr == pytest.approx(2e-3)
     finally:
         t.close()
+
+
+def test_close_releases_the_model_and_optimizer(tmp_path, quick):
+    """`close` frees what holds the process group (model wrapper, optimizer, EMA) before leaving
+    it, so nothing of it is left for interpreter shutdown to tear down."""
+    import weakref
+
+    t = Trainer(parse_args([*quick, "--steps", "1", "--ema", "0.9", "--out", str(tmp_path)]))
+    t.run()
+    refs = [weakref.ref(x) for x in (t.model, t.bare, t.opt, t.ema)]
+    t.close()
+    assert [r() for r in refs] == [None] * len(refs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -564,6 +565,14 @@ class Trainer:
         )
 
     def close(self) -> None:
+        """Release the run: the wrapped model (DDP's reducer, FSDP's hooks), the optimizer and EMA
+        hold the process group; they are dropped and collected here, while the interpreter is
+        whole, and the group left after. Left to interpreter shutdown, the gloo backend was torn
+        down out of order and a rank aborted after a finished run ("terminate called without an
+        active exception", seen in CI's torchrun tests). The trainer is not usable after."""
+        for name in ("model", "net", "bare", "ema", "opt", "sched", "scaler"):
+            setattr(self, name, None)
+        gc.collect()
         dist_mod.teardown(self.dist)
 
 
