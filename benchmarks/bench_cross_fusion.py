@@ -129,13 +129,17 @@ def test_bench_cross_fusion(benchmark, model, fusion, batch):
     for (name, pass_), row in rows.items():
         harness.record("cross_fusion", row)
         pct = f" ({row['pct_hbm_peak']:5.1f}% HBM)" if hbm else ""
-        print(f"cross_fusion {model} fusion{fusion} b{batch} {pass_:8s} {name:19s} "
-              f"{row['median_ms']:8.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] "
-              f"{row['gbs']:7.0f} GB/s{pct} x{row['speedup_vs_eager']:.2f} eager "
-              f"x{row['speedup_vs_compiled']:.2f} compiled")  # fmt: skip
+        print(
+            f"cross_fusion {model} fusion{fusion} b{batch} {pass_:8s} {name:19s} "
+            f"{row['median_ms']:8.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] "
+            f"{row['gbs']:7.0f} GB/s{pct} x{row['speedup_vs_eager']:.2f} eager "
+            f"x{row['speedup_vs_compiled']:.2f} compiled"
+        )
     if model == "crossvit_18" and batch == 256:
         fb, fwd = rows[("triton", "fwd+bwd")], rows[("triton", "fwd")]
-        print(f"goals crossvit_18 b256 fusion{fusion}: fwd+bwd x{fb['speedup_vs_eager']:.2f} eager "
-              f"(>= 8), x{fb['speedup_vs_compiled']:.2f} compiled (>= 3), forward "
-              f"{fwd.get('pct_hbm_peak', float('nan')):.0f}% of HBM (>= 60)")  # fmt: skip
+        print(
+            f"goals crossvit_18 b256 fusion{fusion}: fwd+bwd x{fb['speedup_vs_eager']:.2f} eager "
+            f"(>= 8), x{fb['speedup_vs_compiled']:.2f} compiled (>= 3), forward "
+            f"{fwd.get('pct_hbm_peak', float('nan')):.0f}% of HBM (>= 60)"
+        )
     benchmark.pedantic(lambda: (triton_run(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)

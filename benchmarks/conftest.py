@@ -80,9 +80,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("bench_model: whole model, images/s (ratios measured in this run)")
-    head = (f"{'model':24s} {'B':>4s} {'dtype':5s} {'mode':5s} {'impl':20s} {'img/s':>9s} "
-            f"{'ms':>8s} {'x ref':>6s} {'x cmp':>6s} {'est ms':>7s} {'TFLOP/s':>8s} "
-            f"{'GB/s':>7s} {'mem GB':>6s} {'compile s':>9s}")  # fmt: skip
+    head = (
+        f"{'model':24s} {'B':>4s} {'dtype':5s} {'mode':5s} {'impl':20s} {'img/s':>9s} "
+        f"{'ms':>8s} {'x ref':>6s} {'x cmp':>6s} {'est ms':>7s} {'TFLOP/s':>8s} "
+        f"{'GB/s':>7s} {'mem GB':>6s} {'compile s':>9s}"
+    )
     tr.write_line(head)
     fmt = lambda v, f: format(v, f) if v is not None else "-"
     for r in rows:
@@ -95,8 +97,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{fmt(r.get('gbs'), '7.0f'):>7s} {fmt(r.get('peak_mem_gb'), '6.2f'):>6s} "
             f"{r['compile_s']:9.1f}"
         )
-    tr.write_line("(x ref / x cmp: speed-up over reference eager / compiled; est ms, TFLOP/s and "
-                  "GB/s from the cost ledger's estimates of the same step)")  # fmt: skip
+    tr.write_line(
+        "(x ref / x cmp: speed-up over reference eager / compiled; est ms, TFLOP/s and "
+        "GB/s from the cost ledger's estimates of the same step)"
+    )
 
 
 def _params(item) -> dict:

@@ -122,8 +122,9 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except Exception:
         env["triton"] = None
-    env["nvidia_smi"] = _probe(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                "--format=csv,noheader"])  # fmt: skip
+    env["nvidia_smi"] = _probe(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    )
     nvcc = _probe(["nvcc", "--version"])
     env["nvcc"] = nvcc.splitlines()[-2] if nvcc else None
     env["commit"] = _probe(["git", "rev-parse", "--short", "HEAD"])
@@ -158,8 +159,10 @@ def main(argv: list[str]) -> int:
                "failed_tests": failed_tests(tests_log), "bench_rows": len(rows)}  # fmt: skip
     (outdir / "session.json").write_text(json.dumps(session, indent=1) + "\n")
 
-    stage_rows = [[s["name"], s["status"], s["rc"], s["seconds"], s["budget"], s["log"], s["note"]]
-                  for s in stages]  # fmt: skip
+    stage_rows = [
+        [s["name"], s["status"], s["rc"], s["seconds"], s["budget"], s["log"], s["note"]]
+        for s in stages
+    ]
     stage_header = ["stage", "status", "rc", "s", "budget", "log", "note"]
     bench_header = ["op", "case", "pass", "impl", "median ms", "rate", "x eager", "x compiled"]
     brows = bench_table(rows)
@@ -178,8 +181,10 @@ def main(argv: list[str]) -> int:
     md.append(_md_table(MODEL_HEADER, mrows) if mrows else "no bench_model rows recorded")
     (outdir / "summary.md").write_text("\n".join(md) + "\n")
 
-    print(f"\n{title}: {env.get('device', 'no GPU')}, torch {env.get('torch')}, "
-          f"triton {env.get('triton')}; files in {outdir}")  # fmt: skip
+    print(
+        f"\n{title}: {env.get('device', 'no GPU')}, torch {env.get('torch')}, "
+        f"triton {env.get('triton')}; files in {outdir}"
+    )
     print(_text_table(stage_header[:5], [r[:5] for r in stage_rows]))
     print("tests: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "no summary"))
     if brows:  # short: the op, impl and ratios of each row

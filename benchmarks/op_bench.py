@@ -85,9 +85,11 @@ def bench(benchmark, op: str, case: dict, args: list, grad_inputs: list, flops: 
     for (name, pass_), row in rows.items():
         harness.record(op, row)
         rate = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else f"{row['gbs']:7.0f} GB/s"
-        print(f"{op:15s} {case} {pass_:8s} {name:19s} {row['median_ms']:8.3f} ms "
-              f"[{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] {rate} "
-              f"x{row['speedup_vs_eager']:.2f} eager x{row['speedup_vs_compiled']:.2f} compiled")  # fmt: skip
+        print(
+            f"{op:15s} {case} {pass_:8s} {name:19s} {row['median_ms']:8.3f} ms "
+            f"[{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] {rate} "
+            f"x{row['speedup_vs_eager']:.2f} eager x{row['speedup_vs_compiled']:.2f} compiled"
+        )
     benchmark.pedantic(lambda: (triton_run(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
 
 

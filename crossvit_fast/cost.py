@@ -518,8 +518,10 @@ def format_compare(a: dict, b: dict) -> str:
     for side, rep in ((0, a), (1, b)):
         for r in rep["ops"]:
             rows.setdefault((r["phase"], r["op"]), [None, None])[side] = r
-    order = sorted(rows, key=lambda k: (_PHASES.index(k[0]), -max(
-        (r["est_ms"] for r in rows[k] if r), default=0)))  # fmt: skip
+    order = sorted(
+        rows,
+        key=lambda k: (_PHASES.index(k[0]), -max((r["est_ms"] for r in rows[k] if r), default=0)),
+    )
     na, nb = a["backend"], b["backend"]
     lines = [
         f"ESTIMATES (no GPU was used): {a['model']} B={a['batch']} amp={a['amp']}, {a['step']}, "

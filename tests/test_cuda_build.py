@@ -189,8 +189,10 @@ def test_wrong_cuda_home_is_refused_naming_what_is_missing(no_cuda_env, tmp_path
     no_cuda_env.setenv("CUDA_HOME", str(home))  # explicit: not overridden by the nvcc on PATH
     tk, why = build.find_cuda_toolkit()
     assert tk is None
-    assert why == (f"CUDA_HOME={home} is not a usable CUDA toolkit "
-                   f"(no {home / 'include' / 'cuda_runtime_api.h'})")  # fmt: skip
+    assert why == (
+        f"CUDA_HOME={home} is not a usable CUDA toolkit "
+        f"(no {home / 'include' / 'cuda_runtime_api.h'})"
+    )
 
 
 def test_toolkit_behind_an_nvcc_wrapper_script(no_cuda_env, tmp_path):

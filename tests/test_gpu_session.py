@@ -48,8 +48,7 @@ def test_dry_run_runs_every_stage_and_survives_a_timed_out_one(tmp_path):
     assert session["dry_run"] is True
     status = {s["name"]: s["status"] for s in session["stages"]}
     assert list(status) == STAGES
-    assert status == {"build": "ok", "info": "ok", "tests": "timeout", "bench": "ok",
-                      "model": "ok"}  # fmt: skip
+    assert status == {"build": "ok", "info": "ok", "tests": "timeout", "bench": "ok", "model": "ok"}
     assert "why_no_build" in (out / "build.log").read_text()
     assert "CUDA extension" in (out / "build.log").read_text()  # info ran
     assert "tests collected" in (out / "bench.log").read_text()  # the --bench-quick selection
@@ -86,8 +85,9 @@ def test_pytest_counts():
         "passed": 3, "failed": 1, "skipped": 2, "error": 1
     }  # fmt: skip
     assert s.pytest_counts("13/184 tests collected (171 deselected) in 0.70s") == {
-        "deselected": 171, "collected": 13
-    }  # fmt: skip
+        "deselected": 171,
+        "collected": 13,
+    }
     assert s.pytest_counts("no summary here") == {}
 
 

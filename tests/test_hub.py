@@ -152,8 +152,9 @@ def test_env_variables_are_honoured(tmp_path, published):
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(crossvit_fast.__file__)), env.get("PYTHONPATH", "")]
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     want = float(published[0]["cls_token_0"].sum())
     lines = out.stdout.split("\n")

@@ -87,8 +87,9 @@ def parse_ptxas(text: str) -> list[dict]:
         if m := _ENTRY.search(line):
             kernels.append(dict(name=m.group(1), arch=m.group(2)))
         elif kernels and (m := _FRAME.search(line)):
-            kernels[-1].update(stack=int(m.group(1)), spill_st=int(m.group(2)),
-                               spill_ld=int(m.group(3)))  # fmt: skip
+            kernels[-1].update(
+                stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3))
+            )
         elif kernels and (m := _USED.search(line)):
             kernels[-1].update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
     return kernels
@@ -146,8 +147,10 @@ def test_every_kernel_has_no_spills_for_the_shipped_archs(toolkit, tmp_path):
         f"\n{'file':20s} {'arch':7s} {'regs':>4s} {'smem':>6s} {'stack':>5s} {'spill st/ld':>11s}  kernel"
     )
     for f, k in rows:
-        print(f"{f:20s} {k['arch']:7s} {k['regs']:4d} {k['smem']:6d} {k['stack']:5d} "
-              f"{k['spill_st']:5d}/{k['spill_ld']:<5d}  {names.get(k['name'], k['name'])}")  # fmt: skip
+        print(
+            f"{f:20s} {k['arch']:7s} {k['regs']:4d} {k['smem']:6d} {k['stack']:5d} "
+            f"{k['spill_st']:5d}/{k['spill_ld']:<5d}  {names.get(k['name'], k['name'])}"
+        )
     bad = [(f, k) for f, k in rows if k["spill_st"] or k["spill_ld"] or k["stack"]]
     assert not bad, "spills or local memory (stack frame) in: " + "; ".join(
         f"{f} {names.get(k['name'], k['name'])} [{k['arch']}]: {k['stack']} B stack, "

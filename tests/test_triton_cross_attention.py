@@ -218,8 +218,7 @@ def test_errors(C, changes, match):
 def test_opcheck():
     inputs = make_inputs(2, 3, 16, 2)
     args = [None if inputs[k] is None else inputs[k].float().requires_grad_() for k in NAMES]
-    torch.library.opcheck(torch.ops.crossvit_fast.cross_attention.default,
-                          (*args, 2, EPS, True))  # fmt: skip
+    torch.library.opcheck(torch.ops.crossvit_fast.cross_attention.default, (*args, 2, EPS, True))
     # the backward op on its own (inputs that need no grad)
     outs = torch.ops.crossvit_fast.cross_attention(*(a.detach() for a in args), 2, EPS, True)
     d = [a.detach() for a in args]
@@ -303,8 +302,9 @@ def test_gpu_second_device():
     inputs = {
         k: None if v is None else v.to("cuda:1") for k, v in make_inputs(2, 50, 64, 4).items()
     }
-    out = ca.cross_attention(*(None if inputs[k] is None else inputs[k].float() for k in NAMES),
-                             4, EPS)  # fmt: skip
+    out = ca.cross_attention(
+        *(None if inputs[k] is None else inputs[k].float() for k in NAMES), 4, EPS
+    )
     ref = reference.cross_attention(*(inputs[k] for k in NAMES), 4, EPS)
     assert out.device == torch.device("cuda:1")
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)

@@ -58,8 +58,10 @@ def proj_inputs(shape, c_out, *, bias=True, affine=True, seed=0) -> dict:
 
 def fusion_inputs(B, N, c_i, c_j, *, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    t = {"cls": _rand(g, B, c_i) + _rand(g, c_i),
-         "tokens": _rand(g, B, N + 1, c_j) * (0.5 + _rand(g, c_j).abs()) + _rand(g, c_j)}  # fmt: skip
+    t = {
+        "cls": _rand(g, B, c_i) + _rand(g, c_i),
+        "tokens": _rand(g, B, N + 1, c_j) * (0.5 + _rand(g, c_j).abs()) + _rand(g, c_j),
+    }
     for pre, c_in, c_out in (("proj", c_i, c_j), ("revert", c_j, c_i)):
         t[f"{pre}_norm_weight"] = 1 + 0.3 * _rand(g, c_in)
         t[f"{pre}_norm_bias"] = 0.3 * _rand(g, c_in)
@@ -189,9 +191,10 @@ def test_cls_proj_opcheck():
     torch.library.opcheck(torch.ops.crossvit_fast.cls_proj.default, (*args, EPS))
     d = [a.detach() for a in args]
     _, gelu = torch.ops.crossvit_fast.cls_proj(*d, EPS)
-    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj_backward.default,
-                          (torch.randn(3, 24, device=DEVICE), d[0], gelu, d[1], d[2], d[3], EPS,
-                           True))  # fmt: skip
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.cls_proj_backward.default,
+        (torch.randn(3, 24, device=DEVICE), d[0], gelu, d[1], d[2], d[3], EPS, True),
+    )
 
 
 # -- cross_fusion -----------------------------------------------------------------------------------
@@ -220,10 +223,12 @@ def test_cross_fusion_autocast():
     inputs = fusion_inputs(3, 12, 32, 64, seed=2)
     grad_out = torch.randn(3, 32, dtype=torch.float64, device=DEVICE)
     out64, g64 = run(ref_cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
-    out_t, g_t = run(ref_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
-                     autocast=True)  # fmt: skip
-    out, grads = run(triton_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS,
-                     autocast=True)  # fmt: skip
+    out_t, g_t = run(
+        ref_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS, autocast=True
+    )
+    out, grads = run(
+        triton_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS, autocast=True
+    )
     assert out.dtype == out_t.dtype == torch.bfloat16
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
     top = max(g.abs().max().item() for g in g64.values())

@@ -19,9 +19,11 @@ BACKENDS = ["reference", "triton"]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_values_and_gradients_match_per_tensor_casts(backend, dtype):
     cast_params = resolve(backend, DEVICE).cast_params
-    params = [torch.randn(5, 3, device=DEVICE, requires_grad=True),
-              torch.randn(7, device=DEVICE, requires_grad=True),
-              torch.randn(2, 2, 2, device=DEVICE, requires_grad=True)]  # fmt: skip
+    params = [
+        torch.randn(5, 3, device=DEVICE, requires_grad=True),
+        torch.randn(7, device=DEVICE, requires_grad=True),
+        torch.randn(2, 2, 2, device=DEVICE, requires_grad=True),
+    ]
     out = cast_params(params, dtype)
     assert [o.shape for o in out] == [p.shape for p in params]
     assert all(

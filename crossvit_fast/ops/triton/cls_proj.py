@@ -57,8 +57,9 @@ def _cls_proj_backward_op(
     dy = dy.to(weight.dtype)
     dg = dy @ weight
     dw = dy.t() @ g
-    dx, sums = cls_norm_bwd(x, dg, norm_weight, norm_bias, eps, gelu=True,
-                            extras=(dy,) if has_bias else ())  # fmt: skip
+    dx, sums = cls_norm_bwd(
+        x, dg, norm_weight, norm_bias, eps, gelu=True, extras=(dy,) if has_bias else ()
+    )
     return dx, dw, sums
 
 

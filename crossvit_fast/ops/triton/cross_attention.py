@@ -119,8 +119,9 @@ def _cross_attention_fwd_kernel(
             kt = head_chunk(kt_b, stride_kh, heads, mask_h, cols, mask_c, EMULATE)
             z = mm(kt, tl.trans(y.to(kt.dtype)), z, PRECISION)
         z = tl.where(mask_r[None, :], z * qk_scale, float("-inf"))  # base 2
-        tl.store(z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :], z,
-                 mask=mask_r[None, :])  # fmt: skip
+        tl.store(
+            z_ptr + (b * BLOCK_H + heads[:, None]) * N1 + rows[None, :], z, mask=mask_r[None, :]
+        )
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
         m_i = m_new
@@ -185,8 +186,9 @@ def _cross_attention_merge_kernel(
         alpha = tl.exp2(m_i - m_new)
         alpha_s = tl.exp2(m_s - m_new)
         l_i = l_i * alpha + tl.load(l_ptr + ml) * alpha_s
-        acc_s = tl.load(acc_ptr + ((b * S + s) * H + heads)[:, None] * C + cols[None, :], mask=mask,
-                        other=0.0)  # fmt: skip
+        acc_s = tl.load(
+            acc_ptr + ((b * S + s) * H + heads)[:, None] * C + cols[None, :], mask=mask, other=0.0
+        )
         acc = acc * alpha[:, None] + acc_s * alpha_s[:, None]
         m_i = m_new
     ut = acc / l_i[:, None]

@@ -263,8 +263,9 @@ def _cls_norm_bwd_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
     xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
-    dn = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask,
-                 other=0.0).to(tl.float32)  # fmt: skip
+    dn = tl.load(
+        dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask, other=0.0
+    ).to(tl.float32)
     if GELU:  # recompute the pre-activation h = LN(x) instead of saving it
         h = xhat
         if HAS_W:
@@ -275,8 +276,9 @@ def _cls_norm_bwd_kernel(
     dn = tl.where(mask, dn, 0.0)
     dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
     if HAS_RES:
-        dx += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rc, mask=mask,
-                      other=0.0).to(tl.float32)  # fmt: skip
+        dx += tl.load(
+            res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rc, mask=mask, other=0.0
+        ).to(tl.float32)
     tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx, mask=mask)
 
     dw = tl.sum(dn * xhat, axis=0)

@@ -378,7 +378,7 @@ def _mlp_backward_op(
     # 3. LayerNorm backward + residual gradient.
     dx, dnorm, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
-    )  # fmt: skip
+    )
     dw1 = torch.mm(da.t(), xhat) if need_w1 else empty()
     return (
         dx.view(x.shape),

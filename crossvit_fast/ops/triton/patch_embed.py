@@ -232,9 +232,11 @@ _CONFIGS_16_FP32_IMAGE = gemm_configs(
 _CONFIGS_32 = gemm_configs((64, 64, 32, 4, 3))
 
 _prune = prune_by_dtype(
-    _CONFIGS_32, _CONFIGS_16, _CONFIGS_16_FP32_IMAGE,
+    _CONFIGS_32,
+    _CONFIGS_16,
+    _CONFIGS_16_FP32_IMAGE,
     lambda named, meta: named["x_ptr"].element_size() >= 4,
-)  # fmt: skip
+)
 
 
 _patch_embed_fwd_tuned = triton.autotune(

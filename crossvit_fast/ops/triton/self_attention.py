@@ -154,8 +154,9 @@ def _self_attention_backward_op(
     dwp = torch.mm((dy if dy16 is None else dy16).t(), _rows(o)) if need_wp else empty(x)
     # 2. SDPA backward on the in-place q / k / v views.
     q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
-    dq, dk, dv = (_rows(g) for g in sdpa_backward(_heads(do, B, N, num_heads), q, k, v, o,
-                                                  sdpa_saved))  # fmt: skip
+    dq, dk, dv = (
+        _rows(g) for g in sdpa_backward(_heads(do, B, N, num_heads), q, k, v, o, sdpa_saved)
+    )
     # 3. dLN(x) = [dq | dk | dv] @ W_qkv, read as three K-segments; qkv-bias gradient alongside.
     dxhat = x.new_empty((M, C), dtype=cdt)
     bqkv_sum = sums[:, C * need_bp :] if need_bqkv else None
@@ -163,7 +164,7 @@ def _self_attention_backward_op(
     # 4. LayerNorm backward + the residual gradient.
     dx, dnorm, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
-    )  # fmt: skip
+    )
     dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else empty(x)
     for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
         torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
@@ -183,8 +184,9 @@ def _self_attention_setup(ctx, inputs, output):
     _out, mean, rstd, xhat, qkv, o, saved = output
     ctx.mark_non_differentiable(mean, rstd, xhat, qkv, o, *saved)
     ctx.set_materialize_grads(False)  # no zero-filled gradients of the saved outputs
-    ctx.save_for_backward(x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, xhat,
-                          qkv, o, *saved)  # fmt: skip
+    ctx.save_for_backward(
+        x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, xhat, qkv, o, *saved
+    )
     ctx.heads, ctx.residual = heads, res
     ctx.has = [norm_weight is not None, norm_bias is not None, True, qkv_bias is not None, True,
                proj_bias is not None]  # fmt: skip
