@@ -46,8 +46,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import cast, check_tensor, compute_dtype
+from ..common import cast, compute_dtype
 from .cross_attention_rows import (
+    MAX_HEADS,
+    check_args,
     gamma_chunk,
     head_chunk,
     mm,
@@ -63,11 +65,6 @@ from .utils import dot_flags, input_grads, launch, register_op
 __all__ = ["OPS", "cross_attention"]
 
 _LOG2E = 1.0 / math.log(2.0)  # exp(z) = exp2(z * log2(e)): the kernels work in base 2
-_MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
-_HEAD_DIMS = (8, 128)
-# The token pass works in width chunks at any C, but the CLS-row LayerNorm kernels hold whole rows
-# in registers; the sm_90 toolchain tier checks them (zero spills) up to CrossViT's C = 768.
-_GPU_MAX_WIDTH = 1024
 
 
 # -- the token pass: forward ------------------------------------------------------------------------
@@ -390,7 +387,7 @@ def _cross_attention_op(
     kt = torch.bmm(_head_view(q, H), wk.reshape(H, d, C))  # (H, B, C): k~_h = W_k,h^T q_h
     u = cls.new_empty((B, H, C), dtype=dt)
     ut = cls.new_empty((B, H, C), dtype=torch.float32)
-    lse = cls.new_empty((B, _MAX_HEADS), dtype=torch.float32)
+    lse = cls.new_empty((B, MAX_HEADS), dtype=torch.float32)
     stats = cls.new_empty((2, B, N1), dtype=torch.float32)
     if B > 0:
         tiles = token_tiles(dt)
@@ -398,10 +395,10 @@ def _cross_attention_op(
         single = S == 1
         part_m = part_l = part_acc = None
         if not single:
-            part_m = cls.new_empty((B, S, _MAX_HEADS), dtype=torch.float32)
+            part_m = cls.new_empty((B, S, MAX_HEADS), dtype=torch.float32)
             part_l = torch.empty_like(part_m)
             part_acc = cls.new_empty((B, S, H, C), dtype=torch.float32)
-        z = cls.new_empty((B, _MAX_HEADS, N1), dtype=torch.float32)  # logits, read back once
+        z = cls.new_empty((B, MAX_HEADS, N1), dtype=torch.float32)  # logits, read back once
         has_b = norm_bias is not None
         launch(
             _cross_attention_fwd_kernel, (B, S),
@@ -409,7 +406,7 @@ def _cross_attention_op(
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), norm_weight, norm_bias, z, stats[0], stats[1],
             u, ut, lse, part_m, part_l, part_acc, N1, C, H, rows, eps, d**-0.5 * _LOG2E,
-            HAS_W=norm_weight is not None, HAS_B=has_b, SINGLE=single, BLOCK_H=_MAX_HEADS,
+            HAS_W=norm_weight is not None, HAS_B=has_b, SINGLE=single, BLOCK_H=MAX_HEADS,
             **tiles, **dot_flags(dt),
         )  # fmt: skip
         if not single:
@@ -417,7 +414,7 @@ def _cross_attention_op(
             launch(
                 _cross_attention_merge_kernel, (B, triton.cdiv(C, block_c)),
                 part_m, part_l, part_acc, norm_bias, u, ut, lse, S, C, H,
-                HAS_B=has_b, BLOCK_C=block_c, BLOCK_H=_MAX_HEADS, num_warps=4,
+                HAS_B=has_b, BLOCK_C=block_c, BLOCK_H=MAX_HEADS, num_warps=4,
             )  # fmt: skip
     wv_h = wv.reshape(H, d, C).transpose(1, 2)  # (H, C, d)
     u_h = u.transpose(0, 1)  # (H, B, C)
@@ -476,7 +473,7 @@ def _cross_attention_backward_op(
     dkt_part = cls.new_empty((S, H, B, C), dtype=dt if S == 1 else torch.float32)
     part = cls.new_empty((B, S, 2, C), dtype=torch.float32)
     if B > 0:
-        pdz = cls.new_empty((2, B, _MAX_HEADS, N1), dtype=torch.float32)  # scratch: a, dz
+        pdz = cls.new_empty((2, B, MAX_HEADS, N1), dtype=torch.float32)  # scratch: a, dz
         means = cls.new_empty((2, B, N1), dtype=torch.float32)  # scratch: mean(g), mean(g x^)
         launch(
             _cross_attention_bwd_kernel, (B, S),
@@ -487,7 +484,7 @@ def _cross_attention_backward_op(
             dtokens, dtokens.stride(0), dtokens.stride(1), dn0,
             dkt_part, *dkt_part.stride()[:3], part,
             N1, C, H, rows, d**-0.5 * _LOG2E, d**-0.5,
-            HAS_W=norm_weight is not None, ONE_KEY=N1 == 1, BLOCK_H=_MAX_HEADS, **tiles,
+            HAS_W=norm_weight is not None, ONE_KEY=N1 == 1, BLOCK_H=MAX_HEADS, **tiles,
             **dot_flags(dt),
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
@@ -537,19 +534,6 @@ _cross_attention_op.register_autograd(
 # -- functional ---------------------------------------------------------------------------------
 
 
-def _check_heads(C: int, num_heads: int) -> None:
-    if not isinstance(num_heads, int) or not 1 <= num_heads <= _MAX_HEADS:
-        raise ValueError(f"num_heads: expected an int in 1..{_MAX_HEADS}, got {num_heads!r}")
-    if C % num_heads:
-        raise ValueError(f"width C={C} is not divisible by num_heads={num_heads}")
-    d = C // num_heads
-    if not _HEAD_DIMS[0] <= d <= _HEAD_DIMS[1]:
-        raise ValueError(
-            f"head dim C / num_heads = {d}: expected {_HEAD_DIMS[0]}..{_HEAD_DIMS[1]} "
-            f"(C={C}, num_heads={num_heads})"
-        )
-
-
 def cross_attention(
     cls: Tensor,
     tokens: Tensor,
@@ -576,25 +560,8 @@ def cross_attention(
     Under autocast the GEMMs run in the autocast dtype and LayerNorm / softmax in fp32, and the
     output dtype is the reference's (cls + y promoted). Returns (B, C).
     """
-    check_tensor("cls", cls, ndim=2)
-    B, C = cls.shape
-    check_tensor("tokens", tokens, ndim=3, like=cls)
-    if tokens.shape[0] != B or tokens.shape[2] != C or tokens.shape[1] < 1:
-        raise ValueError(
-            f"tokens: expected shape ({B}, 1 + N, {C}) with N >= 0 (row 0 is ignored), "
-            f"got {tuple(tokens.shape)}"
-        )
-    _check_heads(C, num_heads)
-    if cls.device.type == "cuda" and C > _GPU_MAX_WIDTH:
-        raise ValueError(
-            f"width C={C}: the GPU kernels keep whole CLS rows in registers and support "
-            f"C <= {_GPU_MAX_WIDTH} (CrossViT's widths are <= 768)"
-        )
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("bq", bq), ("bk", bk),
-                    ("bv", bv), ("proj_bias", proj_bias)):  # fmt: skip
-        check_tensor(name, t, shape=(C,), like=cls, optional=True)
-    for name, t in (("wq", wq), ("wk", wk), ("wv", wv), ("proj_weight", proj_weight)):
-        check_tensor(name, t, shape=(C, C), like=cls)
+    check_args(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight,
+               proj_bias, num_heads)  # fmt: skip
     # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
     # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
     if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)

@@ -1,6 +1,7 @@
 """The token pass of `cross_attention` (crossvit_fast.ops.triton.cross_attention): its row access
-(device functions its forward and backward kernels share), its tile / split plan, and the cost
-formulas of its kernels (bytes and FLOPs per launch, for `crossvit_fast.cost`).
+(device functions its forward and backward kernels share), its tile / split plan, the limits its
+inputs must meet (`check_args`), and the cost formulas of its kernels (bytes and FLOPs per
+launch, for `crossvit_fast.cost`).
 
 The attended sequence of sample b is rows r = 0..N: row 0 is the CLS row (cls[b]), rows 1..N are
 tokens[b, 1..N] read in place. Every tile is BLOCK_N rows x BLOCK_C columns of it, never a whole
@@ -14,9 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import check_tensor
 from .utils import cdiv, esize, register_cost, sm_count
 
 __all__ = [
+    "MAX_HEADS",
+    "check_args",
     "gamma_chunk",
     "head_chunk",
     "mm",
@@ -28,6 +32,53 @@ __all__ = [
 ]
 
 _MIN_BLOCKS_PER_SPLIT = 2  # a split must amortise loading k~ and writing its (H x C) partial
+
+
+# -- input limits --------------------------------------------------------------------------------
+
+MAX_HEADS = 16  # the head axis is padded to one 16-wide tensor-core tile
+_HEAD_DIMS = (8, 128)
+# The token pass works in width chunks at any C, but the CLS-row LayerNorm kernels hold whole rows
+# in registers; the sm_90 toolchain tier checks them (zero spills) up to CrossViT's C = 768.
+_GPU_MAX_WIDTH = 1024
+
+
+def _check_heads(C: int, num_heads: int) -> None:
+    if not isinstance(num_heads, int) or not 1 <= num_heads <= MAX_HEADS:
+        raise ValueError(f"num_heads: expected an int in 1..{MAX_HEADS}, got {num_heads!r}")
+    if C % num_heads:
+        raise ValueError(f"width C={C} is not divisible by num_heads={num_heads}")
+    d = C // num_heads
+    if not _HEAD_DIMS[0] <= d <= _HEAD_DIMS[1]:
+        raise ValueError(
+            f"head dim C / num_heads = {d}: expected {_HEAD_DIMS[0]}..{_HEAD_DIMS[1]} "
+            f"(C={C}, num_heads={num_heads})"
+        )
+
+
+def check_args(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight,
+               proj_bias, num_heads) -> None:  # fmt: skip
+    """`cross_attention`'s argument checks (shapes, dtypes, devices, head layout, GPU width):
+    a ValueError that names what was expected and what came."""
+    check_tensor("cls", cls, ndim=2)
+    B, C = cls.shape
+    check_tensor("tokens", tokens, ndim=3, like=cls)
+    if tokens.shape[0] != B or tokens.shape[2] != C or tokens.shape[1] < 1:
+        raise ValueError(
+            f"tokens: expected shape ({B}, 1 + N, {C}) with N >= 0 (row 0 is ignored), "
+            f"got {tuple(tokens.shape)}"
+        )
+    _check_heads(C, num_heads)
+    if cls.device.type == "cuda" and C > _GPU_MAX_WIDTH:
+        raise ValueError(
+            f"width C={C}: the GPU kernels keep whole CLS rows in registers and support "
+            f"C <= {_GPU_MAX_WIDTH} (CrossViT's widths are <= 768)"
+        )
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("bq", bq), ("bk", bk),
+                    ("bv", bv), ("proj_bias", proj_bias)):  # fmt: skip
+        check_tensor(name, t, shape=(C,), like=cls, optional=True)
+    for name, t in (("wq", wq), ("wk", wk), ("wv", wv), ("proj_weight", proj_weight)):
+        check_tensor(name, t, shape=(C, C), like=cls)
 
 
 # -- device functions ------------------------------------------------------------------------------
