@@ -11,7 +11,7 @@ of which only the token pass touches the (B, N, C) tokens, and 21 backward — c
 cross_attention 13 (8 GEMMs / batched GEMMs, dq's head merge, the token pass, the CLS-row
 LayerNorm backward, one partial sum, the memset of the exactly-zero db_k), cls_proj 4 — against
 20 / 38 for the reference in eager mode, most of which read or write whole token tensors
-(checked by tests/test_triton_fusion.py::test_launch_count).
+(checked by tests/ops/test_cross_fusion.py::test_launch_count).
 """
 
 from __future__ import annotations

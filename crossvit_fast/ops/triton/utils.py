@@ -189,7 +189,7 @@ def prune_by_dtype(fp32: list, bit16: list, bit16_variant: list, is_variant):
 
 # erf-GELU constants: GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2, Phi' = pdf.
 # tl.constexpr: the GPU compiler rejects plain Python globals inside @triton.jit (the interpreter
-# does not, so only a real compile catches it — see tests/test_triton_mlp.py's H100 compile test).
+# does not, so only a real compile catches it: the sm_90 tier, tests/test_toolchain_triton.py).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 

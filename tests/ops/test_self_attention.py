@@ -3,6 +3,10 @@ residual in its epilogue) and its two registered GEMM ops, against the reference
 
 Interpreter-sized shapes on CPU; the 2x-of-PyTorch rule (tests/numerics.py) for the output and
 every gradient. Head dims 8..128 and 3 / 7 heads on purpose (CrossViT-18 has 7 heads).
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import torch
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import self_attention as tsa
 
-from .conftest import DEVICE
-from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
+from ..conftest import DEVICE
+from ..numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
+from . import KERNEL_BACKENDS, served
 
 EPS = 1e-6
 
@@ -37,6 +42,7 @@ def _fn(op, heads, residual=True):
     return lambda *a: op(*a, heads, EPS, residual)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "B, N, C, heads, residual, affine, bias",
     [
@@ -47,19 +53,22 @@ def _fn(op, heads, residual=True):
         (1, 197, 64, 1, True, True, True),  # 197 tokens, head dim 64
     ],
 )
-def test_self_attention_fp32(B, N, C, heads, residual, affine, bias):
+def test_self_attention_fp32(backend, B, N, C, heads, residual, affine, bias):
+    impl = served(backend, "self_attention")
     inputs = attn_inputs(B, N, C, affine=affine, bias=bias)
     check_against_reference(
-        _fn(tsa.self_attention, heads, residual), _fn(reference.self_attention, heads, residual),
+        _fn(impl, heads, residual), _fn(reference.self_attention, heads, residual),
         inputs, torch.float32, name="self_attention",
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_self_attention_16bit(dtype):
+def test_self_attention_16bit(backend, dtype):
+    impl = served(backend, "self_attention")
     inputs = attn_inputs(2, 5, 96, bias=True)
     check_against_reference(
-        _fn(tsa.self_attention, 3),
+        _fn(impl, 3),
         _fn(reference.self_attention, 3),
         inputs,
         dtype,
@@ -67,14 +76,16 @@ def test_self_attention_16bit(dtype):
     )
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [True, False])
-def test_self_attention_autocast_dtype(x_dtype, residual):
+def test_self_attention_autocast_dtype(backend, x_dtype, residual):
+    impl = served(backend, "self_attention")
     inputs = attn_inputs(2, 3, 32)
     x = inputs[0].to(x_dtype)
     params = [p.float().requires_grad_() for p in inputs[1:]]
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
-        ours = tsa.self_attention(x, *params, 4, EPS, residual)
+        ours = impl(x, *params, 4, EPS, residual)
         ref = reference.self_attention(x, *params, 4, EPS, residual)
     assert ours.dtype == ref.dtype
     ref64 = reference.self_attention(x.double(), *[p.double() for p in params], 4, EPS, residual)
@@ -179,15 +190,17 @@ def test_self_attention_torch_compile():
 # -- GPU tier ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "C, heads, N", [(224, 7, 401), (448, 7, 197), (192, 3, 401), (768, 12, 197)]
 )
-def test_self_attention_gpu_real_shapes(dtype, C, heads, N):
+def test_self_attention_gpu_real_shapes(backend, dtype, C, heads, N):
+    impl = served(backend, "self_attention")
     inputs = attn_inputs(4, N, C, device="cuda")
     check_against_reference(
-        _fn(tsa.self_attention, heads),
+        _fn(impl, heads),
         _fn(reference.self_attention, heads),
         inputs,
         dtype,

@@ -5,6 +5,10 @@ shapes stay tiny (each program instance costs milliseconds there) but keep the o
 kernels. fp32 and 16-bit results follow flash-attention's rule (tests/numerics.py): error
 against a float64 reference <= 2x PyTorch's error in the same dtype + a small dtype floor, for
 the output and every gradient. The `gpu` tier repeats this at CrossViT's real widths.
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import mlp as tmlp
 
-from .conftest import DEVICE, HAS_GPU
-from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
+from ..conftest import DEVICE, HAS_GPU
+from ..numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
+from . import KERNEL_BACKENDS, served
 
 EPS = 1e-6
 
@@ -42,6 +47,7 @@ def _mlp_fn(op, residual):
 # -- mlp -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "B, N, C, ratio, residual, affine, bias",
     [
@@ -53,10 +59,11 @@ def _mlp_fn(op, residual):
         (1, 401, 32, 1, False, True, False),  # 401 tokens
     ],
 )
-def test_mlp_fp32(B, N, C, ratio, residual, affine, bias):
+def test_mlp_fp32(backend, B, N, C, ratio, residual, affine, bias):
+    impl = served(backend, "mlp")
     inputs = mlp_inputs(B, N, C, C * ratio, affine=affine, bias=bias)
     check_against_reference(
-        _mlp_fn(tmlp.mlp, residual),
+        _mlp_fn(impl, residual),
         _mlp_fn(reference.mlp, residual),
         inputs,
         torch.float32,
@@ -72,26 +79,30 @@ def test_mlp_1157_tokens_forward():
     )
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, N, C, ratio", [(2, 5, 32, 4), (1, 3, 96, 3)])
-def test_mlp_16bit(dtype, B, N, C, ratio):
+def test_mlp_16bit(backend, dtype, B, N, C, ratio):
+    impl = served(backend, "mlp")
     inputs = mlp_inputs(B, N, C, C * ratio)
     check_against_reference(
-        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
+        _mlp_fn(impl, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
     )
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [True, False])
-def test_mlp_autocast_dtype(x_dtype, residual):
+def test_mlp_autocast_dtype(backend, x_dtype, residual):
     """Under autocast the output dtype (and its gradients' dtypes) equal the reference's; values
     by the 2x rule against the reference run under the same autocast."""
+    impl = served(backend, "mlp")
     inputs = mlp_inputs(2, 3, 32, 64)
     x = inputs[0].to(x_dtype)
     params = [p.float().requires_grad_() if p is not None else None for p in inputs[1:]]
     dev = torch.device(DEVICE).type
     with torch.autocast(dev, dtype=torch.bfloat16):
-        ours = tmlp.mlp(x, *params, EPS, residual)
+        ours = impl(x, *params, EPS, residual)
         ref = reference.mlp(x, *params, EPS, residual)
     assert ours.dtype == ref.dtype
     ref64 = reference.mlp(x.double(), *[p.double() for p in params], EPS, residual)
@@ -178,13 +189,15 @@ def test_mlp_torch_compile():
 # -- GPU tier: CrossViT's real widths, compiled with Inductor --------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C, ratio, N", [(224, 3, 401), (448, 3, 197), (384, 4, 197), (96, 4, 401)])
-def test_mlp_gpu_real_shapes(dtype, C, ratio, N):
+def test_mlp_gpu_real_shapes(backend, dtype, C, ratio, N):
+    impl = served(backend, "mlp")
     inputs = mlp_inputs(4, N, C, C * ratio, device="cuda")
     check_against_reference(
-        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
+        _mlp_fn(impl, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
     )
 
 

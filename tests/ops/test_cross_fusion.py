@@ -2,6 +2,10 @@
 .cross_fusion) against the reference ops, forward and every gradient, plus the launch count of one step.
 
 CPU: Triton's interpreter at tiny widths; GPU tier: crossvit_18's fusion shapes in bf16.
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from crossvit_fast.ops.triton import utils
 from crossvit_fast.ops.triton.cls_proj import cls_proj as triton_cls_proj
 from crossvit_fast.ops.triton.cross_fusion import cross_fusion as _triton_cross_fusion
 
-from .conftest import DEVICE
-from .numerics import FLOOR, assert_2x_rule
+from ..conftest import DEVICE
+from ..numerics import FLOOR, assert_2x_rule
+from . import KERNEL_BACKENDS, served
 
 EPS = 1e-6
 PROJ = ("x", "norm_weight", "norm_bias", "weight", "bias")
@@ -108,6 +113,7 @@ def check(fn_ours, fn_ref, names, inputs, dtype, out_shape, *extra):
 # -- cls_proj -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "shape,c_out",
     [
@@ -118,8 +124,9 @@ def check(fn_ours, fn_ref, names, inputs, dtype, out_shape, *extra):
         ((0, 32), 64),  # batch 0: empty output, zero weight gradients
     ],
 )
-def test_cls_proj_fp32(shape, c_out):
-    grads = check(triton_cls_proj, reference.cls_proj, PROJ, proj_inputs(shape, c_out),
+def test_cls_proj_fp32(backend, shape, c_out):
+    impl = served(backend, "cls_proj")
+    grads = check(impl, reference.cls_proj, PROJ, proj_inputs(shape, c_out),
                   torch.float32, (*shape[:-1], c_out), EPS)  # fmt: skip
     if shape[0] == 0:
         assert (grads["weight"] == 0).all() and (grads["norm_weight"] == 0).all()
@@ -146,19 +153,23 @@ def test_cls_proj_strided_rows():
     torch.testing.assert_close(seq.grad, seq_r.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cls_proj_half_precision(dtype):
-    check(triton_cls_proj, reference.cls_proj, PROJ, proj_inputs((6, 64), 96, seed=1), dtype,
+def test_cls_proj_half_precision(backend, dtype):
+    impl = served(backend, "cls_proj")
+    check(impl, reference.cls_proj, PROJ, proj_inputs((6, 64), 96, seed=1), dtype,
           (6, 96), EPS)  # fmt: skip
 
 
-def test_cls_proj_autocast():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cls_proj_autocast(backend):
     # timm under autocast: LayerNorm/GELU in fp32, the Linear in bf16 -> bf16 output
+    impl = served(backend, "cls_proj")
     inputs = proj_inputs((4, 32), 64, seed=2)
     grad_out = torch.randn(4, 64, dtype=torch.float64, device=DEVICE)
     out64, g64 = run(reference.cls_proj, PROJ, inputs, torch.float64, grad_out, EPS)
     out_t, g_t = run(reference.cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
-    out, grads = run(triton_cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
+    out, grads = run(impl, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
     assert out.dtype == out_t.dtype == torch.bfloat16
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
     for k, g in grads.items():
@@ -200,6 +211,7 @@ def test_cls_proj_opcheck():
 # -- cross_fusion -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "B,N,c_i,c_j,H",
     [
@@ -208,27 +220,30 @@ def test_cls_proj_opcheck():
         (2, 0, 16, 32, 2),  # no patch tokens: the CLS attends to itself
     ],
 )
-def test_cross_fusion_fp32(B, N, c_i, c_j, H):
-    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
+def test_cross_fusion_fp32(backend, B, N, c_i, c_j, H):
+    impl = flat(served(backend, "cross_fusion"))
+    check(impl, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
           torch.float32, (B, c_i), H, EPS)  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cross_fusion_half_precision(dtype):
-    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
+def test_cross_fusion_half_precision(backend, dtype):
+    impl = flat(served(backend, "cross_fusion"))
+    check(impl, ref_cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
           dtype, (4, 32), 4, EPS)  # fmt: skip
 
 
-def test_cross_fusion_autocast():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cross_fusion_autocast(backend):
+    impl = flat(served(backend, "cross_fusion"))
     inputs = fusion_inputs(3, 12, 32, 64, seed=2)
     grad_out = torch.randn(3, 32, dtype=torch.float64, device=DEVICE)
     out64, g64 = run(ref_cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
     out_t, g_t = run(
         ref_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS, autocast=True
     )
-    out, grads = run(
-        triton_cross_fusion, FUSION, inputs, torch.float32, grad_out, 4, EPS, autocast=True
-    )
+    out, grads = run(impl, FUSION, inputs, torch.float32, grad_out, 4, EPS, autocast=True)
     assert out.dtype == out_t.dtype == torch.bfloat16
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
     top = max(g.abs().max().item() for g in g64.values())
@@ -324,6 +339,7 @@ def test_launch_count(monkeypatch):
 # -- GPU tier ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
@@ -335,9 +351,10 @@ def test_launch_count(monkeypatch):
         (256, 196, 192, 384, 6),
     ],
 )
-def test_gpu_cross_fusion_real_shapes(B, N, c_i, c_j, H, dtype):
+def test_gpu_cross_fusion_real_shapes(backend, B, N, c_i, c_j, H, dtype):
     # crossvit_18 (both directions), crossvit_base-like at 577 tokens (batch 1), crossvit_15
-    check(triton_cross_fusion, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
+    impl = flat(served(backend, "cross_fusion"))
+    check(impl, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
           dtype, (B, c_i), H, EPS)  # fmt: skip
 
 

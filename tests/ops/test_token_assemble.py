@@ -1,6 +1,10 @@
 """The Triton `token_assemble` op (dagger stems: flatten + CLS + position embedding) against the
 reference: NCHW and channels_last stem outputs, h or w == 1, batch 0, mixed dtypes; the
 2x-of-PyTorch rule (tests/numerics.py) for the output and every gradient.
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import torch
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import token_assemble as tta
 
-from .conftest import DEVICE
-from .numerics import BWD_OPCHECK, check_against_reference
+from ..conftest import DEVICE
+from ..numerics import BWD_OPCHECK, check_against_reference
+from . import KERNEL_BACKENDS, served
 
 
 def ta_inputs(B, D, h, w, device=DEVICE):
@@ -20,6 +25,7 @@ def ta_inputs(B, D, h, w, device=DEVICE):
     return [r(B, D, h, w), r(1, 1, D), r(1, 1 + h * w, D)]
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "B, D, h, w, channels_last",
@@ -30,12 +36,13 @@ def ta_inputs(B, D, h, w, device=DEVICE):
         (3, 16, 2, 1, True),  # w == 1
     ],
 )
-def test_token_assemble(dtype, B, D, h, w, channels_last):
+def test_token_assemble(backend, dtype, B, D, h, w, channels_last):
+    impl = served(backend, "token_assemble")
     inputs = ta_inputs(B, D, h, w)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def ours(feat, cls, pos):
-        return tta.token_assemble(feat.contiguous(memory_format=fmt), cls, pos)
+        return impl(feat.contiguous(memory_format=fmt), cls, pos)
 
     check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")
 
@@ -76,12 +83,14 @@ def test_token_assemble_dtypes_errors_opcheck():
 # -- GPU tier ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_assemble_gpu(dtype):
+def test_token_assemble_gpu(backend, dtype):
+    impl = served(backend, "token_assemble")
     inputs = ta_inputs(8, 448, 14, 14, device="cuda")
 
     def ours(feat, cls, pos):
-        return tta.token_assemble(feat.contiguous(memory_format=torch.channels_last), cls, pos)
+        return impl(feat.contiguous(memory_format=torch.channels_last), cls, pos)
 
     check_against_reference(ours, reference.token_assemble, inputs, dtype, name="token_assemble")

@@ -3,6 +3,10 @@
 Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1). The
 2x-of-PyTorch rule (tests/numerics.py) for the output and every gradient; the `gpu` tier repeats
 it at CrossViT's real widths.
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import torch
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import layer_norm as tln
 
-from .conftest import DEVICE
-from .numerics import BWD_OPCHECK, check_against_reference
+from ..conftest import DEVICE
+from ..numerics import BWD_OPCHECK, check_against_reference
+from . import KERNEL_BACKENDS, served
 
 EPS = 1e-6
 
@@ -23,26 +28,26 @@ def _ln(op):
     return lambda x, w, b: op(x, w, b, EPS)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "shape, affine",
     [((2, 5, 32), True), ((1, 197, 96), True), ((3, 224), False), ((1, 1, 448), True)],
 )
-def test_layer_norm_fp32(shape, affine):
+def test_layer_norm_fp32(backend, shape, affine):
+    impl = served(backend, "layer_norm")
     C = shape[-1]
     r = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float64)
     inputs = [r(*shape) * 3 + 1, r(C) if affine else None, r(C) if affine else None]
-    check_against_reference(
-        _ln(tln.layer_norm), _ln(reference.layer_norm), inputs, torch.float32, name="ln"
-    )
+    check_against_reference(_ln(impl), _ln(reference.layer_norm), inputs, torch.float32, name="ln")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_layer_norm_16bit(dtype):
+def test_layer_norm_16bit(backend, dtype):
+    impl = served(backend, "layer_norm")
     r = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float64)
     inputs = [r(2, 7, 96) * 3 + 1, r(96), r(96)]
-    check_against_reference(
-        _ln(tln.layer_norm), _ln(reference.layer_norm), inputs, dtype, name="ln"
-    )
+    check_against_reference(_ln(impl), _ln(reference.layer_norm), inputs, dtype, name="ln")
 
 
 def test_layer_norm_noncontiguous_and_batch0():
@@ -56,12 +61,14 @@ def test_layer_norm_noncontiguous_and_batch0():
     assert empty.grad.shape == empty.shape
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_layer_norm_autocast_dtype(x_dtype):
+def test_layer_norm_autocast_dtype(backend, x_dtype):
+    impl = served(backend, "layer_norm")
     x = torch.randn(2, 3, 32, device=DEVICE, dtype=x_dtype)
     w = torch.randn(32, device=DEVICE)
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
-        assert tln.layer_norm(x, w, w, EPS).dtype == reference.layer_norm(x, w, w, EPS).dtype
+        assert impl(x, w, w, EPS).dtype == reference.layer_norm(x, w, w, EPS).dtype
 
 
 def test_layer_norm_errors():
@@ -99,11 +106,11 @@ def test_layer_norm_opcheck():
 # -- GPU tier: CrossViT's real widths ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_norm_gpu(dtype):
+def test_layer_norm_gpu(backend, dtype):
+    impl = served(backend, "layer_norm")
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float64)
     inputs = [r(8, 401, 448) * 3 + 1, r(448), r(448)]
-    check_against_reference(
-        _ln(tln.layer_norm), _ln(reference.layer_norm), inputs, dtype, name="ln"
-    )
+    check_against_reference(_ln(impl), _ln(reference.layer_norm), inputs, dtype, name="ln")

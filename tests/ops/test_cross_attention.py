@@ -5,6 +5,10 @@ On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1
 tiny but keep what breaks kernels: N = 0 (the CLS attends only to itself), 1, 2, 197, 400 rows;
 head dims 8..128; 1, 3, 7, 16 heads; widths that are multiples of 32 but not 64; batch 0 and 1;
 strided views. The GPU tier repeats the checks at CrossViT's real shapes.
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import cross_attention as ca
 from crossvit_fast.ops.triton import cross_attention_rows as rows_mod
 
-from .conftest import DEVICE
-from .numerics import FLOOR, assert_2x_rule
+from ..conftest import DEVICE
+from ..numerics import FLOOR, assert_2x_rule
+from . import KERNEL_BACKENDS, served
 
 EPS = 1e-6
 NAMES = ("cls", "tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv",
@@ -55,14 +60,14 @@ def run(fn, inputs: dict, dtype, grad_out, num_heads, **kw):
     return out.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
 
 
-def check_against_reference(inputs, H, dtype, **kw):
+def check_against_reference(inputs, H, dtype, impl=ca.cross_attention, **kw):
     """Our op in `dtype` vs the float64 reference, by the 2x-of-PyTorch-in-`dtype` rule, for the
     output and every gradient (db_k must be exactly 0)."""
     B, C = inputs["cls"].shape
     grad_out = torch.randn(B, C, dtype=torch.float64, device=DEVICE)
     out64, g64 = run(reference.cross_attention, inputs, torch.float64, grad_out, H, **kw)
     out_t, g_t = run(reference.cross_attention, inputs, dtype, grad_out, H, **kw)
-    out, grads = run(ca.cross_attention, inputs, dtype, grad_out, H, **kw)
+    out, grads = run(impl, inputs, dtype, grad_out, H, **kw)
     assert out.dtype == dtype
     assert_2x_rule(out, out_t, out64, "out")
     assert grads.keys() == g64.keys()
@@ -90,9 +95,11 @@ SHAPES = [  # (B, N, C, H)
 ]
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("B,N,C,H", SHAPES)
-def test_fp32_forward_backward(B, N, C, H):
-    check_against_reference(make_inputs(B, N, C, H), H, torch.float32)
+def test_fp32_forward_backward(backend, B, N, C, H):
+    impl = served(backend, "cross_attention")
+    check_against_reference(make_inputs(B, N, C, H), H, torch.float32, impl=impl)
 
 
 @pytest.mark.parametrize(
@@ -135,17 +142,21 @@ def test_fp32_strided_views():
         assert_2x_rule(a, t, r, name)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,N,C,H", [(3, 37, 64, 4), (1, 197, 32, 2)])
-def test_half_precision_2x_rule(B, N, C, H, dtype):
-    check_against_reference(make_inputs(B, N, C, H, seed=1), H, dtype)
+def test_half_precision_2x_rule(backend, B, N, C, H, dtype):
+    impl = served(backend, "cross_attention")
+    check_against_reference(make_inputs(B, N, C, H, seed=1), H, dtype, impl=impl)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("cls_dtype", [torch.float32, torch.bfloat16])
-def test_autocast(cls_dtype):
+def test_autocast(backend, cls_dtype):
     # Under autocast the GEMMs run in bf16, LayerNorm/softmax in fp32; the output dtype is the
     # reference's (timm's): the residual is the CLS as cat(cls, tokens) promotes it, so a bf16
     # cls (cls_proj's output, as cross_fusion passes it) with fp32 tokens gives an fp32 output.
+    impl = served(backend, "cross_attention")
     dev = torch.device(DEVICE).type
     B, N, C, H = 3, 20, 32, 4
     inputs = make_inputs(B, N, C, H, seed=2)
@@ -160,7 +171,7 @@ def test_autocast(cls_dtype):
         return out.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
 
     out_t, g_t = run_autocast(reference.cross_attention)
-    out, grads = run_autocast(ca.cross_attention)
+    out, grads = run_autocast(impl)
     assert out.dtype == out_t.dtype == torch.float32
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
     for k, g in grads.items():
@@ -266,11 +277,13 @@ GPU_SHAPES = [  # (B, N, C, H)
 ]
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,N,C,H", GPU_SHAPES)
-def test_gpu_real_shapes(B, N, C, H, dtype):
-    check_against_reference(make_inputs(B, N, C, H, seed=4), H, dtype)
+def test_gpu_real_shapes(backend, B, N, C, H, dtype):
+    impl = served(backend, "cross_attention")
+    check_against_reference(make_inputs(B, N, C, H, seed=4), H, dtype, impl=impl)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,10 @@ reference.
 Patch sizes 8 / 12 / 16 (fusion2 / CrossViT small / large branch), widths that are multiples of
 32 but not 64, batch 0 and 1, non-contiguous images. The 2x-of-PyTorch rule (tests/numerics.py)
 for the output and every gradient, the image's included.
+
+The numerics tests run for every kernel backend that serves the op here (`served`: the
+`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
+the Triton implementation's own contract.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import patch_embed as tpe
 
-from .conftest import DEVICE
-from .numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
+from ..conftest import DEVICE
+from ..numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
+from . import KERNEL_BACKENDS, served
 
 
 def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):
@@ -26,6 +31,7 @@ def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):
             r(1, 1, D) * 0.02, r(1, 1 + n, D) * 0.02]  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "B, C_in, H, W, D, p, bias",
     [
@@ -35,19 +41,18 @@ def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):
         (1, 2, 16, 16, 32, 16, True),  # a single patch (one token + CLS)
     ],
 )
-def test_patch_embed_fp32(B, C_in, H, W, D, p, bias):
+def test_patch_embed_fp32(backend, B, C_in, H, W, D, p, bias):
+    impl = served(backend, "patch_embed")
     inputs = pe_inputs(B, C_in, H, W, D, p, bias=bias)
-    check_against_reference(
-        tpe.patch_embed, reference.patch_embed, inputs, torch.float32, name="patch_embed"
-    )
+    check_against_reference(impl, reference.patch_embed, inputs, torch.float32, name="patch_embed")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_patch_embed_16bit(dtype):
+def test_patch_embed_16bit(backend, dtype):
+    impl = served(backend, "patch_embed")
     inputs = pe_inputs(2, 3, 24, 36, 96, 12)
-    check_against_reference(
-        tpe.patch_embed, reference.patch_embed, inputs, dtype, name="patch_embed"
-    )
+    check_against_reference(impl, reference.patch_embed, inputs, dtype, name="patch_embed")
 
 
 def test_patch_embed_noncontiguous_image_no_image_grad():
@@ -79,13 +84,15 @@ def test_patch_embed_batch0():
     assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(pos.grad) == 0
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_patch_embed_autocast_dtype(x_dtype):
+def test_patch_embed_autocast_dtype(backend, x_dtype):
+    impl = served(backend, "patch_embed")
     x, w, b, cls, pos = [t.float() for t in pe_inputs(2, 3, 16, 16, 32, 8)]
     x = x.to(x_dtype)
     params = [t.requires_grad_() for t in (w, b, cls, pos)]
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
-        ours = tpe.patch_embed(x, *params)
+        ours = impl(x, *params)
         ref = reference.patch_embed(x, *params)
     assert ours.dtype == ref.dtype
     ref64 = reference.patch_embed(x.double(), *[t.double() for t in params])
@@ -139,16 +146,16 @@ def test_patch_embed_torch_compile():
 # -- GPU tier ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "img, D, p", [(240, 224, 12), (224, 448, 16), (240, 96, 12), (224, 768, 16)]
 )
-def test_patch_embed_gpu_real_shapes(dtype, img, D, p):
+def test_patch_embed_gpu_real_shapes(backend, dtype, img, D, p):
+    impl = served(backend, "patch_embed")
     inputs = pe_inputs(4, 3, img, img, D, p, device="cuda")
-    check_against_reference(
-        tpe.patch_embed, reference.patch_embed, inputs, dtype, name="patch_embed"
-    )
+    check_against_reference(impl, reference.patch_embed, inputs, dtype, name="patch_embed")
 
 
 @pytest.mark.gpu
