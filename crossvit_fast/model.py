@@ -314,7 +314,9 @@ class MultiScaleBlock(nn.Module):
             c = blk(c, y_j if k == 0 else None, ops)
         return ops.cls_proj(c[:, 0], *_cls_proj_args(revert, ops), self.eps)
 
-    def forward(self, xs: list[Tensor], ops) -> list[Tensor]:
+    def forward(self, xs: list[Tensor], ops, cls_only: bool = False) -> list[Tensor]:
+        """xs: per branch (B, 1 + N_i, C_i) -> the same after this stage (`cls_only`: each
+        branch's new CLS alone, (B, 1, C_i), the token rows not re-assembled)."""
         ys = [self._run_blocks(x, seq, ops) for x, seq in zip(xs, self.blocks)]
         nb = self.num_branches
         outs = []
@@ -325,7 +327,8 @@ class MultiScaleBlock(nn.Module):
                 cls = checkpoint(self._fuse, i, ys[i], ys[(i + 1) % nb], ops, use_reentrant=False)
             else:
                 cls = self._fuse(i, ys[i], ys[(i + 1) % nb], ops)
-            outs.append(torch.cat([cls.unsqueeze(1), ys[i][:, 1:]], dim=1))
+            cls = cls.unsqueeze(1)
+            outs.append(cls if cls_only else torch.cat([cls, ys[i][:, 1:]], dim=1))
         return outs
 
 
@@ -353,13 +356,9 @@ class CrossViT(nn.Module):
         self.img_size_scaled = list(cfg.img_size)
         self.num_features = self.head_hidden_size = cfg.num_features
         # Direct parameters first, in timm's order: pos_embed_0, cls_token_0, pos_embed_1, ...
-        for i in range(nb):
-            setattr(
-                self,
-                f"pos_embed_{i}",
-                nn.Parameter(torch.zeros(1, 1 + cfg.num_patches[i], cfg.embed_dim[i])),
-            )
-            setattr(self, f"cls_token_{i}", nn.Parameter(torch.zeros(1, 1, cfg.embed_dim[i])))
+        for i, (n, d) in enumerate(zip(cfg.num_patches, cfg.embed_dim)):
+            setattr(self, f"pos_embed_{i}", nn.Parameter(torch.zeros(1, 1 + n, d)))
+            setattr(self, f"cls_token_{i}", nn.Parameter(torch.zeros(1, 1, d)))
         self.patch_embed = nn.ModuleList(
             PatchEmbed(
                 cfg.img_size[i], cfg.patch_size[i], cfg.in_chans, cfg.embed_dim[i], cfg.multi_conv
@@ -381,7 +380,6 @@ class CrossViT(nn.Module):
         self._init_weights()
         # One OpSets for the model and every submodule that runs ops (timm-style forwards).
         self._ops = backends.OpSets()
-        self._opsets = self._ops.cache  # device type -> OpSet
         for m in self.modules():
             if isinstance(m, (Block, CrossAttentionBlock)):
                 m._ops = self._ops
@@ -451,7 +449,7 @@ class CrossViT(nn.Module):
         """The backend asked for and, once resolved for the parameters' device, which backend
         serves each op (and each op's dropout variant)."""
         text = f"backend={self.backend!r}"
-        ops = self._opsets.get(self.cls_token_0.device.type)
+        ops = self._ops.cache.get(self.cls_token_0.device.type)
         if ops is not None:
             text += ", ops=(" + ", ".join(f"{op}={s}" for op, s in ops.sources.items()) + ")"
             drop = ", ".join(f"{op}={s}" for op, s in ops.dropout_sources.items())
@@ -527,8 +525,9 @@ class CrossViT(nn.Module):
                 "(convert one of them, or run under torch.autocast)"
             )
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """(B, C_in, H, W) -> list of normed token tensors [(B, 1 + N_i, D_i) per branch]."""
+    def forward_features(self, x: Tensor, *, _cls_only: bool = False) -> list[Tensor]:
+        """(B, C_in, H, W) -> list of normed token tensors [(B, 1 + N_i, D_i) per branch]
+        (`_cls_only`, for `forward`: the normed CLS rows alone, (B, 1, D_i))."""
         self._check_input(x)
         ops = self._bind_casts(self.opset(x.device), x)
         cfg = self.config
@@ -543,8 +542,8 @@ class CrossViT(nn.Module):
             if self.training and self.pos_drop > 0:
                 t = F.dropout(t, self.pos_drop)
             xs.append(t)
-        for stage in self.blocks:
-            xs = stage(xs, ops)
+        for k, stage in enumerate(self.blocks):
+            xs = stage(xs, ops, cls_only=_cls_only and k == len(self.blocks) - 1)
         return [ops.layer_norm(t, *_ln(n), n.eps) for t, n in zip(xs, self.norm)]
 
     def _gemm_params(self) -> list[Tensor]:
@@ -595,4 +594,8 @@ class CrossViT(nn.Module):
         return torch.mean(torch.stack([h(z) for h, z in zip(self.head, zs)], dim=0), dim=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        # Token pooling reads only the CLS rows: the last stage then skips re-assembling the token
+        # rows and the final LayerNorm normalises the CLS rows alone (LayerNorm is per row: the
+        # same values as normalising every row and selecting, without the (B, 1 + N, D) copies
+        # and norms forward and backward).
+        return self.forward_head(self.forward_features(x, _cls_only=self.global_pool != "avg"))

@@ -78,6 +78,29 @@ def test_forward_features_and_head():
     torch.testing.assert_close(logits, expect)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_forward_pooling_the_cls_rows_equals_forward_head_of_forward_features(backend):
+    """`forward` skips the last stage's token rows and normalises only the CLS rows (what token
+    pooling reads): the same logits (bitwise) and gradients as forward_head(forward_features)."""
+    torch.manual_seed(0)
+    m = CrossViT(SMALL.replace(depth=((1, 1, 0), (1, 1, 0))), backend=backend)
+    x = torch.randn(2, 3, 48, 48, requires_grad=True)
+
+    def run(fn):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fn(x)
+        (out * torch.arange(1.0, 6.0)).sum().backward()
+        return out.detach(), x.grad.clone(), [p.grad.clone() for p in m.parameters()]
+
+    out, gx, gp = run(m)
+    out_f, gx_f, gp_f = run(lambda t: m.forward_head(m.forward_features(t)))
+    assert torch.equal(out, out_f)
+    torch.testing.assert_close(gx, gx_f, rtol=1e-6, atol=1e-7)
+    for a, b in zip(gp, gp_f):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_num_classes_zero_gives_features_and_reset_classifier():
     m = small(num_classes=0).eval()
     x = torch.randn(2, 3, 48, 48)
