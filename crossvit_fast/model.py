@@ -594,8 +594,7 @@ class CrossViT(nn.Module):
         return torch.mean(torch.stack([h(z) for h, z in zip(self.head, zs)], dim=0), dim=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Token pooling reads only the CLS rows: the last stage then skips re-assembling the token
-        # rows and the final LayerNorm normalises the CLS rows alone (LayerNorm is per row: the
-        # same values as normalising every row and selecting, without the (B, 1 + N, D) copies
-        # and norms forward and backward).
+        # Token pooling reads only the CLS rows: the last stage skips re-assembling the token rows
+        # and the final LayerNorm normalises the CLS rows alone (it is per row: the same values,
+        # without the (B, 1 + N, D) copies and norms forward and backward).
         return self.forward_head(self.forward_features(x, _cls_only=self.global_pool != "avg"))
