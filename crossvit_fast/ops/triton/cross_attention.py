@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...backends import CrossAttentionParams
 from ..common import cast, compute_dtype
 from .cross_attention_rows import (
     MAX_HEADS,
@@ -560,8 +561,10 @@ def cross_attention(
     Under autocast the GEMMs run in the autocast dtype and LayerNorm / softmax in fp32, and the
     output dtype is the reference's (cls + y promoted). Returns (B, C).
     """
-    check_args(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight,
-               proj_bias, num_heads)  # fmt: skip
+    params = CrossAttentionParams(
+        norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias
+    )
+    check_args(cls, tokens, params, num_heads)
     # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
     # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
     if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backends import CrossAttentionParams
 from ..common import check_tensor
 from .utils import cdiv, esize, register_cost, sm_count
 
@@ -56,8 +57,7 @@ def _check_heads(C: int, num_heads: int) -> None:
         )
 
 
-def check_args(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight,
-               proj_bias, num_heads) -> None:  # fmt: skip
+def check_args(cls, tokens, params: CrossAttentionParams, num_heads: int) -> None:
     """`cross_attention`'s argument checks (shapes, dtypes, devices, head layout, GPU width):
     a ValueError that names what was expected and what came."""
     check_tensor("cls", cls, ndim=2)
@@ -74,11 +74,9 @@ def check_args(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj
             f"width C={C}: the GPU kernels keep whole CLS rows in registers and support "
             f"C <= {_GPU_MAX_WIDTH} (CrossViT's widths are <= 768)"
         )
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("bq", bq), ("bk", bk),
-                    ("bv", bv), ("proj_bias", proj_bias)):  # fmt: skip
-        check_tensor(name, t, shape=(C,), like=cls, optional=True)
-    for name, t in (("wq", wq), ("wk", wk), ("wv", wv), ("proj_weight", proj_weight)):
-        check_tensor(name, t, shape=(C, C), like=cls)
+    for name, t in params._asdict().items():
+        matrix = name.startswith("w") or name == "proj_weight"
+        check_tensor(name, t, shape=(C, C) if matrix else (C,), like=cls, optional=not matrix)
 
 
 # -- device functions ------------------------------------------------------------------------------
