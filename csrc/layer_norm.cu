@@ -24,6 +24,22 @@ template <int VEC>
 constexpr int kChunks = VEC == 8 ? 4 : 32;
 constexpr int kBlock = 256;  // threads per block; a row group is 32..256 of them
 
+// This thread's columns of the LayerNorm affine (w = 1, b = 0 where absent; 0 past C), read once
+// per block: Args is LnFwdArgs or LnBwdArgs (fields w, w_dt, b, b_dt, C).
+template <int VEC, typename Args>
+__device__ __forceinline__ void load_affine(const Args& a, int lanes, int li,
+                                            float (&w)[kChunks<VEC>][VEC],
+                                            float (&b)[kChunks<VEC>][VEC]) {
+#pragma unroll
+  for (int i = 0; i < kChunks<VEC>; ++i)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int c = (i * lanes + li) * VEC + k;
+      w[i][k] = c < a.C ? load_param_or(a.w, a.w_dt, c, 1.f) : 0.f;
+      b[i][k] = c < a.C ? load_param_or(a.b, a.b_dt, c, 0.f) : 0.f;
+    }
+}
+
 
 template <typename Tin, typename Tout, int VEC>
 __global__ void __launch_bounds__(kBlock) ln_fwd_kernel(LnFwdArgs a) {
@@ -32,14 +48,7 @@ __global__ void __launch_bounds__(kBlock) ln_fwd_kernel(LnFwdArgs a) {
   const int gpb = blockDim.x / lanes, C = a.C;
   constexpr int kMaxChunks = kChunks<VEC>;
   float w[kMaxChunks][VEC], b[kMaxChunks][VEC];
-#pragma unroll
-  for (int i = 0; i < kMaxChunks; ++i)
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int c = (i * lanes + li) * VEC + k;
-      w[i][k] = c < C ? load_param_or(a.w, a.w_dt, c, 1.f) : 0.f;
-      b[i][k] = c < C ? load_param_or(a.b, a.b_dt, c, 0.f) : 0.f;
-    }
+  load_affine<VEC>(a, lanes, li, w, b);
   // The trip count is uniform over the block (group_sum2 may synchronise the block).
   for (int64_t base = int64_t(blockIdx.x) * gpb; base < a.rows; base += int64_t(gridDim.x) * gpb) {
     const int64_t row = base + group;
@@ -105,16 +114,8 @@ __global__ void __launch_bounds__(kBlock) ln_bwd_kernel(LnBwdArgs a) {
   const int lanes = a.lanes, li = threadIdx.x % lanes, group = threadIdx.x / lanes;
   const int gpb = blockDim.x / lanes, C = a.C;
   constexpr int kMaxChunks = kChunks<VEC>;
-  float w[kMaxChunks][VEC], b[kMaxChunks][VEC], dw[kMaxChunks][VEC], db[kMaxChunks][VEC];
-#pragma unroll
-  for (int i = 0; i < kMaxChunks; ++i)
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int c = (i * lanes + li) * VEC + k;
-      w[i][k] = c < C ? load_param_or(a.w, a.w_dt, c, 1.f) : 0.f;
-      b[i][k] = c < C ? load_param_or(a.b, a.b_dt, c, 0.f) : 0.f;
-      dw[i][k] = db[i][k] = 0.f;
-    }
+  float w[kMaxChunks][VEC], b[kMaxChunks][VEC], dw[kMaxChunks][VEC] = {}, db[kMaxChunks][VEC] = {};
+  load_affine<VEC>(a, lanes, li, w, b);
   for (int64_t base = int64_t(blockIdx.x) * gpb; base < a.rows; base += int64_t(gridDim.x) * gpb) {
     const int64_t row = base + group;
     const bool valid = row < a.rows;
