@@ -24,8 +24,8 @@ class build_py_with_csrc(build_py):
         src = ROOT / "csrc"
         if src.is_dir() and not self.editable_mode:
             dst = Path(self.build_lib) / "crossvit_fast" / "_csrc"
-            shutil.copytree(src, dst, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*.o", "__pycache__", "emu"))  # fmt: skip
+            skip = shutil.ignore_patterns("*.o", "__pycache__", "emu")
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=skip)
 
 
 def _build_helpers():

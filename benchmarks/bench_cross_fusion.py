@@ -80,9 +80,13 @@ def _inputs(c_i: int, n_i: int, c_j: int, n_j: int, batch: int) -> tuple[list, l
             for _ in range(4):  # wq, wk, wv, proj
                 params += [_param(c_j, c_j, scale=c_j**-0.5), _param(c_j, scale=0.1)]
         else:  # projs / revert_projs: LayerNorm, Linear
-            params += [_param(c_in, scale=0.1, offset=1.0), _param(c_in, scale=0.1),
-                       _param(c_out, c_in, scale=c_in**-0.5), _param(c_out, scale=0.1)]  # fmt: skip
-    return [y_i[:, 0], tokens, *fusion_params(params)], [y_i, tokens, *params]
+            params += [
+                _param(c_in, scale=0.1, offset=1.0),
+                _param(c_in, scale=0.1),
+                _param(c_out, c_in, scale=c_in**-0.5),
+                _param(c_out, scale=0.1),
+            ]
+    return [y_i[:, 0], tokens, fusion_params(params)], [y_i, tokens, *params]
 
 
 def _runner(fn, args: list, grad_inputs: list, pass_: str):
@@ -109,8 +113,15 @@ def test_bench_cross_fusion(benchmark, model, fusion, batch):
     args, grad_inputs = _inputs(c_i, n_i, c_j, n_j, batch)
     args += [heads[j], EPS]
     token_bytes = batch * n_j * c_j * torch.finfo(DTYPE).bits // 8
-    case = {"model": model, "fusion": fusion, "batch": batch, "cls_width": c_i, "width": c_j,
-            "tokens": n_j + 1, "heads": heads[j]}  # fmt: skip
+    case = {
+        "model": model,
+        "fusion": fusion,
+        "batch": batch,
+        "cls_width": c_i,
+        "width": c_j,
+        "tokens": n_j + 1,
+        "heads": heads[j],
+    }
     hbm = harness.device_peaks().get("hbm_gbs")
     rows, triton_run = {}, None
     for name, fn in _impls().items():
@@ -118,8 +129,15 @@ def test_bench_cross_fusion(benchmark, model, fusion, batch):
             run = _runner(fn, args, grad_inputs, pass_)
             t = harness.time_ms(run, "cuda")
             gbs = TOKEN_PASSES[pass_] * token_bytes / (t["median_ms"] * 1e-3) / 1e9
-            row = {"op": "cross_fusion", **case, "dtype": str(DTYPE).replace("torch.", ""),
-                   "pass": pass_, "impl": name, **t, "gbs": gbs}  # fmt: skip
+            row = {
+                "op": "cross_fusion",
+                **case,
+                "dtype": str(DTYPE).replace("torch.", ""),
+                "pass": pass_,
+                "impl": name,
+                **t,
+                "gbs": gbs,
+            }
             if hbm:
                 row["pct_hbm_peak"] = 100 * gbs / hbm
             rows[(name, pass_)] = row

@@ -46,7 +46,8 @@ def _impls(op: str) -> dict:
             continue
         if ops.sources[op] == name:
             out[name] = ops.impls[op]
-    return out
+    # the cases list an op's parameters flat (the leaves the backward differentiates)
+    return {name: backends.flat_args(op, fn) for name, fn in out.items()}
 
 
 def _run(benchmark, bench: str, op: str, case: dict, make_args, nbytes: int, backward: bool):
@@ -67,14 +68,27 @@ def _run(benchmark, bench: str, op: str, case: dict, make_args, nbytes: int, bac
         t = harness.time_ms(step, "cuda")
         gbs = nbytes / (t["median_ms"] * 1e-3) / 1e9
         peak = harness.device_peaks().get("hbm_gbs")
-        rows[name] = {"op": op, "impl": name, "backward": backward, "dtype": str(DTYPE), **case,
-                      **t, "gb_per_s": gbs, "pct_hbm_peak": 100 * gbs / peak if peak else None}  # fmt: skip
+        rows[name] = {
+            "op": op,
+            "impl": name,
+            "backward": backward,
+            "dtype": str(DTYPE),
+            **case,
+            **t,
+            "gb_per_s": gbs,
+            "pct_hbm_peak": 100 * gbs / peak if peak else None,
+        }
     for row in rows.values():
         row["vs_reference"] = rows["reference"]["median_ms"] / row["median_ms"]
         row["vs_compiled"] = rows["reference_compiled"]["median_ms"] / row["median_ms"]
         harness.record(bench, row)
-    benchmark.extra_info.update({f"{n}_{k}": r[k] for n, r in rows.items()
-                                 for k in ("median_ms", "gb_per_s", "vs_reference", "vs_compiled")})  # fmt: skip
+    benchmark.extra_info.update(
+        {
+            f"{n}_{k}": r[k]
+            for n, r in rows.items()
+            for k in ("median_ms", "gb_per_s", "vs_reference", "vs_compiled")
+        }
+    )
     # pytest-benchmark's statistics: the CUDA op alone, synchronised, after the warm-up above
     benchmark.pedantic(lambda: (steps["cuda"](), torch.cuda.synchronize()), rounds=20, iterations=1)
 
@@ -98,8 +112,15 @@ def test_bench_cross_attention(benchmark, name, C, H, N1, _Ci, B, backward):
     # Bytes: the token tensor read once (forward), read twice + written once (backward).
     nbytes = B * N1 * C * DTYPE.itemsize * (3 if backward else 1)
     case = {"case": name, "B": B, "C": C, "heads": H, "rows": N1}
-    _run(benchmark, "cross_attention", "cross_attention", case,
-         lambda: _xattn_args(B, C, H, N1, backward), nbytes, backward)  # fmt: skip
+    _run(
+        benchmark,
+        "cross_attention",
+        "cross_attention",
+        case,
+        lambda: _xattn_args(B, C, H, N1, backward),
+        nbytes,
+        backward,
+    )
 
 
 @pytest.mark.parametrize("B", BATCHES)
@@ -111,9 +132,18 @@ def test_bench_cross_fusion(benchmark, name, C, H, N1, Ci, B):
         def p(*shape, scale=1.0):
             return (torch.randn(*shape, device=dev) * scale).to(DTYPE)
 
-        flat = [p(Ci), p(Ci), p(C, Ci, scale=Ci**-0.5), p(C), *_xattn_args(B, C, H, N1, False)[2:12],
-                p(C), p(C), p(Ci, C, scale=C**-0.5), p(Ci)]  # fmt: skip
-        return [p(B, Ci), p(B, N1, C), *backends.fusion_params(flat), H, 1e-6]
+        flat = [
+            p(Ci),
+            p(Ci),
+            p(C, Ci, scale=Ci**-0.5),
+            p(C),
+            *_xattn_args(B, C, H, N1, False)[2:12],
+            p(C),
+            p(C),
+            p(Ci, C, scale=C**-0.5),
+            p(Ci),
+        ]
+        return [p(B, Ci), p(B, N1, C), *flat, H, 1e-6]
 
     nbytes = B * N1 * C * DTYPE.itemsize
     case = {"case": name, "B": B, "C": C, "heads": H, "rows": N1}
@@ -166,9 +196,13 @@ def test_bench_mlp(benchmark, C, N, ratio, B):
 def test_bench_patch_embed(benchmark, D, img, p, B):
     def make():
         n = (img // p) ** 2
-        return [torch.randn(B, 3, img, img, device="cuda", dtype=DTYPE),
-                (torch.randn(D, 3, p, p, device="cuda") * 0.02).to(DTYPE), torch.zeros(D, device="cuda", dtype=DTYPE),
-                torch.zeros(1, 1, D, device="cuda", dtype=DTYPE), torch.zeros(1, 1 + n, D, device="cuda", dtype=DTYPE)]  # fmt: skip
+        return [
+            torch.randn(B, 3, img, img, device="cuda", dtype=DTYPE),
+            (torch.randn(D, 3, p, p, device="cuda") * 0.02).to(DTYPE),
+            torch.zeros(D, device="cuda", dtype=DTYPE),
+            torch.zeros(1, 1, D, device="cuda", dtype=DTYPE),
+            torch.zeros(1, 1 + n, D, device="cuda", dtype=DTYPE),
+        ]
 
     nbytes = (B * 3 * img * img + 2 * B * (1 + (img // p) ** 2) * D) * DTYPE.itemsize
     case = {"B": B, "D": D, "img": img, "patch": p}

@@ -17,7 +17,7 @@ Goal (H100, bf16, crossvit_18 batch 256): forward + backward >= 1.25x the refere
 from __future__ import annotations
 
 import pytest
-from op_bench import CASES, EPS, MODELS, TOKENS, bench, param
+from op_bench import CASES, EPS, MODELS, TOKENS, bench, block_params, param
 
 
 @pytest.mark.parametrize("model, branch, batch", CASES)
@@ -27,9 +27,7 @@ def test_bench_mlp(benchmark, model, branch, batch):
     Hd = C * ratio
     M = batch * N
     x = param(batch, N, C)
-    params = [param(C, scale=0.1) + 1, param(C, scale=0.1), param(Hd, C, scale=C**-0.5), param(Hd, scale=0.1),
-              param(C, Hd, scale=Hd**-0.5), param(C, scale=0.1)]  # fmt: skip
-    params = [p.detach().requires_grad_() for p in params]
+    params = block_params(C, Hd, Hd)
     fwd = 4 * M * C * Hd
     case = {"model": model, "branch": branch, "batch": batch, "tokens": N, "width": C, "hidden": Hd}
     bench(

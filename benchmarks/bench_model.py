@@ -50,13 +50,21 @@ GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 FAST = tuple(b for b in backends.BACKENDS if b != "reference")
-IMPLS = ("timm", "reference", "reference_compiled",
-         *(f"{b}{s}" for b in FAST for s in ("", "_compiled")), "auto")  # fmt: skip
+IMPLS = (
+    "timm",
+    "reference",
+    "reference_compiled",
+    *(f"{b}{s}" for b in FAST for s in ("", "_compiled")),
+    "auto",
+)
 DEFAULTS = {
-    True: {"model": "crossvit_9_240,crossvit_18_240,crossvit_18_dagger_240",
-           "batch": "1,64,256", "impl": ",".join(IMPLS)},
+    True: {
+        "model": "crossvit_9_240,crossvit_18_240,crossvit_18_dagger_240",
+        "batch": "1,64,256",
+        "impl": ",".join(IMPLS),
+    },
     False: {"model": "crossvit_tiny_240", "batch": "2", "impl": "timm,reference"},
-}  # fmt: skip
+}
 BASELINES = ("reference", "reference_compiled")
 
 
@@ -228,16 +236,27 @@ def test_model_step(benchmark, request, model_name, batch, dtype, mode, impl):
     key = (model_name, batch, dtype, mode)
     config._bench_model_medians[(*key, impl)] = timing["median_ms"]
     base = _baselines(config, key, warmup, rounds)
-    info = {"impl": impl, "model": model_name, "batch": batch, "dtype": dtype, "mode": mode,
-            "device": harness.environment()["device"], **timing,
-            "images_per_s": batch / (timing["median_ms"] / 1e3)}  # fmt: skip
+    info = {
+        "impl": impl,
+        "model": model_name,
+        "batch": batch,
+        "dtype": dtype,
+        "mode": mode,
+        "device": harness.environment()["device"],
+        **timing,
+        "images_per_s": batch / (timing["median_ms"] / 1e3),
+    }
     for b, ms in base.items():
         info[f"ratio_vs_{b}"] = ms / timing["median_ms"] if ms else None
     est = _ledger(config, model_name, batch, dtype, mode, impl)
     if est:
         s = timing["median_ms"] / 1e3
-        info.update(est_ms=est["est_ms"], est_launches=est["launches"],
-                    gbs=est["dram_bytes"] / s / 1e9, tflops=est["flops"] / s / 1e12)  # fmt: skip
+        info.update(
+            est_ms=est["est_ms"],
+            est_launches=est["launches"],
+            gbs=est["dram_bytes"] / s / 1e9,
+            tflops=est["flops"] / s / 1e12,
+        )
     benchmark.extra_info.update(info)
     config._bench_model_rows.append(info)
     # pytest-benchmark's own statistics: a few more steps (synchronised), no warm-up needed.

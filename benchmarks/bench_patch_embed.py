@@ -26,8 +26,12 @@ def test_bench_patch_embed(benchmark, model, branch, batch):
     img, p = BRANCHES[branch]
     N, K = (img // p) ** 2, 3 * p * p
     x = torch.randn(batch, 3, img, img, device="cuda", dtype=DTYPE)
-    params = [torch.randn(D, 3, p, p, device="cuda") * K**-0.5, torch.randn(D, device="cuda") * 0.1,
-              torch.randn(1, 1, D, device="cuda") * 0.02, torch.randn(1, 1 + N, D, device="cuda") * 0.02]  # fmt: skip
+    params = [
+        torch.randn(D, 3, p, p, device="cuda") * K**-0.5,
+        torch.randn(D, device="cuda") * 0.1,
+        torch.randn(1, 1, D, device="cuda") * 0.02,
+        torch.randn(1, 1 + N, D, device="cuda") * 0.02,
+    ]
     params = [t.to(DTYPE).requires_grad_() for t in params]
     e = torch.finfo(DTYPE).bits // 8
     image, tokens = batch * 3 * img * img * e, batch * (1 + N) * D * e

@@ -15,7 +15,7 @@ FLOPs (flash backward).
 from __future__ import annotations
 
 import pytest
-from op_bench import CASES, EPS, MODELS, TOKENS, bench, param
+from op_bench import CASES, EPS, MODELS, TOKENS, bench, block_params, param
 
 
 @pytest.mark.parametrize("model, branch, batch", CASES)
@@ -24,9 +24,7 @@ def test_bench_self_attention(benchmark, model, branch, batch):
     C, N = widths[branch], TOKENS[branch]
     M = batch * N
     x = param(batch, N, C)
-    params = [param(C, scale=0.1) + 1, param(C, scale=0.1), param(3 * C, C, scale=C**-0.5), param(3 * C, scale=0.1),
-              param(C, C, scale=C**-0.5), param(C, scale=0.1)]  # fmt: skip
-    params = [p.detach().requires_grad_() for p in params]
+    params = block_params(C, 3 * C, C)
     gemm, attn = 8 * M * C * C, 4 * batch * N * N * C
     flops = {"fwd": gemm + attn, "fwd+bwd": 3 * gemm + 3.5 * attn}
     case = {

@@ -48,17 +48,25 @@ def _harness_extra_info(request):
 def _op_rows_table(tr) -> None:
     """The op benchmarks' rows (harness.record) as one table."""
     import harness
+    from gpu_session_summary import MEASURE_KEYS
 
     if not harness.SESSION_ROWS:
         return
     tr.section("op benchmarks (ratios measured in this run)")
-    skip = {"bench", "op", "impl", "pass", "backward", "dtype", "median_ms", "p20_ms", "p80_ms",
-            "gbs", "gb_per_s", "tflops", "vs_reference", "vs_compiled", "speedup_vs_eager",
-            "speedup_vs_compiled", "pct_hbm_peak", "pct_bf16_peak"}  # fmt: skip
+    skip = MEASURE_KEYS | {
+        "vs_compiled",
+        "speedup_vs_eager",
+        "speedup_vs_compiled",
+        "pct_hbm_peak",
+        "pct_bf16_peak",
+    }
     for r in harness.SESSION_ROWS:
         case = " ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
-        rate = (f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r
-                else f"{r.get('gbs', r.get('gb_per_s', 0)):.0f} GB/s")  # fmt: skip
+        rate = (
+            f"{r['tflops']:.1f} TFLOP/s"
+            if "tflops" in r
+            else f"{r.get('gbs', r.get('gb_per_s', 0)):.0f} GB/s"
+        )
         eager = r.get("speedup_vs_eager", r.get("vs_reference"))
         comp = r.get("speedup_vs_compiled", r.get("vs_compiled"))
         tr.write_line(

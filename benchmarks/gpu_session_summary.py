@@ -20,10 +20,26 @@ import time
 from pathlib import Path
 
 STAGE_FIELDS = ("name", "status", "rc", "seconds", "budget", "log", "note")
-# bench row keys that are not part of the case description
-_NOT_CASE = {"bench", "device", "torch", "triton", "cuda", "commit", "date", "op", "impl", "pass",
-             "backward", "dtype", "median_ms", "p20_ms", "p80_ms", "gbs", "gb_per_s", "tflops",
-             "vs_reference"}  # fmt: skip
+# bench row keys (harness.record) naming what ran and what it measured, not the case: left out of
+# the case column here and in benchmarks/conftest.py's end-of-session table
+MEASURE_KEYS = {
+    "bench",
+    "op",
+    "impl",
+    "pass",
+    "backward",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbs",
+    "gb_per_s",
+    "tflops",
+    "vs_reference",
+}
+# bench row keys that are not part of the case description: the above and the environment that
+# harness.record adds to a results file's rows
+_NOT_CASE = MEASURE_KEYS | {"device", "torch", "triton", "cuda", "commit", "date"}
 
 
 def read_stages(path: Path) -> list[dict]:
@@ -60,8 +76,11 @@ def bench_table(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         pass_ = r.get("pass") or ("fwd+bwd" if r.get("backward") else "fwd")
-        case = " ".join(f"{k}={v}" for k, v in r.items() if k not in _NOT_CASE
-                        and not k.startswith(("pct_", "speedup_")))  # fmt: skip
+        case = " ".join(
+            f"{k}={v}"
+            for k, v in r.items()
+            if k not in _NOT_CASE and not k.startswith(("pct_", "speedup_"))
+        )
         if "tflops" in r:
             rate = f"{r['tflops']:.1f} TFLOP/s"
         elif "gbs" in r or "gb_per_s" in r:
@@ -70,14 +89,33 @@ def bench_table(rows: list[dict]) -> list[list[str]]:
             rate = ""
         eager = r.get("speedup_vs_eager", r.get("vs_reference"))
         comp = r.get("speedup_vs_compiled")
-        out.append([r.get("op", r.get("bench", "?")), case, pass_, r.get("impl", "?"),
-                    f"{r['median_ms']:.3f}", rate, f"{eager:.2f}" if eager else "",
-                    f"{comp:.2f}" if comp else ""])  # fmt: skip
+        out.append(
+            [
+                r.get("op", r.get("bench", "?")),
+                case,
+                pass_,
+                r.get("impl", "?"),
+                f"{r['median_ms']:.3f}",
+                rate,
+                f"{eager:.2f}" if eager else "",
+                f"{comp:.2f}" if comp else "",
+            ]
+        )
     return out
 
 
-MODEL_HEADER = ["model", "B", "mode", "impl", "measured ms", "est ms", "est / measured", "x eager",
-                "x compiled", "img/s"]  # fmt: skip
+MODEL_HEADER = [
+    "model",
+    "B",
+    "mode",
+    "impl",
+    "measured ms",
+    "est ms",
+    "est / measured",
+    "x eager",
+    "x compiled",
+    "img/s",
+]
 
 
 def model_table(path: Path) -> list[list[str]]:
@@ -86,11 +124,22 @@ def model_table(path: Path) -> list[list[str]]:
         return []
     rows = [b.get("extra_info", {}) for b in json.loads(path.read_text()).get("benchmarks", [])]
     f = lambda v, spec: format(v, spec) if v is not None else ""
-    return [[r["model"], str(r["batch"]), f"{r['dtype']} {r['mode']}", r["impl"],
-             f(r["median_ms"], ".2f"), f(r.get("est_ms"), ".2f"),
-             f(r["est_ms"] / r["median_ms"] if r.get("est_ms") else None, ".2f"),
-             f(r.get("ratio_vs_reference"), ".2f"), f(r.get("ratio_vs_reference_compiled"), ".2f"),
-             f(r["images_per_s"], ".0f")] for r in rows if "impl" in r]  # fmt: skip
+    return [
+        [
+            r["model"],
+            str(r["batch"]),
+            f"{r['dtype']} {r['mode']}",
+            r["impl"],
+            f(r["median_ms"], ".2f"),
+            f(r.get("est_ms"), ".2f"),
+            f(r["est_ms"] / r["median_ms"] if r.get("est_ms") else None, ".2f"),
+            f(r.get("ratio_vs_reference"), ".2f"),
+            f(r.get("ratio_vs_reference_compiled"), ".2f"),
+            f(r["images_per_s"], ".0f"),
+        ]
+        for r in rows
+        if "impl" in r
+    ]
 
 
 def _probe(cmd: list[str], timeout: float = 30) -> str | None:
@@ -155,8 +204,14 @@ def main(argv: list[str]) -> int:
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
     env = environment()
     counts = pytest_counts(tests_log)
-    session = {"dry_run": dry_run, "environment": env, "stages": stages, "tests": counts,
-               "failed_tests": failed_tests(tests_log), "bench_rows": len(rows)}  # fmt: skip
+    session = {
+        "dry_run": dry_run,
+        "environment": env,
+        "stages": stages,
+        "tests": counts,
+        "failed_tests": failed_tests(tests_log),
+        "bench_rows": len(rows),
+    }
     (outdir / "session.json").write_text(json.dumps(session, indent=1) + "\n")
 
     stage_rows = [
@@ -167,12 +222,21 @@ def main(argv: list[str]) -> int:
     bench_header = ["op", "case", "pass", "impl", "median ms", "rate", "x eager", "x compiled"]
     brows = bench_table(rows)
     title = "GPU session" + (" (dry run: plumbing only, nothing measured)" if dry_run else "")
-    md = [f"# {title}", "",
-          f"{env.get('device', 'no GPU')} · torch {env.get('torch')} (CUDA {env.get('torch_cuda')}) · "
-          f"triton {env.get('triton')} · {env.get('nvcc') or 'no nvcc'} · commit {env.get('commit')} · "
-          f"{env['date']}", "", "## Stages", "", _md_table(stage_header, stage_rows), "",
-          "## GPU tests (`pytest -m gpu tests`)", "",
-          ", ".join(f"{v} {k}" for k, v in counts.items()) or "no pytest summary in tests.log"]  # fmt: skip
+    md = [
+        f"# {title}",
+        "",
+        f"{env.get('device', 'no GPU')} · torch {env.get('torch')} (CUDA {env.get('torch_cuda')}) · "
+        f"triton {env.get('triton')} · {env.get('nvcc') or 'no nvcc'} · commit {env.get('commit')} · "
+        f"{env['date']}",
+        "",
+        "## Stages",
+        "",
+        _md_table(stage_header, stage_rows),
+        "",
+        "## GPU tests (`pytest -m gpu tests`)",
+        "",
+        ", ".join(f"{v} {k}" for k, v in counts.items()) or "no pytest summary in tests.log",
+    ]
     md += [f"- `{t}`" for t in session["failed_tests"]]
     md += ["", "## Op benchmarks (`--bench-quick`)", ""]
     md.append(_md_table(bench_header, brows) if brows else "no benchmark rows recorded")
@@ -188,8 +252,12 @@ def main(argv: list[str]) -> int:
     print(_text_table(stage_header[:5], [r[:5] for r in stage_rows]))
     print("tests: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "no summary"))
     if brows:  # short: the op, impl and ratios of each row
-        print(_text_table(["op", "pass", "impl", "ms", "x eager", "x compiled"],
-                          [[r[0], r[2], r[3], r[4], r[6], r[7]] for r in brows[:24]]))  # fmt: skip
+        print(
+            _text_table(
+                ["op", "pass", "impl", "ms", "x eager", "x compiled"],
+                [[r[0], r[2], r[3], r[4], r[6], r[7]] for r in brows[:24]],
+            )
+        )
     if mrows:
         print(_text_table(MODEL_HEADER, mrows))
     return 0

@@ -33,15 +33,18 @@ CASES = [
 def impls(op: str) -> dict:
     """reference eager, reference under torch.compile, and the Triton backend's op (from the
     backend table, so the benchmark times exactly what the model runs)."""
+    from crossvit_fast.backends import flat_args
     from crossvit_fast.ops import reference
     from crossvit_fast.ops import triton as triton_backend
 
     ref = getattr(reference, op)
-    return {
+    impls = {
         "reference": ref,
         "reference_compiled": torch.compile(ref, fullgraph=True, dynamic=False),
         "triton": triton_backend.ops()[op],
     }
+    # the cases list an op's parameters flat (grad_inputs are those same leaves)
+    return {name: flat_args(op, fn) for name, fn in impls.items()}
 
 
 def time_pass(fn, args, grad_inputs, backward: bool) -> dict:
@@ -59,16 +62,29 @@ def time_pass(fn, args, grad_inputs, backward: bool) -> dict:
     return harness.time_ms(run, "cuda"), run
 
 
-def bench(benchmark, op: str, case: dict, args: list, grad_inputs: list, flops: dict | None,
-           bytes_: dict | None) -> None:  # fmt: skip
+def bench(
+    benchmark,
+    op: str,
+    case: dict,
+    args: list,
+    grad_inputs: list,
+    flops: dict | None,
+    bytes_: dict | None,
+) -> None:
     peaks = harness.device_peaks()
     rows = {}
     triton_run = None
     for name, fn in impls(op).items():
         for pass_ in ("fwd", "fwd+bwd"):
             t, run = time_pass(fn, args, grad_inputs, backward=pass_ == "fwd+bwd")
-            row = {"op": op, **case, "dtype": str(DTYPE).replace("torch.", ""), "pass": pass_,
-                   "impl": name, **t}  # fmt: skip
+            row = {
+                "op": op,
+                **case,
+                "dtype": str(DTYPE).replace("torch.", ""),
+                "pass": pass_,
+                "impl": name,
+                **t,
+            }
             sec = t["median_ms"] * 1e-3
             if flops is not None:
                 row["tflops"] = flops[pass_] / sec / 1e12
@@ -95,3 +111,12 @@ def bench(benchmark, op: str, case: dict, args: list, grad_inputs: list, flops: 
 
 def param(*shape, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).to(DTYPE).requires_grad_()
+
+
+def block_params(C: int, h1: int, h2: int) -> list:
+    """A ViT block half's weights, as leaf tensors: a LayerNorm's affine (C,), a Linear C -> h1
+    and a Linear h2 -> C with biases (mlp: h1 = h2 = hidden; self_attention: h1 = 3C, h2 = C)."""
+    params = [param(C, scale=0.1) + 1, param(C, scale=0.1)]
+    params += [param(h1, C, scale=C**-0.5), param(h1, scale=0.1)]
+    params += [param(C, h2, scale=h2**-0.5), param(C, scale=0.1)]
+    return [p.detach().requires_grad_() for p in params]

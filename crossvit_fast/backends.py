@@ -42,9 +42,31 @@ OPS = (
     "cast_params",  # autocast's casts of the GEMM weights / biases, once per forward
 )
 
-# -- parameter groups of the fusion step ----------------------------------------------------------
-# Immutable tuples of tensors (NamedTuple: torch.compile and pytrees take them as they are, and
-# `*group` passes them on to the per-sub-layer ops in the reference's argument order).
+# -- parameter groups: what the ops with several weights take ------------------------------------
+# Immutable tuples of tensors, one per sub-layer (NamedTuple: torch.compile and pytrees take them
+# as they are, and `*group` passes them on to a registered op in its argument order).
+
+
+class SelfAttentionParams(NamedTuple):
+    """Block.norm1 affine (C,) or None; attn.qkv (3C, C) + bias (3C,), attn.proj (C, C) + bias."""
+
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    qkv_weight: Tensor
+    qkv_bias: Tensor | None
+    proj_weight: Tensor
+    proj_bias: Tensor | None
+
+
+class MlpParams(NamedTuple):
+    """Block.norm2 affine (C,) or None; mlp.fc1 (Hd, C) + bias (Hd,), mlp.fc2 (C, Hd) + bias."""
+
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    fc1_weight: Tensor
+    fc1_bias: Tensor | None
+    fc2_weight: Tensor
+    fc2_bias: Tensor | None
 
 
 class ClsProjParams(NamedTuple):
@@ -71,13 +93,56 @@ class CrossAttentionParams(NamedTuple):
     proj_bias: Tensor | None
 
 
-def fusion_params(flat) -> tuple[ClsProjParams, CrossAttentionParams, ClsProjParams]:
-    """(proj, attn, revert) from the 18 parameters of one fusion step listed flat, in that order
-    (4 + 10 + 4): how tests and benchmarks build them."""
+class FusionParams(NamedTuple):
+    """One fusion step of branch i: projs[i] (C_i -> C_j), fusion[i] (width C_j), revert_projs[i]
+    (C_j -> C_i)."""
+
+    proj: ClsProjParams
+    attn: CrossAttentionParams
+    revert: ClsProjParams
+
+
+def as_params(kind: type, params) -> tuple:
+    """`params` as the parameter group `kind` (one of the NamedTuples above); a plain tuple or
+    list of the same fields, in order, is accepted. ValueError naming the fields otherwise."""
+    if isinstance(params, kind):
+        return params
+    if not isinstance(params, (tuple, list)) or len(params) != len(kind._fields):
+        got = f"{len(params)} items" if isinstance(params, (tuple, list)) else type(params).__name__
+        raise ValueError(f"params: expected {kind.__name__}{kind._fields}, got {got}")
+    return kind(*params)
+
+
+# The ops that take parameter groups: (leading tensors, flat parameters, how they are grouped).
+_GROUPED = {
+    "mlp": (1, 6, lambda p: MlpParams(*p)),
+    "self_attention": (1, 6, lambda p: SelfAttentionParams(*p)),
+    "cls_proj": (1, 4, lambda p: ClsProjParams(*p)),
+    "cross_attention": (2, 10, lambda p: CrossAttentionParams(*p)),
+    "cross_fusion": (2, 18, lambda p: fusion_params(p)),
+}
+
+
+def flat_args(op: str, fn: Callable) -> Callable:
+    """`fn`, an implementation of the table op `op`, taking its parameters listed flat after the
+    leading tensors, in the groups' field order: how tests and benchmarks build (and
+    differentiate) them, e.g. `flat_args("mlp", ops.mlp)(x, nw, nb, w1, b1, w2, b2, eps)`. An
+    op without parameter groups: `fn` itself."""
+    if op not in _GROUPED:
+        return fn
+    lead, n, group = _GROUPED[op]
+    return lambda *a, **kw: fn(*a[:lead], group(a[lead : lead + n]), *a[lead + n :], **kw)
+
+
+def fusion_params(flat) -> FusionParams:
+    """FusionParams from the 18 parameters of one fusion step listed flat, in the order
+    proj, attn, revert (4 + 10 + 4): how tests and benchmarks build them."""
     flat = tuple(flat)
     if len(flat) != 18:
         raise ValueError(f"expected 18 fusion parameters (4 + 10 + 4), got {len(flat)}")
-    return ClsProjParams(*flat[:4]), CrossAttentionParams(*flat[4:14]), ClsProjParams(*flat[14:])
+    return FusionParams(
+        ClsProjParams(*flat[:4]), CrossAttentionParams(*flat[4:14]), ClsProjParams(*flat[14:])
+    )
 
 
 _BACKEND_MODULES = {

@@ -70,18 +70,55 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # Aten ops that launch no kernel: allocation, metadata, host-side scalars. (View ops are
 # recognised by their schema: `OpOverload.is_view`.)
 _NO_LAUNCH = {
-    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
-    "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "resize_", "set_", "alias",
-    "_unsafe_view", "view", "as_strided", "_reshape_alias", "unbind", "split", "split_with_sizes",
-    "chunk", "expand", "t", "transpose", "permute", "select", "slice", "unsqueeze", "squeeze",
-    "sym_size", "sym_stride", "sym_numel", "is_same_size", "result_type",
-}  # fmt: skip
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "lift_fresh",
+    "lift_fresh_copy",
+    "_local_scalar_dense",
+    "resize_",
+    "set_",
+    "alias",
+    "_unsafe_view",
+    "view",
+    "as_strided",
+    "_reshape_alias",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "expand",
+    "t",
+    "transpose",
+    "permute",
+    "select",
+    "slice",
+    "unsqueeze",
+    "squeeze",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "is_same_size",
+    "result_type",
+}
 
 # Ops whose tensor arguments are not read: factories "like" a tensor and fills.
 _WRITE_ONLY = {
-    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "zero_",
-    "fill_", "uniform_", "normal_", "random_",
-}  # fmt: skip
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "rand_like",
+    "randn_like",
+    "zero_",
+    "fill_",
+    "uniform_",
+    "normal_",
+    "random_",
+}
 
 # CUDA's multi_tensor_apply (the `_foreach_*` kernels): tensors and 64K-element chunks per launch,
 # by the number of tensor lists of the op (ATen's depth_to_max_tensors / depth_to_max_blocks).
@@ -284,10 +321,14 @@ class Ledger(TorchDispatchMode):
             r["flops"] += e.flops
             r["est_s"] += self.seconds(e, gpu)
         out = [
-            {"phase": p, "op": n, **{k: v for k, v in r.items() if k != "est_s"},
-             "est_ms": r["est_s"] * 1e3}
+            {
+                "phase": p,
+                "op": n,
+                **{k: v for k, v in r.items() if k != "est_s"},
+                "est_ms": r["est_s"] * 1e3,
+            }
             for (p, n), r in rows.items()
-        ]  # fmt: skip
+        ]
         return sorted(out, key=lambda r: (_PHASES.index(r["phase"]), -r["est_ms"]))
 
 
@@ -355,9 +396,14 @@ def _model_config(model: str):
 
 
 def ledger(
-    model, batch: int, amp: str = "bf16", backend: str = "reference", *, inference: bool = False,
+    model,
+    batch: int,
+    amp: str = "bf16",
+    backend: str = "reference",
+    *,
+    inference: bool = False,
     gpu: str = "h100",
-) -> dict:  # fmt: skip
+) -> dict:
     """The cost report (the JSON of `cost --json`) of one training step (forward, cross-entropy
     loss, backward, AdamW step) or one inference forward. `model`: a registered name, a config
     JSON path, or a CrossViTConfig."""
@@ -414,13 +460,8 @@ def ledger(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     ops = rec.ops(g)
-    totals = {
-        "launches": sum(r["launches"] for r in ops),
-        "dram_bytes": sum(r["dram_bytes"] for r in ops),
-        "issued_bytes": sum(r["issued_bytes"] for r in ops),
-        "flops": sum(r["flops"] for r in ops),
-        "est_ms": sum(r["est_ms"] for r in ops),
-    }
+    keys = ("launches", "dram_bytes", "issued_bytes", "flops", "est_ms")
+    totals = {k: sum(r[k] for r in ops) for k in keys}
     return {
         "model": name,
         "batch": batch,
@@ -551,20 +592,16 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--top", type=int, default=0, help="print only the N most expensive rows")
-    p.add_argument("--compare", default=None, metavar="BACKEND",
-                   help="a second backend's ledger of the same step, side by side per op")  # fmt: skip
+    p.add_argument("--compare", metavar="BACKEND", help="a second backend's ledger, side by side")
 
 
 def main(args) -> int:
-    report = ledger(
-        args.model, args.batch, args.amp, args.backend, inference=args.inference, gpu=args.gpu
-    )
+    step = dict(batch=args.batch, amp=args.amp, inference=args.inference, gpu=args.gpu)
+    report = ledger(args.model, backend=args.backend, **step)
     print(format_table(report, args.top))
     out = report
     if args.compare:
-        other = ledger(
-            args.model, args.batch, args.amp, args.compare, inference=args.inference, gpu=args.gpu
-        )
+        other = ledger(args.model, backend=args.compare, **step)
         print("\n" + format_compare(report, other))
         out = {"reports": [report, other]}
     if args.json:

@@ -141,7 +141,7 @@ class Block(nn.Module):
         ops = ops if ops is not None else self._ops.get(x.device.type)
         a, m, t = self.attn, self.mlp, self.training
         gemm = map(ops.param, (a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias))
-        attn_args = (*_ln(self.norm1), *gemm, a.num_heads, self.eps)
+        attn_args = (backends.SelfAttentionParams(*_ln(self.norm1), *gemm), a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):  # an op that declares dropout support
             drop = dict(attn_drop=a.attn_drop, proj_drop=a.proj_drop)
             op = ops.with_dropout("self_attention")
@@ -149,7 +149,7 @@ class Block(nn.Module):
         else:
             x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
         gemm = map(ops.param, (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias))
-        mlp_args = (*_ln(self.norm2), *gemm, self.eps)
+        mlp_args = (backends.MlpParams(*_ln(self.norm2), *gemm), self.eps)
         if t and m.drop > 0:
             mlp = ops.with_dropout("mlp")
             return _residual_op(mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
@@ -208,7 +208,8 @@ class CrossAttentionBlock(nn.Module):
         if cls.dtype != tokens.dtype:
             cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
         a, t = self.attn, self.training
-        args = (tokens, *_ln(self.norm1), *a.args(ops.param), a.num_heads, self.eps)
+        params = backends.CrossAttentionParams(*_ln(self.norm1), *a.args(ops.param))
+        args = (tokens, params, a.num_heads, self.eps)
         if t and (a.attn_drop > 0 or a.proj_drop > 0):
             drop = dict(attn_drop=a.attn_drop, proj_drop=a.proj_drop)
             op = ops.with_dropout("cross_attention")
@@ -304,15 +305,15 @@ class MultiScaleBlock(nn.Module):
         ):
             # The whole step as one table op (fused by the fast backends).
             attn = backends.CrossAttentionParams(*_ln(fusion.norm1), *fusion.attn.args(ops.param))
-            return ops.cross_fusion(
-                y_i[:, 0], y_j, _cls_proj_args(proj, ops), attn, _cls_proj_args(revert, ops),
-                fusion.attn.num_heads, self.eps,
-            )  # fmt: skip
-        c = ops.cls_proj(y_i[:, 0], *_cls_proj_args(proj, ops), self.eps).unsqueeze(1)
+            params = backends.FusionParams(
+                _cls_proj_args(proj, ops), attn, _cls_proj_args(revert, ops)
+            )
+            return ops.cross_fusion(y_i[:, 0], y_j, params, fusion.attn.num_heads, self.eps)
+        c = ops.cls_proj(y_i[:, 0], _cls_proj_args(proj, ops), self.eps).unsqueeze(1)
         for k, blk in enumerate([fusion] if single else fusion):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
             c = blk(c, y_j if k == 0 else None, ops)
-        return ops.cls_proj(c[:, 0], *_cls_proj_args(revert, ops), self.eps)
+        return ops.cls_proj(c[:, 0], _cls_proj_args(revert, ops), self.eps)
 
     def forward(self, xs: list[Tensor], ops, cls_only: bool = False) -> list[Tensor]:
         """xs: per branch (B, 1 + N_i, C_i) -> the same after this stage (`cls_only`: each

@@ -9,6 +9,8 @@ otherwise "cpu" (Triton ops then run interpreted).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -60,17 +62,51 @@ def tiny_config(**overrides):
     here. 2 + 4 tokens per branch at widths 32 / 64."""
     from crossvit_fast import CrossViTConfig
 
-    base = dict(img_size=(32, 16), patch_size=(8, 8), embed_dim=(32, 64), depth=((1, 1, 0),),
-                num_heads=(2, 2), mlp_ratio=(2.0, 2.0), num_classes=5)  # fmt: skip
-    return CrossViTConfig(**{**base, **overrides})
+    return CrossViTConfig(**{**TINY_KWARGS, **overrides})
+
+
+# tiny_config's fields (also written as JSON for the benchmark smoke, tests/test_bench_model.py).
+TINY_KWARGS = dict(
+    img_size=(32, 16),
+    patch_size=(8, 8),
+    embed_dim=(32, 64),
+    depth=((1, 1, 0),),
+    num_heads=(2, 2),
+    mlp_ratio=(2.0, 2.0),
+    num_classes=5,
+)
+
+# Every rate timm's CrossVit takes, each a distinct non-zero value: what from_timm must carry.
+TIMM_RATES = dict(
+    drop_rate=0.1,
+    pos_drop_rate=0.05,
+    proj_drop_rate=0.2,
+    attn_drop_rate=0.15,
+    drop_path_rate=0.3,
+)
+
+
+def run_python(*args: str, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`python *args` (this interpreter) in a child process, its stdout / stderr captured as
+    text; `kwargs` (cwd, env) go to subprocess.run."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 # -- `train` runs -----------------------------------------------------------------------------------
 
 # One stage of the default training model's widths: the per-step cost of these runs is mostly
 # per-op overhead, so fewer blocks is what makes them quick.
-TRAIN_TINY = dict(img_size=[[16, 16], [12, 12]], patch_size=[4, 6], embed_dim=[48, 96],
-                  depth=[[1, 1, 0]], num_heads=[3, 3], mlp_ratio=[2.0, 2.0], num_classes=10)  # fmt: skip
+TRAIN_TINY = dict(
+    img_size=[[16, 16], [12, 12]],
+    patch_size=[4, 6],
+    embed_dim=[48, 96],
+    depth=[[1, 1, 0]],
+    num_heads=[3, 3],
+    mlp_ratio=[2.0, 2.0],
+    num_classes=10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +122,19 @@ def tiny_json(tmp_path_factory) -> str:
 def quick(tiny_json) -> list[str]:
     """`train` options of a run of a few seconds: 48 digits in batches of 8 -> 6 steps / epoch.
     On the CPU even where a GPU exists: bit-exact resume relies on deterministic kernels."""
-    return ["--model", tiny_json, "--train-samples", "48", "--val-samples", "16",
-            "--batch-size", "8", "--device", "cpu", "--no-progress"]  # fmt: skip
+    return [
+        "--model",
+        tiny_json,
+        "--train-samples",
+        "48",
+        "--val-samples",
+        "16",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
 
 
 def write_image_folder(root, per_class: int = 6, size=(20, 14), classes=("blue", "red")) -> None:
@@ -106,5 +153,11 @@ def write_image_folder(root, per_class: int = 6, size=(20, 14), classes=("blue",
 
 
 # Three branches (timm allows any number): widths and patch grids that differ per branch.
-THREE_BRANCHES = dict(img_size=(48, 32, 32), patch_size=(12, 16, 8), embed_dim=(32, 64, 48),
-                      depth=((1, 1, 1, 0),), num_heads=(2, 2, 3), mlp_ratio=(2.0, 2.0, 2.0))  # fmt: skip
+THREE_BRANCHES = dict(
+    img_size=(48, 32, 32),
+    patch_size=(12, 16, 8),
+    embed_dim=(32, 64, 48),
+    depth=((1, 1, 1, 0),),
+    num_heads=(2, 2, 3),
+    mlp_ratio=(2.0, 2.0, 2.0),
+)

@@ -55,9 +55,15 @@ def _patch_for_fake_cuda() -> None:
 
 def _config(multi_conv: bool = False):
     return crossvit_fast.CrossViTConfig(
-        img_size=(240, 224), patch_size=(12, 16), embed_dim=(96, 192), depth=((1, 1, 0),),
-        num_heads=(3, 3), mlp_ratio=(4.0, 4.0), num_classes=10, multi_conv=multi_conv,
-    )  # fmt: skip
+        img_size=(240, 224),
+        patch_size=(12, 16),
+        embed_dim=(96, 192),
+        depth=((1, 1, 0),),
+        num_heads=(3, 3),
+        mlp_ratio=(4.0, 4.0),
+        num_classes=10,
+        multi_conv=multi_conv,
+    )
 
 
 @contextlib.contextmanager

@@ -109,8 +109,17 @@ def _fusion_args(B: int, n: int, c_i: int, c_j: int, heads: int) -> tuple:
 
     ln = lambda c: (r(c, scale=0.3, shift=1.0), r(c, scale=0.2))
     lin = lambda o, i: (r(o, i, scale=i**-0.5), r(o, scale=0.2))
-    params = (*ln(c_i), *lin(c_j, c_i), *ln(c_j), *lin(c_j, c_j), *lin(c_j, c_j),
-              *lin(c_j, c_j), *lin(c_j, c_j), *ln(c_j), *lin(c_i, c_j))  # fmt: skip
+    params = (
+        *ln(c_i),
+        *lin(c_j, c_i),
+        *ln(c_j),
+        *lin(c_j, c_j),
+        *lin(c_j, c_j),
+        *lin(c_j, c_j),
+        *lin(c_j, c_j),
+        *ln(c_j),
+        *lin(c_i, c_j),
+    )
     return r(B, c_i, scale=2.0), r(B, 1 + n, c_j, scale=2.0, shift=0.5), params
 
 
@@ -125,15 +134,20 @@ def test_fusion_boundaries_have_timms_dtypes(backend, dtype):
 
     ops = resolve(backend, DEVICE)
     cls, tokens, p = _fusion_args(3, 7, 32, 48, 3)
-    proj, attn, revert = p[:4], p[4:14], p[14:]
+    proj, attn, revert = fusion_params(p)
     with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=dtype):
-        c = ops.cls_proj(cls, *proj, 1e-6)
-        f = ops.cross_attention(c, tokens, *attn, 3, 1e-6)
-        y = ops.cross_attention(c, tokens, *attn, 3, 1e-6, residual=False)
-        r = ops.cls_proj(f, *revert, 1e-6)
-        fused = ops.cross_fusion(cls, tokens, *fusion_params(p), 3, 1e-6)
-    assert (c.dtype, y.dtype, f.dtype, r.dtype, fused.dtype) == (dtype, dtype, torch.float32,
-                                                                 dtype, dtype)  # fmt: skip
+        c = ops.cls_proj(cls, proj, 1e-6)
+        f = ops.cross_attention(c, tokens, attn, 3, 1e-6)
+        y = ops.cross_attention(c, tokens, attn, 3, 1e-6, residual=False)
+        r = ops.cls_proj(f, revert, 1e-6)
+        fused = ops.cross_fusion(cls, tokens, fusion_params(p), 3, 1e-6)
+    assert (c.dtype, y.dtype, f.dtype, r.dtype, fused.dtype) == (
+        dtype,
+        dtype,
+        torch.float32,
+        dtype,
+        dtype,
+    )
     # The residual sum in fp32: c + y rounded to bf16 / fp16 would be off by up to half an ulp of
     # that format (2e-3 / 5e-4 relative), far above fp32 rounding.
     exact = c.double() + y.double()
@@ -148,8 +162,11 @@ def test_stacked_fusion_blocks_keep_fp32_between_them(dtype):
     the next block's input, is fp32 under autocast, as timm's Sequential of blocks gives it."""
     model = CrossViT(tiny_config(depth=((1, 1, 2),)), backend="reference").to(DEVICE).eval()
     seen = []
-    hooks = [blk.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-             for seq in model.blocks[0].fusion for blk in seq]  # fmt: skip
+    hooks = [
+        blk.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        for seq in model.blocks[0].fusion
+        for blk in seq
+    ]
     with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=dtype):
         model(torch.randn(2, 3, 32, 32, device=DEVICE))
     for h in hooks:
@@ -220,13 +237,12 @@ def test_train_command_amp(tmp_path, amp):
     from crossvit_fast.train.state import load
 
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({**TINY.to_dict(), "img_size": [[16, 16], [12, 12]],
-                               "patch_size": [4, 6], "num_classes": 10}))  # fmt: skip
+    small = {"img_size": [[16, 16], [12, 12]], "patch_size": [4, 6], "num_classes": 10}
+    cfg.write_text(json.dumps({**TINY.to_dict(), **small}))
     metrics = tmp_path / "m.json"
-    args = ["--model", str(cfg), "--amp", amp, "--steps", "3", "--train-samples", "32",
-            "--val-samples", "16", "--batch-size", "8", "--out", str(tmp_path / "run"),
-            "--metrics-json", str(metrics), "--no-progress"]  # fmt: skip
-    assert main(args) == 0
+    sizes = ["--train-samples", "32", "--val-samples", "16", "--batch-size", "8"]
+    outputs = ["--out", str(tmp_path / "run"), "--metrics-json", str(metrics), "--no-progress"]
+    assert main(["--model", str(cfg), "--amp", amp, "--steps", "3", *sizes, *outputs]) == 0
     m = json.loads(metrics.read_text())
     assert m["amp"] == str({"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
     assert m["loss"] == m["loss"] and m["train_loss"] == m["train_loss"]  # not NaN

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+
+from .conftest import TINY_KWARGS, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +26,34 @@ def test_bench_model_cpu_smoke(tmp_path):
     pytest.importorskip("pytest_benchmark")
     out = tmp_path / "bench.json"
     cfg = tmp_path / "tiny.json"  # 2 + 4 tokens per branch: a step takes milliseconds
-    cfg.write_text(json.dumps(dict(img_size=[32, 16], patch_size=[8, 8], embed_dim=[32, 64],
-                                   depth=[[1, 1, 0]], num_heads=[2, 2], mlp_ratio=[2.0, 2.0],
-                                   num_classes=5)))  # fmt: skip
+    cfg.write_text(json.dumps(TINY_KWARGS))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/bench_model.py", "--benchmark-only", "-q",
-         "-p", "no:cacheprovider", "--bench-model", str(cfg), "--bench-batch", "2", "--bench-dtype", "fp32",
-         "--bench-rounds", "2", "--bench-impl", "reference,triton", f"--benchmark-json={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_python(
+        "-m",
+        "pytest",
+        "benchmarks/bench_model.py",
+        "--benchmark-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--bench-model",
+        str(cfg),
+        "--bench-batch",
+        "2",
+        "--bench-dtype",
+        "fp32",
+        "--bench-rounds",
+        "2",
+        "--bench-impl",
+        "reference,triton",
+        f"--benchmark-json={out}",
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     assert "bench_model: whole model" in text, text[-3000:]  # the summary, without -s
@@ -87,8 +103,17 @@ def test_op_rows_reach_extra_info_and_the_summary_table(monkeypatch):
     monkeypatch.setitem(sys.modules, "harness", harness)
     monkeypatch.delenv("CROSSVIT_BENCH_RESULTS", raising=False)
     harness.CURRENT_EXTRA_INFO = extra = {}
-    row = {"op": "mlp", "impl": "triton", "pass": "fwd+bwd", "model": "crossvit_18", "batch": 256,
-           "median_ms": 2.0, "tflops": 300.0, "speedup_vs_eager": 1.5, "speedup_vs_compiled": 1.1}  # fmt: skip
+    row = {
+        "op": "mlp",
+        "impl": "triton",
+        "pass": "fwd+bwd",
+        "model": "crossvit_18",
+        "batch": 256,
+        "median_ms": 2.0,
+        "tflops": 300.0,
+        "speedup_vs_eager": 1.5,
+        "speedup_vs_compiled": 1.1,
+    }
     harness.record("mlp", row)
     assert extra["triton/fwd+bwd"]["speedup_vs_compiled"] == 1.1
     assert harness.SESSION_ROWS[-1]["bench"] == "mlp"

@@ -168,8 +168,11 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_unknown_suffix_and_missing_file(tmp_path):
     (tmp_path / "w.txt").write_text("x")
-    with pytest.raises(CheckpointError, match=r"w\.txt: unknown checkpoint suffix '\.txt'; "
-                       r"expected one of \.pth \.pt \.bin \.safetensors"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"w\.txt: unknown checkpoint suffix '\.txt'; "
+        r"expected one of \.pth \.pt \.bin \.safetensors",
+    ):
         read_checkpoint(tmp_path / "w.txt")
     with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
         read_checkpoint(tmp_path / "missing.pth")

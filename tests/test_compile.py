@@ -117,8 +117,16 @@ def test_train_command_with_compile_on_gpu(tmp_path):
     from crossvit_fast.train import main
 
     metrics = tmp_path / "m.json"
-    args = ["--compile", "--steps", "30", "--out", str(tmp_path / "run"), "--no-progress",
-            "--metrics-json", str(metrics)]  # fmt: skip
+    args = [
+        "--compile",
+        "--steps",
+        "30",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--metrics-json",
+        str(metrics),
+    ]
     assert main(args) == 0
     import json
 

@@ -99,9 +99,13 @@ _CASES = [
     ("plain-B3-fp32", dict(embed_dim=(40, 64)), 3, None),
     # 145 + 65 rows at batch 2: the token pass splits each sample (flash-decoding) and merges
     ("split-B2-fp32", dict(embed_dim=(32, 48), img_size=(48, 32), patch_size=(4, 4)), 2, None),
-    ("dagger-B8-bf16", dict(embed_dim=(32, 48), multi_conv=True, img_size=(48, 32),
-                            patch_size=(16, 16)), 8, torch.bfloat16),
-]  # fmt: skip
+    (
+        "dagger-B8-bf16",
+        dict(embed_dim=(32, 48), multi_conv=True, img_size=(48, 32), patch_size=(16, 16)),
+        8,
+        torch.bfloat16,
+    ),
+]
 
 
 @pytest.mark.parametrize("name,overrides,batch,amp", _CASES, ids=[c[0] for c in _CASES])
@@ -173,8 +177,25 @@ def test_cost_cli_json(tmp_path, capsys):
     cfg = tmp_path / "small.json"
     cfg.write_text(json.dumps(_SMALL.to_dict()))
     out = tmp_path / "cost.json"
-    assert main(["cost", "--model", str(cfg), "--batch", "2", "--inference", "--json", str(out),
-                 "--gpu", "h200", "--compare", "triton"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "cost",
+                "--model",
+                str(cfg),
+                "--batch",
+                "2",
+                "--inference",
+                "--json",
+                str(out),
+                "--gpu",
+                "h200",
+                "--compare",
+                "triton",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "ESTIMATES" in text and "H200" in text and "reference vs triton" in text
     assert "triton:_fused_linear_kernel" in text  # the side-by-side table

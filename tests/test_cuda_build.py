@@ -25,10 +25,12 @@ import pytest
 import torch
 
 import crossvit_fast
+from crossvit_fast.backends import CrossAttentionParams
 from crossvit_fast.ops.cuda import build, kernels
 from crossvit_fast.ops.cuda import functional as CF
 
 from . import test_cuda_ops as T
+from .conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -72,18 +74,14 @@ def test_import_does_not_load_or_build_the_extension():
         assert build._state["module"] is None
         print("ok")
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
+    out = run_python("-c", code, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="torch has CUDA here")
 def test_setup_extension_without_cuda_says_why():
     code = "from crossvit_fast.ops.cuda.build import setup_extension; print(setup_extension())"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
+    out = run_python("-c", code, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("crossvit_fast: building without the CUDA extension (torch ")
@@ -96,8 +94,7 @@ def test_setup_py_installs_without_torch(tmp_path):
     shim = tmp_path / "sitecustomize.py"  # make `import torch` fail in the child
     shim.write_text("import sys\nsys.modules['torch'] = None\n")
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
-    out = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    out = run_python("setup.py", "--version", cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "crossvit_fast: building without the CUDA extension (" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == crossvit_fast.__version__
@@ -124,8 +121,7 @@ def test_setup_py_does_not_import_the_package(tmp_path):
     """)
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, str(runner)], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=300)  # fmt: skip
+    out = run_python(str(runner), cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "crossvit_fast: building " in out.stdout and "No module named" not in out.stdout
     assert out.stdout.strip().splitlines()[-1] == crossvit_fast.__version__
@@ -248,7 +244,11 @@ def test_build_plan_is_what_why_no_build_reports(no_cuda_env, tmp_path):
     no_cuda_env.delenv("CXX")
     _wrapper(tmp_path / "hostbin", Path("/bin/true")).rename(tmp_path / "hostbin" / "c++")
     no_cuda_env.setenv("PATH", str(tmp_path / "hostbin"))  # a c++, no nvcc
-    assert build._build_plan()[1] == build.why_no_build() == "nvcc not found (install the CUDA toolkit, or set CUDA_HOME)"  # fmt: skip
+    assert (
+        build._build_plan()[1]
+        == build.why_no_build()
+        == "nvcc not found (install the CUDA toolkit, or set CUDA_HOME)"
+    )
     no_cuda_env.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda12", version="12.8")))
     assert "does not match torch's CUDA 13.0" in build.why_no_build()
     no_cuda_env.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda13")))
@@ -314,13 +314,21 @@ def test_lock_with_stale_file_is_acquired_at_once(tmp_path):
 
 def test_lock_held_by_a_live_process_times_out_clearly(tmp_path):
     lock = tmp_path / "crossvit_fast.build.lock"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import fcntl, os, sys, time
         fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
         print("held", flush=True)
         time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with (
@@ -386,18 +394,16 @@ def test_fake_kernels_shapes_on_meta():
 def test_functionals_raise_value_errors():
     cls, tok = torch.randn(2, 64), torch.randn(2, 5, 64)
     w = [torch.randn(64, 64) for _ in range(4)]
+
+    def params(wq, wk, wv, wo):
+        return CrossAttentionParams(None, None, wq, None, wk, None, wv, None, wo, None)
+
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        CF.cross_attention(
-            cls, tok, None, None, w[0], None, w[1], None, w[2], None, w[3], None, 5, 1e-6
-        )
+        CF.cross_attention(cls, tok, params(w[0], w[1], w[2], w[3]), 5, 1e-6)
     with pytest.raises(ValueError, match=r"tokens: expected shape \(2, 1 \+ N, 64\)"):
-        CF.cross_attention(
-            cls, tok[:, :, :32], None, None, w[0], None, w[1], None, w[2], None, w[3], None, 4, 1e-6
-        )
+        CF.cross_attention(cls, tok[:, :, :32], params(w[0], w[1], w[2], w[3]), 4, 1e-6)
     with pytest.raises(ValueError, match=r"wk weight: expected shape \(64, 64\)"):
-        CF.cross_attention(
-            cls, tok, None, None, w[0], None, w[1][:32], None, w[2], None, w[3], None, 4, 1e-6
-        )
+        CF.cross_attention(cls, tok, params(w[0], w[1][:32], w[2], w[3]), 4, 1e-6)
     with pytest.raises(ValueError, match="expected dtype in"):
         CF.layer_norm(torch.ones(2, 3, dtype=torch.int32), None, None, 1e-6)
     with pytest.raises(ValueError, match=r"norm weight: expected shape \(8\)"):
@@ -423,10 +429,27 @@ ARCHS = ("sm_80", "sm_90a")
 def _nvcc_cmd(src: Path, arch: str, out: Path) -> list[str]:
     # -O0 for cicc and ptxas: every front-end, template and PTX-assembly error still shows, in a
     # fraction of the optimising build's time (CI has 2 cores). The flags mirror torch's build.
-    return [NVCC, "-c", "-std=c++17", f"-arch={arch}", "-Xcicc", "-O0", "-Xptxas", "-O0",
-            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-            "--expt-relaxed-constexpr", "-Werror", "all-warnings", f"-I{CSRC}", str(src), "-o", str(out)]  # fmt: skip
+    return [
+        NVCC,
+        "-c",
+        "-std=c++17",
+        f"-arch={arch}",
+        "-Xcicc",
+        "-O0",
+        "-Xptxas",
+        "-O0",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "--expt-relaxed-constexpr",
+        "-Werror",
+        "all-warnings",
+        f"-I{CSRC}",
+        str(src),
+        "-o",
+        str(out),
+    ]
 
 
 @pytest.mark.nvcc

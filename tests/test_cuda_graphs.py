@@ -25,9 +25,14 @@ pytestmark = pytest.mark.gpu
 
 # crossvit_18's widths, heads and token counts at a depth that keeps the test short.
 _CFG = CrossViTConfig(
-    img_size=(240, 224), patch_size=(12, 16), embed_dim=(224, 448), depth=((1, 2, 0),),
-    num_heads=(7, 7), mlp_ratio=(3.0, 3.0), num_classes=10,
-)  # fmt: skip
+    img_size=(240, 224),
+    patch_size=(12, 16),
+    embed_dim=(224, 448),
+    depth=((1, 2, 0),),
+    num_heads=(7, 7),
+    mlp_ratio=(3.0, 3.0),
+    num_classes=10,
+)
 
 
 def _model(backend: str) -> CrossViT:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from crossvit_fast import backends
+from crossvit_fast.backends import flat_args
 from crossvit_fast.ops import cuda as cuda_backend
 from crossvit_fast.ops import reference as R
 from crossvit_fast.ops.cuda import functional as CF
@@ -47,20 +48,12 @@ def _bound_check(ours, torch_dt, ref64, name, gscale):
     )
 
 
-def _flat_fusion(cross_fusion):
-    """cross_fusion called with (cls, tokens, 18 parameters flat, num_heads, eps)."""
-    return lambda cls, tokens, *rest: cross_fusion(
-        cls, tokens, *backends.fusion_params(rest[:18]), *rest[18:]
-    )
-
-
 def check_op(op: str, args: list, diff: list[int], skip_grad: tuple[int, ...] = (), triton=None):
     """Run the cuda op and the reference (in the args' dtype and in float64) on `args`; check
     the output and the gradients of args[i] for i in diff. Returns the cuda output."""
-    cuda_fn, ref_fn = CF.OPS[op], getattr(R, op)
-    if op == "cross_fusion":  # the op takes its 18 parameters grouped; `args` lists them flat
-        cuda_fn, ref_fn = _flat_fusion(cuda_fn), _flat_fusion(ref_fn)
-        triton = _flat_fusion(triton) if triton is not None else None
+    # `args` lists the parameters flat; the ops take them grouped
+    cuda_fn, ref_fn = flat_args(op, CF.OPS[op]), flat_args(op, getattr(R, op))
+    triton = flat_args(op, triton) if triton is not None else None
 
     def leaves(dtype=None):
         out = []
@@ -256,8 +249,8 @@ def check_autocast(device, op, dtype=torch.bfloat16):
     """Under autocast the op returns the reference's dtype, with values close to the reference's."""
     args = AUTOCAST_CASES[op](device)
     with torch.autocast(device, dtype=dtype):
-        ours = CF.OPS[op](*args)
-        ref = getattr(R, op)(*args)
+        ours = flat_args(op, CF.OPS[op])(*args)
+        ref = flat_args(op, getattr(R, op))(*args)
     assert ours.dtype == ref.dtype, f"{op} under autocast: {ours.dtype} != reference {ref.dtype}"
     tol = 0.05 * ref.float().abs().max().item() + 1e-3
     assert max_err(ours, ref) <= tol, f"{op} under autocast: error {max_err(ours, ref):.3e}"
@@ -281,7 +274,12 @@ def check_fake_and_compile(device):
     compiled = torch.compile(
         CF.cross_attention, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor"
     )
-    torch.testing.assert_close(compiled(*args), CF.cross_attention(*args), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        flat_args("cross_attention", compiled)(*args),
+        flat_args("cross_attention", CF.cross_attention)(*args),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def check_golden(case: str, device: str):

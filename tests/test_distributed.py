@@ -50,9 +50,10 @@ def _full(g: torch.Tensor) -> torch.Tensor:
 
 
 def _common(model_json: str, mode: str) -> list[str]:
-    return ["--model", model_json, "--train-samples", "32", "--val-samples", "8",
-            "--batch-size", "4", "--steps", "6", "--save-every", "2", "--drop-path", "0.2",
-            "--ema", "0.9", "--device", "cpu", "--no-progress"] + (["--fsdp"] if mode == "fsdp" else [])  # fmt: skip
+    sizes = ["--train-samples", "32", "--val-samples", "8", "--batch-size", "4", "--steps", "6"]
+    options = ["--save-every", "2", "--drop-path", "0.2", "--ema", "0.9", "--device", "cpu"]
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    return ["--model", model_json, *sizes, *options, "--no-progress", *fsdp]
 
 
 def _resume_runs(tmp: str, mode: str, model_json: str) -> None:
@@ -62,8 +63,13 @@ def _resume_runs(tmp: str, mode: str, model_json: str) -> None:
     from crossvit_fast.train.trainer import Trainer
 
     other = "ddp" if mode == "fsdp" else "fsdp"
-    runs = [(mode, "a", None, []), (mode, "b", 2, []), (mode, "b", None, ["--resume"]),
-            (other, "switch", 2, []), (mode, "switch", None, ["--resume"])]  # fmt: skip
+    runs = [
+        (mode, "a", None, []),
+        (mode, "b", 2, []),
+        (mode, "b", None, ["--resume"]),
+        (other, "switch", 2, []),
+        (mode, "switch", None, ["--resume"]),
+    ]
     for m, out, until, resume in runs:
         name = f"{mode}-{out}"
         t = Trainer(
@@ -124,8 +130,8 @@ def two_ranks(tmp_path_factory) -> Path:
     pytest.importorskip("sklearn")
     tmp = tmp_path_factory.mktemp("dist")
     model_json = tmp / "tiny.json"
-    model_json.write_text(json.dumps({**CFG.to_dict(), "img_size": [[16, 16], [12, 12]],
-                                      "patch_size": [4, 6], "num_classes": 10}))  # fmt: skip
+    small = {"img_size": [[16, 16], [12, 12]], "patch_size": [4, 6], "num_classes": 10}
+    model_json.write_text(json.dumps({**CFG.to_dict(), **small}))
     mp.spawn(_worker, args=(_free_port(), str(tmp), str(model_json)), nprocs=WORLD, join=True)
     return tmp
 
@@ -165,9 +171,9 @@ def test_resume_equals_uninterrupted_training_distributed(two_ranks, mode):
 
 
 def _torchrun_cmd(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={WORLD}", "-m", "crossvit_fast", "train", *extra,
-            "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    train = [f"--nproc_per_node={WORLD}", "-m", "crossvit_fast", "train", *extra]
+    return [*torchrun, *train, "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
 
 
 def _env() -> dict:
@@ -177,6 +183,20 @@ def _env() -> dict:
     }
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def _popen(cmd: list[str]) -> subprocess.Popen:
+    """`cmd` started from the repository in a session (process group) of its own, its stdout and
+    stderr piped as text (also what tests/test_train_runs.py signals)."""
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _torchrun(tmp_path: Path, *extra: str) -> dict:
@@ -212,8 +232,8 @@ def test_torchrun_bad_image_is_one_message(tmp_path, tiny_json):
     write_image_folder(tmp_path / "data", per_class=8)
     bad = tmp_path / "data" / "blue" / "3.png"
     bad.write_bytes(b"not a png")
-    cmd = _torchrun_cmd(tmp_path, "--model", tiny_json, "--data", str(tmp_path / "data"),
-                        "--batch-size", "2", "--workers", "1", "--steps", "20")  # fmt: skip
+    data = ["--data", str(tmp_path / "data"), "--batch-size", "2", "--workers", "1"]
+    cmd = _torchrun_cmd(tmp_path, "--model", tiny_json, *data, "--steps", "20")
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if "train: error:" in ln]
@@ -229,10 +249,8 @@ def test_torchrun_sigterm_stops_every_rank_at_the_same_step(tmp_path, tiny_json)
     import signal
     import time
 
-    cmd = _torchrun_cmd(tmp_path, "--model", tiny_json, "--train-samples", "64",
-                        "--val-samples", "8", "--batch-size", "4", "--steps", "100000")  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    sizes = ["--train-samples", "64", "--val-samples", "8", "--batch-size", "4"]
+    proc = _popen(_torchrun_cmd(tmp_path, "--model", tiny_json, *sizes, "--steps", "100000"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         t0 = time.monotonic()
@@ -270,18 +288,8 @@ def test_torchrun_two_processes_train_steps(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_fsdp(tmp_path):
-    m = _torchrun(
-        tmp_path,
-        "--fsdp",
-        "--steps",
-        "2",
-        "--train-samples",
-        "64",
-        "--val-samples",
-        "32",
-        "--batch-size",
-        "16",
-    )
+    sizes = ["--train-samples", "64", "--val-samples", "32", "--batch-size", "16"]
+    m = _torchrun(tmp_path, "--fsdp", "--steps", "2", *sizes)
     assert m["steps"] == 2 and m["world_size"] == WORLD
     from crossvit_fast.train.state import load
 

@@ -31,8 +31,13 @@ def _summary_module():
 
 def _dry_run(outdir: Path, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "MAX_JOBS": "1", **env}
-    return subprocess.run(["bash", str(SCRIPT), str(outdir), "--dry-run"], capture_output=True,
-                          text=True, env=env, timeout=400)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(outdir), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
 
 
 @pytest.mark.slow
@@ -42,8 +47,12 @@ def test_dry_run_runs_every_stage_and_survives_a_timed_out_one(tmp_path):
     r = _dry_run(out, GPU_SESSION_BUDGET_TESTS="1")
     assert r.returncode == 1, r.stdout + r.stderr  # a stage was not ok
     assert sorted(p.name for p in out.iterdir()) == [
-        "bench.log", "build.log", "session.json", "summary.md", "tests.log"
-    ]  # fmt: skip
+        "bench.log",
+        "build.log",
+        "session.json",
+        "summary.md",
+        "tests.log",
+    ]
     session = json.loads((out / "session.json").read_text())
     assert session["dry_run"] is True
     status = {s["name"]: s["status"] for s in session["stages"]}
@@ -69,8 +78,13 @@ def test_dry_run_past_its_deadline_skips_stages_but_writes_the_summary(tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     session = json.loads((out / "session.json").read_text())
     status = {s["name"]: s["status"] for s in session["stages"]}
-    assert status == {"build": "no_time", "info": "no_time", "tests": "no_time",
-                      "bench": "no_time", "model": "no_time"}  # fmt: skip
+    assert status == {
+        "build": "no_time",
+        "info": "no_time",
+        "tests": "no_time",
+        "bench": "no_time",
+        "model": "no_time",
+    }
     assert (out / "summary.md").is_file()
 
 
@@ -82,8 +96,11 @@ def test_usage_errors():
 def test_pytest_counts():
     s = _summary_module()
     assert s.pytest_counts("...\n=== 3 passed, 1 failed, 2 skipped, 1 error in 9.10s ===\n") == {
-        "passed": 3, "failed": 1, "skipped": 2, "error": 1
-    }  # fmt: skip
+        "passed": 3,
+        "failed": 1,
+        "skipped": 2,
+        "error": 1,
+    }
     assert s.pytest_counts("13/184 tests collected (171 deselected) in 0.70s") == {
         "deselected": 171,
         "collected": 13,
@@ -94,28 +111,72 @@ def test_pytest_counts():
 def test_bench_table_reads_both_row_styles():
     s = _summary_module()
     rows = [
-        {"op": "cross_fusion", "model": "crossvit_9", "batch": 256, "pass": "fwd+bwd",
-         "impl": "triton", "median_ms": 1.5, "gbs": 900.0, "speedup_vs_eager": 4.0,
-         "speedup_vs_compiled": 2.0, "device": "NVIDIA H200", "pct_hbm_peak": 20.0},
-        {"op": "layer_norm", "impl": "cuda", "backward": True, "C": 128, "median_ms": 0.25,
-         "gb_per_s": 1200.0, "vs_reference": 3.0},
-    ]  # fmt: skip
+        {
+            "op": "cross_fusion",
+            "model": "crossvit_9",
+            "batch": 256,
+            "pass": "fwd+bwd",
+            "impl": "triton",
+            "median_ms": 1.5,
+            "gbs": 900.0,
+            "speedup_vs_eager": 4.0,
+            "speedup_vs_compiled": 2.0,
+            "device": "NVIDIA H200",
+            "pct_hbm_peak": 20.0,
+        },
+        {
+            "op": "layer_norm",
+            "impl": "cuda",
+            "backward": True,
+            "C": 128,
+            "median_ms": 0.25,
+            "gb_per_s": 1200.0,
+            "vs_reference": 3.0,
+        },
+    ]
     assert s.bench_table(rows) == [
-        ["cross_fusion", "model=crossvit_9 batch=256", "fwd+bwd", "triton", "1.500", "900 GB/s",
-         "4.00", "2.00"],
+        [
+            "cross_fusion",
+            "model=crossvit_9 batch=256",
+            "fwd+bwd",
+            "triton",
+            "1.500",
+            "900 GB/s",
+            "4.00",
+            "2.00",
+        ],
         ["layer_norm", "C=128", "fwd+bwd", "cuda", "0.250", "1200 GB/s", "3.00", ""],
-    ]  # fmt: skip
+    ]
 
 
 def test_model_table_puts_measured_beside_estimated(tmp_path):
     s = _summary_module()
     path = tmp_path / "model.json"
-    info = {"model": "crossvit_18_240", "batch": 64, "dtype": "bf16", "mode": "train",
-            "impl": "triton", "median_ms": 20.0, "est_ms": 15.0, "ratio_vs_reference": 1.25,
-            "ratio_vs_reference_compiled": None, "images_per_s": 3200.0}  # fmt: skip
+    info = {
+        "model": "crossvit_18_240",
+        "batch": 64,
+        "dtype": "bf16",
+        "mode": "train",
+        "impl": "triton",
+        "median_ms": 20.0,
+        "est_ms": 15.0,
+        "ratio_vs_reference": 1.25,
+        "ratio_vs_reference_compiled": None,
+        "images_per_s": 3200.0,
+    }
     path.write_text(json.dumps({"benchmarks": [{"extra_info": info}]}))
     assert s.model_table(path) == [
-        ["crossvit_18_240", "64", "bf16 train", "triton", "20.00", "15.00", "0.75", "1.25", "",
-         "3200"]
-    ]  # fmt: skip
+        [
+            "crossvit_18_240",
+            "64",
+            "bf16 train",
+            "triton",
+            "20.00",
+            "15.00",
+            "0.75",
+            "1.25",
+            "",
+            "3200",
+        ]
+    ]
     assert s.model_table(tmp_path / "absent.json") == []

@@ -145,8 +145,12 @@ def test_env_variables_are_honoured(tmp_path, published):
         except RuntimeError as e:
             print("refused", "timm/crossvit_9_240.in1k" in str(e))
     """)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
     env["PYTHONPATH"] = os.pathsep.join(

@@ -12,7 +12,7 @@ import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig, create_model, list_models
 
 from . import golden
-from .conftest import THREE_BRANCHES
+from .conftest import THREE_BRANCHES, TIMM_RATES
 
 # timm's parameter counts (results/benchmark-infer-*.csv, verified by instantiation).
 TIMM_PARAMS = {
@@ -371,12 +371,15 @@ def _timm_shaped(model: CrossViT) -> CrossViT:
 
 
 def test_from_timm_carries_rates_and_mlp_widths():
-    rates = dict(drop_rate=0.1, pos_drop_rate=0.05, proj_drop_rate=0.2, attn_drop_rate=0.15,
-                 drop_path_rate=0.3)  # fmt: skip
     # width 152 at ratio 0.7: timm's MLP is int(106.39999999999999) = 106, and 106 / 152 would
     # rebuild 105 (so would a naive from_timm, which then failed to load)
-    cfg = SMALL.replace(embed_dim=(152, 64), num_heads=(4, 4), mlp_ratio=(0.7, 3.0),
-                        depth=((1, 2, 0), (1, 1, 1)), **rates)  # fmt: skip
+    cfg = SMALL.replace(
+        embed_dim=(152, 64),
+        num_heads=(4, 4),
+        mlp_ratio=(0.7, 3.0),
+        depth=((1, 2, 0), (1, 1, 1)),
+        **TIMM_RATES,
+    )
     src = _timm_shaped(CrossViT(cfg, backend="reference"))
     dst = crossvit_fast.from_timm(src, backend="reference")
     assert dst.config == cfg

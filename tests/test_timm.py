@@ -11,33 +11,48 @@ import torch
 import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig
 
+from .conftest import TIMM_RATES
+
 timm = pytest.importorskip("timm")
 from timm.models.crossvit import CrossVit  # noqa: E402
 
 pytestmark = [pytest.mark.timm, pytest.mark.usefixtures("one_thread")]
 
-SMALL = dict(img_size=32, img_scale=(1.0, 0.5), patch_size=(8, 8), embed_dim=(24, 48),
-             depth=((1, 2, 0),), num_heads=(3, 3), mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)  # fmt: skip
+SMALL = dict(
+    img_size=32,
+    img_scale=(1.0, 0.5),
+    patch_size=(8, 8),
+    embed_dim=(24, 48),
+    depth=((1, 2, 0),),
+    num_heads=(3, 3),
+    mlp_ratio=(2.0, 2.0, 1.0),
+    num_classes=5,
+)
 
 
 def test_from_timm_carries_every_rate():
-    rates = dict(drop_rate=0.1, pos_drop_rate=0.05, proj_drop_rate=0.2, attn_drop_rate=0.15,
-                 drop_path_rate=0.3)  # fmt: skip
-    t = CrossVit(**{**SMALL, "depth": ((1, 2, 0), (1, 1, 1))}, **rates)
+    t = CrossVit(**{**SMALL, "depth": ((1, 2, 0), (1, 1, 1))}, **TIMM_RATES)
     ours = crossvit_fast.from_timm(t, backend="reference")
-    for k, v in rates.items():
+    for k, v in TIMM_RATES.items():
         assert getattr(ours.config, k) == v, k
     # and the rebuilt schedule is timm's, module by module
     assert ours.config.replace() == CrossViTConfig.from_timm(
-        **{**SMALL, "depth": ((1, 2, 0), (1, 1, 1))}, **rates
+        **{**SMALL, "depth": ((1, 2, 0), (1, 1, 1))}, **TIMM_RATES
     )
 
 
 @pytest.mark.parametrize("dim, ratio", [(152, 0.7), (304, 8 / 3), (232, 2.2), (39, 2.2)])
 def test_from_timm_rebuilds_mlp_widths_that_hidden_over_dim_would_not(dim, ratio):
-    t = CrossVit(img_size=16, img_scale=(1.0, 1.0), patch_size=(8, 16), embed_dim=(dim, 8),
-                 depth=((1, 1, 0),), num_heads=(1, 1), mlp_ratio=(ratio, 2.0, 1.0),
-                 num_classes=3)  # fmt: skip
+    t = CrossVit(
+        img_size=16,
+        img_scale=(1.0, 1.0),
+        patch_size=(8, 16),
+        embed_dim=(dim, 8),
+        depth=((1, 1, 0),),
+        num_heads=(1, 1),
+        mlp_ratio=(ratio, 2.0, 1.0),
+        num_classes=3,
+    )
     hidden = t.blocks[0].blocks[0][0].mlp.fc1.out_features
     assert hidden == int(dim * ratio) and int(dim * (hidden / dim)) != hidden
     ours = crossvit_fast.from_timm(t, backend="reference")  # loads strictly

@@ -27,6 +27,8 @@ import pytest
 
 from crossvit_fast.ops.cuda import build
 
+from .conftest import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 
@@ -52,8 +54,19 @@ def _jobs() -> str:
 def test_documented_install_builds_and_imports_the_extension(toolkit, tmp_path):
     target = tmp_path / "site"
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=build.arch_list(), MAX_JOBS=_jobs())
-    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
-           "--no-input", "-v", "--target", str(target), str(ROOT)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-build-isolation",
+        "--no-deps",
+        "--no-input",
+        "-v",
+        "--target",
+        str(target),
+        str(ROOT),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-6000:]
@@ -63,12 +76,10 @@ def test_documented_install_builds_and_imports_the_extension(toolkit, tmp_path):
     # A fresh process that sees only the installed copy (cwd is not the checkout).
     env = dict(os.environ, PYTHONPATH=str(target))
     code = "import crossvit_fast._C as m; print(m.__file__)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)  # fmt: skip
+    r = run_python("-c", code, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).is_relative_to(target)
-    r = subprocess.run([sys.executable, "-m", "crossvit_fast", "info"], capture_output=True,
-                       text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    r = run_python("-m", "crossvit_fast", "info", env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"built, loads: {target}" in r.stdout, r.stdout
 
@@ -102,8 +113,17 @@ def test_parse_ptxas_report():  # no toolchain needed: runs in every tier
         "    32 bytes stack frame, 128 bytes spill stores, 56 bytes spill loads\n"
         "ptxas info    : Used 64 registers, used 1 barriers, 1024 bytes smem\n"
     )
-    assert parse_ptxas(text) == [dict(name="_ZN3cvf1kEv", arch="sm_90", stack=32, spill_st=128,
-                                      spill_ld=56, regs=64, smem=1024)]  # fmt: skip
+    assert parse_ptxas(text) == [
+        dict(
+            name="_ZN3cvf1kEv",
+            arch="sm_90",
+            stack=32,
+            spill_st=128,
+            spill_ld=56,
+            regs=64,
+            smem=1024,
+        )
+    ]
 
 
 def _demangle(names: list[str]) -> dict[str, str]:
@@ -119,8 +139,20 @@ def _ptxas_cmd(toolkit: build.CudaToolkit, src: Path, arch: str, out: Path) -> l
     # torch's half/bfloat16 defines, so the report is that of the kernels the wheel carries.
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    return [str(toolkit.nvcc), "-cubin", "-std=c++17", f"-arch={arch}", *COMMON_NVCC_FLAGS,
-            *build._nvcc_flags(), "-Xptxas", "-v", f"-I{CSRC}", str(src), "-o", str(out)]  # fmt: skip
+    return [
+        str(toolkit.nvcc),
+        "-cubin",
+        "-std=c++17",
+        f"-arch={arch}",
+        *COMMON_NVCC_FLAGS,
+        *build._nvcc_flags(),
+        "-Xptxas",
+        "-v",
+        f"-I{CSRC}",
+        str(src),
+        "-o",
+        str(out),
+    ]
 
 
 @pytest.mark.toolchain

@@ -93,8 +93,21 @@ def test_resume_equals_uninterrupted_training(tmp_path, quick):
     optimizer moment, EMA average, the LR schedule and the metrics equal an uninterrupted run's
     exactly. The run crosses an epoch boundary (6 steps / epoch) and uses drop-path, mixup and
     cutmix, so data order and RNG state all matter."""
-    common = [*quick, "--steps", "8", "--save-every", "3", "--drop-path", "0.2", "--ema", "0.9",
-              "--mixup", "0.8", "--cutmix", "1.0"]  # fmt: skip
+    common = [
+        *quick,
+        "--steps",
+        "8",
+        "--save-every",
+        "3",
+        "--drop-path",
+        "0.2",
+        "--ema",
+        "0.9",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+    ]
     a_out, b_out = str(tmp_path / "a"), str(tmp_path / "b")
 
     t = Trainer(parse_args([*common, "--out", a_out]))
@@ -205,8 +218,17 @@ def test_registered_model_name_and_json_config(tmp_path):
     assert name == "crossvit_9_240" and cfg.num_classes == 7 and cfg.drop_path_rate == 0.1
     assert cfg.embed_dim == (128, 256)
     path = tmp_path / "cfg.json"
-    path.write_text(json.dumps({"img_size": [16, 12], "patch_size": [4, 6], "embed_dim": [32, 64],
-                                "depth": [[1, 1, 0]], "num_heads": [2, 2]}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "img_size": [16, 12],
+                "patch_size": [4, 6],
+                "embed_dim": [32, 64],
+                "depth": [[1, 1, 0]],
+                "num_heads": [2, 2],
+            }
+        )
+    )
     name, cfg = resolve_config(str(path), num_classes=10, drop_path=None)
     assert cfg.depth == ((1, 1, 0),) and cfg.num_classes == 10
     path.write_text(json.dumps({"embed_dims": [32, 64]}))
@@ -240,10 +262,9 @@ def test_image_folder_train_val_layout_and_training(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({**DEFAULT_CONFIG.to_dict(), "depth": [[1, 1, 0]]}))
     metrics = tmp_path / "m.json"
-    args = ["--data", str(tmp_path / "data"), "--model", str(cfg), "--batch-size", "4",
-            "--steps", "2", "--workers", "0", "--out", str(tmp_path / "run"),
-            "--metrics-json", str(metrics), "--no-progress"]  # fmt: skip
-    assert main(args) == 0
+    data = ["--data", str(tmp_path / "data"), "--model", str(cfg), "--batch-size", "4"]
+    outputs = ["--out", str(tmp_path / "run"), "--metrics-json", str(metrics), "--no-progress"]
+    assert main([*data, "--steps", "2", "--workers", "0", *outputs]) == 0
     m = json.loads(metrics.read_text())
     assert m["steps"] == 2 and 0.0 <= m["accuracy"] <= 1.0
     assert load(tmp_path / "run" / CHECKPOINT_NAME)["run"]["val_images"] == 4
@@ -329,8 +350,11 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_trainer_applies_model_options(tmp_path, quick):
-    t = Trainer(parse_args([*quick, "--steps", "1", "--grad-checkpointing", "--amp", "off",
-                            "--out", str(tmp_path)]))  # fmt: skip
+    t = Trainer(
+        parse_args(
+            [*quick, "--steps", "1", "--grad-checkpointing", "--amp", "off", "--out", str(tmp_path)]
+        )
+    )
     try:
         assert all(stage.grad_checkpointing for stage in t.bare.blocks)
         assert t.amp_dtype is None and not t.scaler.is_enabled()

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from crossvit_fast.train.state import CHECKPOINT_NAME, load
 from crossvit_fast.train.trainer import Trainer
 
 from .conftest import TRAIN_TINY, write_image_folder
+from .test_distributed import _popen
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
@@ -34,15 +34,6 @@ pytest.importorskip("PIL")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(crossvit_fast.__file__).resolve().parents[1]
-
-
-def _env() -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _wait_for(cond, proc, timeout=120.0) -> None:
@@ -64,8 +55,7 @@ def _signal_run(cmd: list[str], out: Path, sig: int, after_epochs: int) -> tuple
     """Start `cmd` in its own session, wait for `after_epochs` epoch records, then send `sig`
     to the whole process group (as a scheduler or a terminal's Ctrl-C does: the DataLoader
     workers get it too)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = _popen(cmd)
     try:
         _wait_for(lambda: _epochs_done(out) >= after_epochs, proc)
         os.killpg(proc.pid, sig)
@@ -74,6 +64,13 @@ def _signal_run(cmd: list[str], out: Path, sig: int, after_epochs: int) -> tuple
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, stdout, stderr
+
+
+def _folder_args(model: str, data: Path, batch_size: str, *extra: str) -> list[str]:
+    """`train` options of a CPU run without a progress bar on the ImageFolder at `data`, `extra`
+    between the batch size and the device."""
+    head = ["--model", model, "--data", str(data), "--batch-size", batch_size]
+    return [*head, *extra, "--device", "cpu", "--no-progress"]
 
 
 def test_sigterm_then_sigint_checkpoint_print_the_resume_command_and_exit_cleanly(
@@ -85,9 +82,8 @@ def test_sigterm_then_sigint_checkpoint_print_the_resume_command_and_exit_cleanl
     decoding worker, so the signal reaches a DataLoader worker too."""
     write_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "crossvit_fast", "train", "--model", tiny_json, "--data",
-           str(tmp_path / "data"), "--batch-size", "4", "--steps", "100000", "--workers", "1",
-           "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+    args = _folder_args(tiny_json, tmp_path / "data", "4", "--steps", "100000", "--workers", "1")
+    cmd = [sys.executable, "-m", "crossvit_fast", "train", *args, "--out", str(out)]
     rc, stdout, stderr = _signal_run(cmd, out, signal.SIGTERM, after_epochs=1)
     assert rc == 143, stdout + stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
@@ -100,7 +96,10 @@ def test_sigterm_then_sigint_checkpoint_print_the_resume_command_and_exit_cleanl
 
     argv = resume.split()
     assert argv[:4] == ["python", "-m", "crossvit_fast", "train"] or argv[1:4] == [
-        "-m", "crossvit_fast", "train"]  # fmt: skip
+        "-m",
+        "crossvit_fast",
+        "train",
+    ]
     rc, stdout, stderr = _signal_run(
         [sys.executable, *argv[1:]], out, signal.SIGINT, after_epochs=_epochs_done(out) + 1
     )
@@ -169,8 +168,7 @@ def _bad_folder(root: Path) -> tuple[Path, Path]:
 
 def test_bad_image_is_one_line_naming_the_file_and_exit_2(tmp_path, tiny_json, capsys):
     garbage, truncated = _bad_folder(tmp_path)
-    args = ["--model", tiny_json, "--data", str(tmp_path), "--batch-size", "4", "--device", "cpu",
-            "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [*_folder_args(tiny_json, tmp_path, "4"), "--out", str(tmp_path / "run")]
     for workers in ("0", "1"):  # decoded here and in a DataLoader worker process
         assert main([*args, "--workers", workers, "--steps", "6"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -181,10 +179,8 @@ def test_bad_image_is_one_line_naming_the_file_and_exit_2(tmp_path, tiny_json, c
 
 def test_skip_bad_images_names_each_file_once_and_trains_on(tmp_path, tiny_json, capsys):
     garbage, truncated = _bad_folder(tmp_path)
-    args = ["--model", tiny_json, "--data", str(tmp_path), "--batch-size", "4", "--device", "cpu",
-            "--no-progress", "--out", str(tmp_path / "run"), "--workers", "1",
-            "--skip-bad-images", "--epochs", "3"]  # fmt: skip
-    assert main(args) == 0
+    args = [*_folder_args(tiny_json, tmp_path, "4"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--workers", "1", "--skip-bad-images", "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     for f in (garbage, truncated):
         assert out.count(f"skipped bad image {f}") == 1, out
@@ -278,16 +274,25 @@ def test_recipe_options_and_metrics_jsonl(tmp_path, quick, capsys, monkeypatch):
 
     monkeypatch.setattr(logs_mod, "_summary_writer", lambda out: Writer())
     out = tmp_path / "run"
-    args = [*quick, "--steps", "12", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9",
-            "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
+    recipe = ["--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9"]
+    assert main([*quick, "--steps", "12", *recipe, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert len(re.findall(r"^epoch \d/2 step \d+/12: .*top-5 .*ema top-1", text, re.M)) == 2
     recs = logs_mod.read_metrics(str(out / logs_mod.METRICS_NAME))
     assert [r["event"] for r in recs] == ["epoch", "epoch", "end"]
     for r in recs:
-        assert set(r) >= {"step", "epoch", "train_loss", "val_loss", "top1", "top5", "img_per_s",
-                          "lr", "ema_top1", "ema_top5"}  # fmt: skip
+        assert set(r) >= {
+            "step",
+            "epoch",
+            "train_loss",
+            "val_loss",
+            "top1",
+            "top5",
+            "img_per_s",
+            "lr",
+            "ema_top1",
+            "ema_top5",
+        }
     assert recs[-1]["step"] == 12 and 0 <= recs[-1]["top5"] <= 1
     st = load(out / CHECKPOINT_NAME)
     assert set(st["ema"]) == set(st["model"])
@@ -297,10 +302,8 @@ def test_recipe_options_and_metrics_jsonl(tmp_path, quick, capsys, monkeypatch):
 
 def test_lr_below_min_lr_is_a_warning(tmp_path, tiny_json, capsys):
     write_image_folder(tmp_path / "data", per_class=4)
-    args = ["--model", tiny_json, "--data", str(tmp_path / "data"), "--batch-size", "2",
-            "--steps", "1", "--workers", "0", "--device", "cpu", "--no-progress",
-            "--out", str(tmp_path / "run")]  # fmt: skip
-    assert main(args) == 0
+    args = _folder_args(tiny_json, tmp_path / "data", "2", "--steps", "1", "--workers", "0")
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "warning: the peak LR 1.95e-06 is at or below --min-lr 1e-05" in out
 
@@ -320,8 +323,7 @@ def test_init_from_a_checkpoint_or_weights_file_resets_a_head_of_another_size(
     torch.save(weights, tmp_path / "timm_style.pth")
     assert cli(["export", str(src / CHECKPOINT_NAME), str(tmp_path / "export")]) == 0
     write_image_folder(tmp_path / "data", per_class=4)
-    base = ["--model", tiny_json, "--data", str(tmp_path / "data"), "--batch-size", "4",
-            "--steps", "1", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    base = _folder_args(tiny_json, tmp_path / "data", "4", "--steps", "1", "--workers", "0")
     capsys.readouterr()
     for i, init in enumerate(
         [str(src / CHECKPOINT_NAME), str(tmp_path / "timm_style.pth"), str(tmp_path / "export")]
@@ -338,8 +340,8 @@ def test_init_from_a_checkpoint_or_weights_file_resets_a_head_of_another_size(
         finally:
             t.close()
     # A same-sized head is loaded too.
-    t = Trainer(parse_args([*quick, "--steps", "1", "--init", str(tmp_path / "timm_style.pth"),
-                            "--out", str(tmp_path / "same")]))  # fmt: skip
+    same = [*quick, "--steps", "1", "--init", str(tmp_path / "timm_style.pth")]
+    t = Trainer(parse_args([*same, "--out", str(tmp_path / "same")]))
     try:
         assert torch.equal(t.bare.state_dict()["head.0.weight"], weights["head.0.weight"])
     finally:
@@ -480,9 +482,19 @@ def test_json_config_accepts_timm_arguments(tmp_path):
     from crossvit_fast.train.models import resolve_config
 
     path = tmp_path / "timm.json"
-    path.write_text(json.dumps({"img_size": 32, "img_scale": [1.0, 0.75], "patch_size": [8, 6],
-                                "embed_dim": [32, 64], "depth": [[1, 1, 0]], "num_heads": [2, 2],
-                                "mlp_ratio": [2, 2, 1]}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "img_size": 32,
+                "img_scale": [1.0, 0.75],
+                "patch_size": [8, 6],
+                "embed_dim": [32, 64],
+                "depth": [[1, 1, 0]],
+                "num_heads": [2, 2],
+                "mlp_ratio": [2, 2, 1],
+            }
+        )
+    )
     _, cfg = resolve_config(str(path), num_classes=3, drop_path=None)
     assert cfg.img_size == ((32, 32), (24, 24)) and cfg.mlp_ratio == (2.0, 2.0)
     assert cfg.num_classes == 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from crossvit_fast.backends import flat_args
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import mlp, patch_embed, self_attention, utils
 
@@ -22,37 +23,63 @@ from .numerics import check_against_reference
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the autotuner runs every config itself")
 
 EPS = 1e-6
-DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
-          "fp16": (torch.float16, None), "amp": (torch.float32, torch.bfloat16)}  # fmt: skip
+
+
+def flat_eps(op: str, fn, *rest):
+    """`fn` (table op `op`) on flat inputs, then `*rest` and EPS."""
+    f = flat_args(op, fn)
+    return lambda *a: f(*a, *rest, EPS)
+
+
+DTYPES = {
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),
+    "fp16": (torch.float16, None),
+    "amp": (torch.float32, torch.bfloat16),
+}
 
 
 def _r(*shape, scale=1.0):
     return torch.randn(*shape, dtype=torch.float64) * scale
 
 
+def _norm(C):
+    """A LayerNorm's affine: weight and bias (C,)."""
+    return [_r(C, scale=0.3) + 1, _r(C, scale=0.1)]
+
+
+def _linear(n_out, n_in):
+    """A Linear's weight (n_out, n_in) at scale n_in**-0.5 and its bias (n_out,)."""
+    return [_r(n_out, n_in, scale=n_in**-0.5), _r(n_out, scale=0.1)]
+
+
 def _mlp_case():
     # 3 x 7 = 21 rows (a partial M tile in every config), width 96 (a partial 64-wide K step)
     C, Hd = 96, 192
-    inputs = [_r(3, 7, C, scale=2) + 0.5, _r(C, scale=0.3) + 1, _r(C, scale=0.1),
-              _r(Hd, C, scale=C**-0.5), _r(Hd, scale=0.1), _r(C, Hd, scale=Hd**-0.5),
-              _r(C, scale=0.1)]  # fmt: skip
-    return (lambda *a: mlp.mlp(*a, EPS), lambda *a: reference.mlp(*a, EPS), inputs)
+    inputs = [_r(3, 7, C, scale=2) + 0.5, *_norm(C), *_linear(Hd, C), *_linear(C, Hd)]
+    return (flat_eps("mlp", mlp.mlp), flat_eps("mlp", reference.mlp), inputs)
 
 
 def _attention_case():
     C = 96  # 3 heads of 32
-    inputs = [_r(2, 9, C, scale=2) + 0.5, _r(C, scale=0.3) + 1, _r(C, scale=0.1),
-              _r(3 * C, C, scale=C**-0.5), _r(3 * C, scale=0.1), _r(C, C, scale=C**-0.5),
-              _r(C, scale=0.1)]  # fmt: skip
-    return (lambda *a: self_attention.self_attention(*a, 3, EPS),
-            lambda *a: reference.self_attention(*a, 3, EPS), inputs)  # fmt: skip
+    inputs = [_r(2, 9, C, scale=2) + 0.5, *_norm(C), *_linear(3 * C, C), *_linear(C, C)]
+    return (
+        flat_eps("self_attention", self_attention.self_attention, 3),
+        flat_eps("self_attention", reference.self_attention, 3),
+        inputs,
+    )
 
 
 def _patch_embed_case():
     D, p = 96, 12  # patch 12: the zero-padded patch rows
     n = (24 // p) * (36 // p)
-    inputs = [_r(2, 3, 24, 36), _r(D, 3, p, p, scale=(3 * p * p) ** -0.5), _r(D, scale=0.1),
-              _r(1, 1, D, scale=0.02), _r(1, 1 + n, D, scale=0.02)]  # fmt: skip
+    inputs = [
+        _r(2, 3, 24, 36),
+        _r(D, 3, p, p, scale=(3 * p * p) ** -0.5),
+        _r(D, scale=0.1),
+        _r(1, 1, D, scale=0.02),
+        _r(1, 1 + n, D, scale=0.02),
+    ]
     return (patch_embed.patch_embed, reference.patch_embed, inputs)
 
 

@@ -8,7 +8,9 @@ them, never copy them.
 Conventions shared by every backend (the op signatures of the table, see `crossvit_fast.backends`):
 
 * Token tensors are `(B, N, C)`; LayerNorms take `(weight, bias, eps)`; linear weights use the
-  `nn.Linear` layout `(out, in)`; any bias may be `None`.
+  `nn.Linear` layout `(out, in)`; any bias may be `None`. An op with several weights takes them
+  as one `params` group per sub-layer (`crossvit_fast.backends`: `SelfAttentionParams`,
+  `MlpParams`, `ClsProjParams`, `CrossAttentionParams`), a plain tuple of the fields also works.
 * Ops that end in a residual add take `residual: bool`. `residual=True` returns `x + f(x)` (the
   fused form used in eval / when drop-path is inactive); `residual=False` returns `f(x)` alone so
   the module can apply per-sample drop-path before adding.
@@ -23,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import OPS, ClsProjParams, CrossAttentionParams
+from ..backends import (
+    OPS,
+    ClsProjParams,
+    CrossAttentionParams,
+    FusionParams,
+    MlpParams,
+    SelfAttentionParams,
+    as_params,
+)
 
 # The table's ops (crossvit_fast.backends.OPS): this module defines each under its op name.
 __all__ = [*OPS, "DROPOUT_OPS"]
@@ -39,22 +49,16 @@ def _add_residual(x: Tensor, y: Tensor, residual: bool) -> Tensor:
 
 
 def mlp(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    fc1_weight: Tensor,
-    fc1_bias: Tensor | None,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor | None,
-    eps: float,
-    residual: bool = True,
-    mlp_drop: float = 0.0,
+    x: Tensor, params: MlpParams, eps: float, residual: bool = True, mlp_drop: float = 0.0
 ) -> Tensor:
     """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))`.
 
-    x: (B, N, C); fc1: (Hd, C); fc2: (C, Hd). Dropout `mlp_drop` after GELU and after fc2 (timm's
-    Mlp drop1/drop2), only when > 0.
+    x: (B, N, C); params: `MlpParams` (fc1: (Hd, C); fc2: (C, Hd)). Dropout `mlp_drop` after
+    GELU and after fc2 (timm's Mlp drop1/drop2), only when > 0.
     """
+    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = as_params(
+        MlpParams, params
+    )
     h = F.gelu(F.linear(layer_norm(x, norm_weight, norm_bias, eps), fc1_weight, fc1_bias))
     if mlp_drop > 0:
         h = F.dropout(h, mlp_drop)
@@ -66,12 +70,7 @@ def mlp(
 
 def self_attention(
     x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    qkv_weight: Tensor,
-    qkv_bias: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
+    params: SelfAttentionParams,
     num_heads: int,
     eps: float,
     residual: bool = True,
@@ -80,8 +79,12 @@ def self_attention(
 ) -> Tensor:
     """ViT block attention half: `x + proj(MHSA(LN(x)))` with timm's fused (SDPA) path.
 
-    x: (B, N, C), C % num_heads == 0; qkv_weight: (3C, C) laid out [q | k | v], head-major.
+    x: (B, N, C), C % num_heads == 0; params: `SelfAttentionParams` (qkv_weight: (3C, C) laid
+    out [q | k | v], head-major).
     """
+    norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = as_params(
+        SelfAttentionParams, params
+    )
     B, N, C = x.shape
     qkv = F.linear(layer_norm(x, norm_weight, norm_bias, eps), qkv_weight, qkv_bias)
     q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -92,31 +95,16 @@ def self_attention(
     return _add_residual(x, y, residual)
 
 
-def cls_proj(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    eps: float,
-) -> Tensor:
+def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """CrossViT `projs` / `revert_projs`: `Linear(GELU_erf(LN(x)))`. x: (..., C_in) -> (..., C_out)."""
+    norm_weight, norm_bias, weight, bias = as_params(ClsProjParams, params)
     return F.linear(F.gelu(layer_norm(x, norm_weight, norm_bias, eps)), weight, bias)
 
 
 def cross_attention(
     cls: Tensor,
     tokens: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
+    params: CrossAttentionParams,
     num_heads: int,
     eps: float,
     residual: bool = True,
@@ -127,7 +115,7 @@ def cross_attention(
     the other branch's patch tokens.
 
     cls: (B, C) projected CLS token; tokens: (B, 1 + N, C), rows 1.. are used (row 0, the other
-    branch's own CLS, is ignored). Returns (B, C): `cls + proj(attn)` (`residual=True`) or the
+    branch's own CLS, is ignored); params: `CrossAttentionParams`. Returns (B, C): `cls + proj(attn)` (`residual=True`) or the
     attention output alone. timm's manual path: scale applied *after* q @ k^T.
 
     dtypes: timm runs the block on `cat(cls, tokens[:, 1:])`, which promotes (under autocast a
@@ -135,6 +123,9 @@ def cross_attention(
     row 0 of that sequence. So does this: the output is promote(cls, tokens) + y (fp32 under
     autocast), never rounded to the low-precision dtype.
     """
+    norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias = as_params(
+        CrossAttentionParams, params
+    )
     B, C = cls.shape
     H, d = num_heads, C // num_heads
     s = torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)  # (B, 1 + N, C)
@@ -154,27 +145,21 @@ def cross_attention(
 
 
 def cross_fusion(
-    cls: Tensor,
-    tokens: Tensor,
-    proj: ClsProjParams,
-    attn: CrossAttentionParams,
-    revert: ClsProjParams,
-    num_heads: int,
-    eps: float,
+    cls: Tensor, tokens: Tensor, params: FusionParams, num_heads: int, eps: float
 ) -> Tensor:
     """One whole fusion step for branch i (fusion depth 0, drop-path inactive):
     `revert_projs[i](fusion[i](projs[i](cls_i), tokens_j))`.
 
     cls: (B, C_i) branch i's CLS after its blocks; tokens: (B, 1 + N_j, C_j) branch j's tokens
-    after its blocks. Parameters travel grouped per sub-layer (crossvit_fast.backends): proj
+    after its blocks. params: `FusionParams`, grouped per sub-layer (crossvit_fast.backends): proj
     (projs[i]: C_i -> C_j) and revert (revert_projs[i]: C_j -> C_i) are `ClsProjParams`, attn
-    (fusion[i], width C_j) is `CrossAttentionParams`; each group is passed on as the
-    positional arguments of `cls_proj` / `cross_attention`. Returns branch i's new CLS (B, C_i).
-    num_heads is branch j's head count.
+    (fusion[i], width C_j) is `CrossAttentionParams`, each passed on to `cls_proj` /
+    `cross_attention`. Returns branch i's new CLS (B, C_i). num_heads is branch j's head count.
     """
-    c = cls_proj(cls, *proj, eps)
-    f = cross_attention(c, tokens, *attn, num_heads, eps)
-    return cls_proj(f, *revert, eps)
+    proj, attn, revert = as_params(FusionParams, params)
+    c = cls_proj(cls, proj, eps)
+    f = cross_attention(c, tokens, attn, num_heads, eps)
+    return cls_proj(f, revert, eps)
 
 
 def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:

@@ -9,8 +9,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Clock", "Meter", "Rate", "amp_dtype", "autocast", "eval_metrics", "evaluate",
-           "input_size"]  # fmt: skip
+__all__ = [
+    "Clock",
+    "Meter",
+    "Rate",
+    "amp_dtype",
+    "autocast",
+    "eval_metrics",
+    "evaluate",
+    "input_size",
+]
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -322,8 +322,8 @@ class Trainer:
                 sums, _ = evaluate(
                     self.net, self._val_batches(), self.prep, self.device, self.amp_dtype
                 )
-            out.update({f"ema_{k}": v for k, v in eval_metrics(
-                dist_mod.all_reduce_sum(sums, self.dist)).items()})  # fmt: skip
+            ema = eval_metrics(dist_mod.all_reduce_sum(sums, self.dist))
+            out.update({f"ema_{k}": v for k, v in ema.items()})
         self._handle_bad(self.agreement.gather_bad(bad))
         return out
 
@@ -464,17 +464,14 @@ class Trainer:
                 if self.step % a.log_every == 0 or self.step == stop:
                     clock.pause()
                     s = dist_mod.all_reduce_sum(meter.sums.clone(), d).tolist()
-                    post = {
-                        "loss": f"{s[0] / max(s[2], 1):.3f}",
-                        "acc": f"{s[1] / max(s[2], 1):.3f}",
-                    }
+                    loss, lr = s[0] / max(s[2], 1), self.sched.get_last_lr()[0]
+                    post = {"loss": f"{loss:.3f}", "acc": f"{s[1] / max(s[2], 1):.3f}"}
                     rate = clock.window.img_per_s(self.global_batch)
                     if rate:
                         post["img/s"] = f"{rate:.0f}"
-                    post["lr"] = f"{self.sched.get_last_lr()[0]:.2e}"
+                    post["lr"] = f"{lr:.2e}"
                     bar.set_postfix(post)
-                    self.log.scalars(self.step, {"train/loss": s[0] / max(s[2], 1),
-                                                 "train/lr": self.sched.get_last_lr()[0]})  # fmt: skip
+                    self.log.scalars(self.step, {"train/loss": loss, "train/lr": lr})
                     clock.window = Rate()
                     clock.resume()
                 epoch_end = self.step % self.steps_per_epoch == 0

@@ -5,12 +5,15 @@ errors, opcheck, torch.compile, launch counts)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from crossvit_fast.backends import backend_availability, resolve
 
 from ..conftest import DEVICE
+from ..numerics import BWD_OPCHECK
 
 KERNEL_BACKENDS = ("triton", "cuda")
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def served(backend: str, op: str):
@@ -24,3 +27,33 @@ def served(backend: str, op: str):
     if ops.sources[op] != backend:
         pytest.skip(f"backend {backend!r} has no {op} of its own ({ops.sources[op]} serves it)")
     return getattr(ops, op)
+
+
+def gpu_tier(dtypes=GPU_DTYPES):
+    """Marks an op's GPU-tier numerics test: `gpu`, run for every kernel backend (`backend`) and
+    each of `dtypes` (`dtype`). The test's own shapes' parametrize goes below it."""
+
+    def mark(test):
+        test = pytest.mark.parametrize("dtype", list(dtypes))(test)
+        return pytest.mark.parametrize("backend", KERNEL_BACKENDS)(pytest.mark.gpu(test))
+
+    return mark
+
+
+def opcheck_backward(op: str, args) -> None:
+    """opcheck of the registered backward op `crossvit_fast::<op>_backward` (the checks left to
+    prove for it, BWD_OPCHECK)."""
+    backward = getattr(torch.ops.crossvit_fast, f"{op}_backward")
+    torch.library.opcheck(backward.default, args, test_utils=BWD_OPCHECK)
+
+
+def assert_compiles_like_eager(f, inputs, wrt) -> None:
+    """`f` under torch.compile (fullgraph=True: it traces without a graph break; aot_eager) gives
+    eager's output and eager's gradients of `out.sum()` with respect to the tensors `wrt`."""
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs)
+    grads = torch.autograd.grad(out.sum(), wrt)
+    ref = f(*inputs)
+    refs = torch.autograd.grad(ref.sum(), wrt)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r)

@@ -16,17 +16,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from crossvit_fast.backends import CrossAttentionParams, flat_args
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import cross_attention as ca
 from crossvit_fast.ops.triton import cross_attention_rows as rows_mod
 
 from ..conftest import DEVICE
 from ..numerics import FLOOR, assert_2x_rule
-from . import KERNEL_BACKENDS, served
+from . import KERNEL_BACKENDS, gpu_tier, served
+
+triton_cross_attention = flat_args("cross_attention", ca.cross_attention)
+ref_cross_attention = flat_args("cross_attention", reference.cross_attention)
 
 EPS = 1e-6
-NAMES = ("cls", "tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv",
-         "proj_weight", "proj_bias")  # fmt: skip
+# the op's arguments, in order: cls, tokens, then its parameter group's fields
+NAMES = ("cls", "tokens", *CrossAttentionParams._fields)
 
 
 def make_inputs(B, N, C, H, *, bias=True, affine=True, seed=0) -> dict:
@@ -43,8 +47,12 @@ def make_inputs(B, N, C, H, *, bias=True, affine=True, seed=0) -> dict:
         "norm_weight": 1 + 0.3 * r(C) if affine else None,
         "norm_bias": 0.3 * r(C) if affine else None,
     }
-    for w, b, s in (("wq", "bq", 2.0), ("wk", "bk", 2.0), ("wv", "bv", 1.0),
-                    ("proj_weight", "proj_bias", 1.0)):  # fmt: skip
+    for w, b, s in (
+        ("wq", "bq", 2.0),
+        ("wk", "bk", 2.0),
+        ("wv", "bv", 1.0),
+        ("proj_weight", "proj_bias", 1.0),
+    ):
         t[w] = r(C, C, scale=s * C**-0.5)
         t[b] = 0.3 * r(C) if bias else None
     return t
@@ -60,13 +68,13 @@ def run(fn, inputs: dict, dtype, grad_out, num_heads, **kw):
     return out.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
 
 
-def check_against_reference(inputs, H, dtype, impl=ca.cross_attention, **kw):
+def check_against_reference(inputs, H, dtype, impl=triton_cross_attention, **kw):
     """Our op in `dtype` vs the float64 reference, by the 2x-of-PyTorch-in-`dtype` rule, for the
     output and every gradient (db_k must be exactly 0)."""
     B, C = inputs["cls"].shape
     grad_out = torch.randn(B, C, dtype=torch.float64, device=DEVICE)
-    out64, g64 = run(reference.cross_attention, inputs, torch.float64, grad_out, H, **kw)
-    out_t, g_t = run(reference.cross_attention, inputs, dtype, grad_out, H, **kw)
+    out64, g64 = run(ref_cross_attention, inputs, torch.float64, grad_out, H, **kw)
+    out_t, g_t = run(ref_cross_attention, inputs, dtype, grad_out, H, **kw)
     out, grads = run(impl, inputs, dtype, grad_out, H, **kw)
     assert out.dtype == dtype
     assert_2x_rule(out, out_t, out64, "out")
@@ -98,7 +106,7 @@ SHAPES = [  # (B, N, C, H)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("B,N,C,H", SHAPES)
 def test_fp32_forward_backward(backend, B, N, C, H):
-    impl = served(backend, "cross_attention")
+    impl = flat_args("cross_attention", served(backend, "cross_attention"))
     check_against_reference(make_inputs(B, N, C, H), H, torch.float32, impl=impl)
 
 
@@ -134,9 +142,9 @@ def test_fp32_strided_views():
         assert (seq.grad[:, 1:] == 0).all()
         return out.detach(), (seq.grad[:, 0], tok_t.grad.transpose(1, 2))
 
-    out64, g64 = run_strided(reference.cross_attention, torch.float64)
-    out_t, g_t = run_strided(reference.cross_attention, torch.float32)
-    out, g = run_strided(ca.cross_attention, torch.float32)
+    out64, g64 = run_strided(ref_cross_attention, torch.float64)
+    out_t, g_t = run_strided(ref_cross_attention, torch.float32)
+    out, g = run_strided(triton_cross_attention, torch.float32)
     assert_2x_rule(out, out_t, out64, "out")
     for name, a, t, r in zip(("dcls", "dtokens"), g, g_t, g64):
         assert_2x_rule(a, t, r, name)
@@ -146,7 +154,7 @@ def test_fp32_strided_views():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,N,C,H", [(3, 37, 64, 4), (1, 197, 32, 2)])
 def test_half_precision_2x_rule(backend, B, N, C, H, dtype):
-    impl = served(backend, "cross_attention")
+    impl = flat_args("cross_attention", served(backend, "cross_attention"))
     check_against_reference(make_inputs(B, N, C, H, seed=1), H, dtype, impl=impl)
 
 
@@ -156,12 +164,12 @@ def test_autocast(backend, cls_dtype):
     # Under autocast the GEMMs run in bf16, LayerNorm/softmax in fp32; the output dtype is the
     # reference's (timm's): the residual is the CLS as cat(cls, tokens) promotes it, so a bf16
     # cls (cls_proj's output, as cross_fusion passes it) with fp32 tokens gives an fp32 output.
-    impl = served(backend, "cross_attention")
+    impl = flat_args("cross_attention", served(backend, "cross_attention"))
     dev = torch.device(DEVICE).type
     B, N, C, H = 3, 20, 32, 4
     inputs = make_inputs(B, N, C, H, seed=2)
     grad_out = torch.randn(B, C, dtype=torch.float64, device=DEVICE)
-    out64, g64 = run(reference.cross_attention, inputs, torch.float64, grad_out, H)
+    out64, g64 = run(ref_cross_attention, inputs, torch.float64, grad_out, H)
 
     def run_autocast(fn):
         leaves = {k: None if v is None else v.float().requires_grad_() for k, v in inputs.items()}
@@ -170,7 +178,7 @@ def test_autocast(backend, cls_dtype):
         out.backward(grad_out.to(out.dtype))
         return out.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
 
-    out_t, g_t = run_autocast(reference.cross_attention)
+    out_t, g_t = run_autocast(ref_cross_attention)
     out, grads = run_autocast(impl)
     assert out.dtype == out_t.dtype == torch.float32
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
@@ -184,16 +192,21 @@ def test_backward_deterministic(B, N):
     # split partials (B = 1) and per-sample partials (B = 4) are reduced in a fixed order
     inputs = make_inputs(B, N, 32, 4, seed=3)
     grad_out = torch.randn(B, 32, dtype=torch.float64, device=DEVICE)
-    _, g1 = run(ca.cross_attention, inputs, torch.float32, grad_out, 4)
-    _, g2 = run(ca.cross_attention, inputs, torch.float32, grad_out, 4)
+    _, g1 = run(triton_cross_attention, inputs, torch.float32, grad_out, 4)
+    _, g2 = run(triton_cross_attention, inputs, torch.float32, grad_out, 4)
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
 
 
 def test_batch_zero():
     inputs = make_inputs(0, 5, 32, 4)
-    out, grads = run(ca.cross_attention, inputs, torch.float32,
-                     torch.zeros(0, 32, dtype=torch.float64, device=DEVICE), 4)  # fmt: skip
+    out, grads = run(
+        triton_cross_attention,
+        inputs,
+        torch.float32,
+        torch.zeros(0, 32, dtype=torch.float64, device=DEVICE),
+        4,
+    )
     assert out.shape == (0, 32)
     assert grads["tokens"].shape == (0, 6, 32)
     for k in NAMES[2:]:
@@ -223,7 +236,7 @@ def test_errors(C, changes, match):
     heads = changes.pop("num_heads", 4)
     inputs.update({k: v.to(DEVICE) if v is not None else v for k, v in changes.items()})
     with pytest.raises(ValueError, match=match):
-        ca.cross_attention(*(inputs[k] for k in NAMES), heads, EPS)
+        triton_cross_attention(*(inputs[k] for k in NAMES), heads, EPS)
 
 
 def test_opcheck():
@@ -235,9 +248,21 @@ def test_opcheck():
     d = [a.detach() for a in args]
     torch.library.opcheck(
         torch.ops.crossvit_fast.cross_attention_backward.default,
-        (torch.randn(2, 16, device=DEVICE), d[0], d[1], d[2], d[4], d[6], d[8], d[10],
-         *outs[1:], 2, EPS, True),
-    )  # fmt: skip
+        (
+            torch.randn(2, 16, device=DEVICE),
+            d[0],
+            d[1],
+            d[2],
+            d[4],
+            d[6],
+            d[8],
+            d[10],
+            *outs[1:],
+            2,
+            EPS,
+            True,
+        ),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -245,9 +270,9 @@ def test_torch_compile_fullgraph():
     # proves there is no graph break. The GPU test below lets Inductor see the kernels.
     inputs = make_inputs(3, 10, 32, 4)
     grad_out = torch.randn(3, 32, dtype=torch.float64, device=DEVICE)
-    compiled = torch.compile(ca.cross_attention, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(triton_cross_attention, fullgraph=True, backend="aot_eager")
     out_c, g_c = run(compiled, inputs, torch.float32, grad_out, 4)
-    out_e, g_e = run(ca.cross_attention, inputs, torch.float32, grad_out, 4)
+    out_e, g_e = run(triton_cross_attention, inputs, torch.float32, grad_out, 4)
     torch.testing.assert_close(out_c, out_e)
     for k in g_e:
         torch.testing.assert_close(g_c[k], g_e[k])
@@ -277,12 +302,10 @@ GPU_SHAPES = [  # (B, N, C, H)
 ]
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_tier()
 @pytest.mark.parametrize("B,N,C,H", GPU_SHAPES)
 def test_gpu_real_shapes(backend, B, N, C, H, dtype):
-    impl = served(backend, "cross_attention")
+    impl = flat_args("cross_attention", served(backend, "cross_attention"))
     check_against_reference(make_inputs(B, N, C, H, seed=4), H, dtype, impl=impl)
 
 
@@ -290,9 +313,9 @@ def test_gpu_real_shapes(backend, B, N, C, H, dtype):
 def test_gpu_inductor_sees_kernels():
     inputs = make_inputs(4, 196, 448, 7)
     grad_out = torch.randn(4, 448, dtype=torch.float64, device=DEVICE)
-    compiled = torch.compile(ca.cross_attention, fullgraph=True)
+    compiled = torch.compile(triton_cross_attention, fullgraph=True)
     out_c, g_c = run(compiled, inputs, torch.bfloat16, grad_out, 7)
-    out_e, g_e = run(ca.cross_attention, inputs, torch.bfloat16, grad_out, 7)
+    out_e, g_e = run(triton_cross_attention, inputs, torch.bfloat16, grad_out, 7)
     torch.testing.assert_close(out_c, out_e, rtol=2e-2, atol=2e-2)
     for k in g_e:
         torch.testing.assert_close(g_c[k], g_e[k], rtol=5e-2, atol=5e-2)
@@ -303,7 +326,7 @@ def test_gpu_width_limit():
     C = 1152  # 16 heads of 72: valid head shape, but over the GPU kernels' shared-memory budget
     inputs = make_inputs(1, 2, C, 16)
     with pytest.raises(ValueError, match="C <= 1024"):
-        ca.cross_attention(
+        triton_cross_attention(
             *(None if inputs[k] is None else inputs[k].float() for k in NAMES), 16, EPS
         )
 
@@ -315,9 +338,9 @@ def test_gpu_second_device():
     inputs = {
         k: None if v is None else v.to("cuda:1") for k, v in make_inputs(2, 50, 64, 4).items()
     }
-    out = ca.cross_attention(
+    out = triton_cross_attention(
         *(None if inputs[k] is None else inputs[k].float() for k in NAMES), 4, EPS
     )
-    ref = reference.cross_attention(*(inputs[k] for k in NAMES), 4, EPS)
+    ref = ref_cross_attention(*(inputs[k] for k in NAMES), 4, EPS)
     assert out.device == torch.device("cuda:1")
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)

@@ -15,34 +15,33 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crossvit_fast import backends
-from crossvit_fast.backends import fusion_params
+from crossvit_fast.backends import ClsProjParams, CrossAttentionParams, flat_args
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import utils
-from crossvit_fast.ops.triton.cls_proj import cls_proj as triton_cls_proj
+from crossvit_fast.ops.triton.cls_proj import cls_proj as _triton_cls_proj
 from crossvit_fast.ops.triton.cross_fusion import cross_fusion as _triton_cross_fusion
 
 from ..conftest import DEVICE
 from ..numerics import FLOOR, assert_2x_rule
-from . import KERNEL_BACKENDS, served
+from . import KERNEL_BACKENDS, gpu_tier, served
 
 EPS = 1e-6
 PROJ = ("x", "norm_weight", "norm_bias", "weight", "bias")
-FUSION = ("cls", "tokens", "proj_norm_weight", "proj_norm_bias", "proj_weight", "proj_bias",
-          "attn_norm_weight", "attn_norm_bias", "wq", "bq", "wk", "bk", "wv", "bv",
-          "attn_proj_weight", "attn_proj_bias", "revert_norm_weight", "revert_norm_bias",
-          "revert_weight", "revert_bias")  # fmt: skip
+# cls, tokens, then FusionParams' 18 leaves: proj_*, the attention's (its norm and proj as
+# attn_*; wq, bq, ... as they are), revert_*
+FUSION = (
+    "cls",
+    "tokens",
+    *(f"proj_{k}" for k in ClsProjParams._fields),
+    *(f"attn_{k}" if k.startswith(("norm_", "proj_")) else k for k in CrossAttentionParams._fields),
+    *(f"revert_{k}" for k in ClsProjParams._fields),
+)
 
 
-def flat(cross_fusion):
-    """cross_fusion with its 18 parameters passed flat, in FUSION's order (how these tests build
-    and differentiate them); the op takes them grouped (backends.fusion_params)."""
-    return lambda cls, tokens, *rest: cross_fusion(
-        cls, tokens, *fusion_params(rest[:18]), *rest[18:]
-    )
-
-
-triton_cross_fusion = flat(_triton_cross_fusion)
-ref_cross_fusion = flat(reference.cross_fusion)
+triton_cls_proj = flat_args("cls_proj", _triton_cls_proj)
+ref_cls_proj = flat_args("cls_proj", reference.cls_proj)
+triton_cross_fusion = flat_args("cross_fusion", _triton_cross_fusion)
+ref_cross_fusion = flat_args("cross_fusion", reference.cross_fusion)
 
 
 def _rand(g, *shape, scale=1.0):
@@ -74,8 +73,12 @@ def fusion_inputs(B, N, c_i, c_j, *, seed=0) -> dict:
         t[f"{pre}_bias"] = 0.3 * _rand(g, c_out)
     t["attn_norm_weight"] = 1 + 0.3 * _rand(g, c_j)
     t["attn_norm_bias"] = 0.3 * _rand(g, c_j)
-    for w, b, s in (("wq", "bq", 2.0), ("wk", "bk", 2.0), ("wv", "bv", 1.0),
-                    ("attn_proj_weight", "attn_proj_bias", 1.0)):  # fmt: skip
+    for w, b, s in (
+        ("wq", "bq", 2.0),
+        ("wk", "bk", 2.0),
+        ("wv", "bv", 1.0),
+        ("attn_proj_weight", "attn_proj_bias", 1.0),
+    ):
         t[w] = _rand(g, c_j, c_j, scale=s * c_j**-0.5)
         t[b] = 0.3 * _rand(g, c_j)
     return t
@@ -125,9 +128,16 @@ def check(fn_ours, fn_ref, names, inputs, dtype, out_shape, *extra):
     ],
 )
 def test_cls_proj_fp32(backend, shape, c_out):
-    impl = served(backend, "cls_proj")
-    grads = check(impl, reference.cls_proj, PROJ, proj_inputs(shape, c_out),
-                  torch.float32, (*shape[:-1], c_out), EPS)  # fmt: skip
+    impl = flat_args("cls_proj", served(backend, "cls_proj"))
+    grads = check(
+        impl,
+        ref_cls_proj,
+        PROJ,
+        proj_inputs(shape, c_out),
+        torch.float32,
+        (*shape[:-1], c_out),
+        EPS,
+    )
     if shape[0] == 0:
         assert (grads["weight"] == 0).all() and (grads["norm_weight"] == 0).all()
 
@@ -135,7 +145,7 @@ def test_cls_proj_fp32(backend, shape, c_out):
 @pytest.mark.parametrize("bias,affine", [(False, True), (True, False), (False, False)])
 def test_cls_proj_optional_parts(bias, affine):
     inputs = proj_inputs((4, 32), 64, bias=bias, affine=affine)
-    grads = check(triton_cls_proj, reference.cls_proj, PROJ, inputs, torch.float32, (4, 64), EPS)
+    grads = check(triton_cls_proj, ref_cls_proj, PROJ, inputs, torch.float32, (4, 64), EPS)
     assert ("bias" in grads) == bias and ("norm_weight" in grads) == affine
 
 
@@ -147,7 +157,7 @@ def test_cls_proj_strided_rows():
     out = triton_cls_proj(seq[:, 0], *args, EPS)
     out.backward(torch.ones_like(out))
     seq_r = inputs["x"].float().requires_grad_()
-    ref = reference.cls_proj(seq_r[:, 0], *args, EPS)
+    ref = ref_cls_proj(seq_r[:, 0], *args, EPS)
     ref.backward(torch.ones_like(ref))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seq.grad, seq_r.grad, rtol=1e-5, atol=1e-5)
@@ -156,19 +166,18 @@ def test_cls_proj_strided_rows():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cls_proj_half_precision(backend, dtype):
-    impl = served(backend, "cls_proj")
-    check(impl, reference.cls_proj, PROJ, proj_inputs((6, 64), 96, seed=1), dtype,
-          (6, 96), EPS)  # fmt: skip
+    impl = flat_args("cls_proj", served(backend, "cls_proj"))
+    check(impl, ref_cls_proj, PROJ, proj_inputs((6, 64), 96, seed=1), dtype, (6, 96), EPS)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_cls_proj_autocast(backend):
     # timm under autocast: LayerNorm/GELU in fp32, the Linear in bf16 -> bf16 output
-    impl = served(backend, "cls_proj")
+    impl = flat_args("cls_proj", served(backend, "cls_proj"))
     inputs = proj_inputs((4, 32), 64, seed=2)
     grad_out = torch.randn(4, 64, dtype=torch.float64, device=DEVICE)
-    out64, g64 = run(reference.cls_proj, PROJ, inputs, torch.float64, grad_out, EPS)
-    out_t, g_t = run(reference.cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
+    out64, g64 = run(ref_cls_proj, PROJ, inputs, torch.float64, grad_out, EPS)
+    out_t, g_t = run(ref_cls_proj, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
     out, grads = run(impl, PROJ, inputs, torch.float32, grad_out, EPS, autocast=True)
     assert out.dtype == out_t.dtype == torch.bfloat16
     assert_2x_rule(out.float(), out_t.float(), out64, "out", floor=8e-3)
@@ -221,22 +230,31 @@ def test_cls_proj_opcheck():
     ],
 )
 def test_cross_fusion_fp32(backend, B, N, c_i, c_j, H):
-    impl = flat(served(backend, "cross_fusion"))
-    check(impl, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
-          torch.float32, (B, c_i), H, EPS)  # fmt: skip
+    impl = flat_args("cross_fusion", served(backend, "cross_fusion"))
+    check(
+        impl,
+        ref_cross_fusion,
+        FUSION,
+        fusion_inputs(B, N, c_i, c_j),
+        torch.float32,
+        (B, c_i),
+        H,
+        EPS,
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cross_fusion_half_precision(backend, dtype):
-    impl = flat(served(backend, "cross_fusion"))
-    check(impl, ref_cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1),
-          dtype, (4, 32), 4, EPS)  # fmt: skip
+    impl = flat_args("cross_fusion", served(backend, "cross_fusion"))
+    check(
+        impl, ref_cross_fusion, FUSION, fusion_inputs(4, 30, 32, 64, seed=1), dtype, (4, 32), 4, EPS
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_cross_fusion_autocast(backend):
-    impl = flat(served(backend, "cross_fusion"))
+    impl = flat_args("cross_fusion", served(backend, "cross_fusion"))
     inputs = fusion_inputs(3, 12, 32, 64, seed=2)
     grad_out = torch.randn(3, 32, dtype=torch.float64, device=DEVICE)
     out64, g64 = run(ref_cross_fusion, FUSION, inputs, torch.float64, grad_out, 4, EPS)
@@ -272,15 +290,41 @@ def test_backend_table_serves_fusion_ops():
 
 # Ops that launch no kernel on the GPU (views, allocation, metadata, dispatch wrappers).
 _NO_LAUNCH = {
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::view",
-    "aten::t", "aten::transpose", "aten::as_strided", "aten::reshape", "aten::_reshape_alias",
-    "aten::expand", "aten::permute", "aten::select", "aten::slice", "aten::unsqueeze",
-    "aten::squeeze", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::unbind",
-    "aten::split", "aten::to", "aten::lift_fresh", "aten::result_type", "aten::resize_",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::new_empty",
+    "aten::view",
+    "aten::t",
+    "aten::transpose",
+    "aten::as_strided",
+    "aten::reshape",
+    "aten::_reshape_alias",
+    "aten::expand",
+    "aten::permute",
+    "aten::select",
+    "aten::slice",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::detach",
+    "aten::alias",
+    "aten::_unsafe_view",
+    "aten::unbind",
+    "aten::split",
+    "aten::to",
+    "aten::lift_fresh",
+    "aten::result_type",
+    "aten::resize_",
     # composites whose inner ops are counted instead
-    "aten::matmul", "aten::linear", "aten::layer_norm", "aten::softmax", "aten::contiguous",
-    "aten::clone", "aten::_to_copy", "aten::dropout",
-}  # fmt: skip
+    "aten::matmul",
+    "aten::linear",
+    "aten::layer_norm",
+    "aten::softmax",
+    "aten::contiguous",
+    "aten::clone",
+    "aten::_to_copy",
+    "aten::dropout",
+}
 
 
 class _Recorder:
@@ -308,8 +352,11 @@ def _count_launches(fn, inputs, num_heads, monkeypatch):
                 p = p.cpu_parent
             return False
 
-        return [e.name for e in prof.events()
-                if e.name.startswith("aten::") and e.name not in _NO_LAUNCH and not nested(e)]  # fmt: skip
+        return [
+            e.name
+            for e in prof.events()
+            if e.name.startswith("aten::") and e.name not in _NO_LAUNCH and not nested(e)
+        ]
 
     leaves = [v.float().requires_grad_() for v in (inputs[k] for k in FUSION)]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -339,9 +386,7 @@ def test_launch_count(monkeypatch):
 # -- GPU tier ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@gpu_tier([torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "B,N,c_i,c_j,H",
     [
@@ -353,9 +398,8 @@ def test_launch_count(monkeypatch):
 )
 def test_gpu_cross_fusion_real_shapes(backend, B, N, c_i, c_j, H, dtype):
     # crossvit_18 (both directions), crossvit_base-like at 577 tokens (batch 1), crossvit_15
-    impl = flat(served(backend, "cross_fusion"))
-    check(impl, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j),
-          dtype, (B, c_i), H, EPS)  # fmt: skip
+    impl = flat_args("cross_fusion", served(backend, "cross_fusion"))
+    check(impl, ref_cross_fusion, FUSION, fusion_inputs(B, N, c_i, c_j), dtype, (B, c_i), H, EPS)
 
 
 @pytest.mark.gpu

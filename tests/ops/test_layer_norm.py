@@ -18,8 +18,8 @@ from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import layer_norm as tln
 
 from ..conftest import DEVICE
-from ..numerics import BWD_OPCHECK, check_against_reference
-from . import KERNEL_BACKENDS, served
+from ..numerics import check_against_reference
+from . import KERNEL_BACKENDS, gpu_tier, opcheck_backward, served
 
 EPS = 1e-6
 
@@ -98,17 +98,13 @@ def test_layer_norm_opcheck():
         True,
         False,
     )
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.layer_norm_backward.default, args, test_utils=BWD_OPCHECK
-    )
+    opcheck_backward("layer_norm", args)
 
 
 # -- GPU tier: CrossViT's real widths ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@gpu_tier([torch.float32, torch.bfloat16])
 def test_layer_norm_gpu(backend, dtype):
     impl = served(backend, "layer_norm")
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float64)

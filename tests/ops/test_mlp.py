@@ -16,12 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from crossvit_fast.backends import flat_args
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import mlp as tmlp
 
 from ..conftest import DEVICE, HAS_GPU
-from ..numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
-from . import KERNEL_BACKENDS, served
+from ..numerics import assert_2x_rule, check_against_reference
+from . import KERNEL_BACKENDS, assert_compiles_like_eager, gpu_tier, opcheck_backward, served
+
+triton_mlp = flat_args("mlp", tmlp.mlp)
+ref_mlp = flat_args("mlp", reference.mlp)
 
 EPS = 1e-6
 
@@ -60,11 +64,11 @@ def _mlp_fn(op, residual):
     ],
 )
 def test_mlp_fp32(backend, B, N, C, ratio, residual, affine, bias):
-    impl = served(backend, "mlp")
+    impl = flat_args("mlp", served(backend, "mlp"))
     inputs = mlp_inputs(B, N, C, C * ratio, affine=affine, bias=bias)
     check_against_reference(
         _mlp_fn(impl, residual),
-        _mlp_fn(reference.mlp, residual),
+        _mlp_fn(ref_mlp, residual),
         inputs,
         torch.float32,
         name="mlp",
@@ -75,7 +79,7 @@ def test_mlp_1157_tokens_forward():
     # 1157 tokens (crossvit_*_408 small branch): many M tiles, forward only to stay fast.
     inputs = mlp_inputs(1, 1157, 32, 32)
     check_against_reference(
-        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, torch.float32, grads=False
+        _mlp_fn(triton_mlp, True), _mlp_fn(ref_mlp, True), inputs, torch.float32, grads=False
     )
 
 
@@ -83,11 +87,9 @@ def test_mlp_1157_tokens_forward():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, N, C, ratio", [(2, 5, 32, 4), (1, 3, 96, 3)])
 def test_mlp_16bit(backend, dtype, B, N, C, ratio):
-    impl = served(backend, "mlp")
+    impl = flat_args("mlp", served(backend, "mlp"))
     inputs = mlp_inputs(B, N, C, C * ratio)
-    check_against_reference(
-        _mlp_fn(impl, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
-    )
+    check_against_reference(_mlp_fn(impl, True), _mlp_fn(ref_mlp, True), inputs, dtype, name="mlp")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -96,16 +98,16 @@ def test_mlp_16bit(backend, dtype, B, N, C, ratio):
 def test_mlp_autocast_dtype(backend, x_dtype, residual):
     """Under autocast the output dtype (and its gradients' dtypes) equal the reference's; values
     by the 2x rule against the reference run under the same autocast."""
-    impl = served(backend, "mlp")
+    impl = flat_args("mlp", served(backend, "mlp"))
     inputs = mlp_inputs(2, 3, 32, 64)
     x = inputs[0].to(x_dtype)
     params = [p.float().requires_grad_() if p is not None else None for p in inputs[1:]]
     dev = torch.device(DEVICE).type
     with torch.autocast(dev, dtype=torch.bfloat16):
         ours = impl(x, *params, EPS, residual)
-        ref = reference.mlp(x, *params, EPS, residual)
+        ref = ref_mlp(x, *params, EPS, residual)
     assert ours.dtype == ref.dtype
-    ref64 = reference.mlp(x.double(), *[p.double() for p in params], EPS, residual)
+    ref64 = ref_mlp(x.double(), *[p.double() for p in params], EPS, residual)
     assert_2x_rule(ours.to(ref.dtype), ref, ref64, "autocast mlp")
     (g_ours,) = torch.autograd.grad(ours.float().sum(), params[3])
     (g_ref,) = torch.autograd.grad(ref.float().sum(), params[3])
@@ -117,7 +119,7 @@ def test_mlp_batch0():
     inputs = [
         t.float().requires_grad_() if t is not None else None for t in mlp_inputs(0, 5, 32, 64)
     ]
-    out = tmlp.mlp(*inputs, EPS)
+    out = triton_mlp(*inputs, EPS)
     assert out.shape == (0, 5, 32)
     out.sum().backward()
     assert inputs[0].grad.shape == (0, 5, 32)
@@ -131,7 +133,7 @@ def test_mlp_noncontiguous():
     inputs[0] = base.transpose(0, 1)  # (B, N, C), non-contiguous
     assert not inputs[0].is_contiguous()
     check_against_reference(
-        _mlp_fn(tmlp.mlp, True), _mlp_fn(reference.mlp, True), inputs, torch.float32
+        _mlp_fn(triton_mlp, True), _mlp_fn(ref_mlp, True), inputs, torch.float32
     )
 
 
@@ -147,15 +149,15 @@ def test_mlp_errors():
         t.float() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)
     ]
     with pytest.raises(ValueError, match="fc2_weight: expected shape"):
-        tmlp.mlp(x, nw, nb, w1, b1, w2.t(), b2, EPS)
+        triton_mlp(x, nw, nb, w1, b1, w2.t(), b2, EPS)
     with pytest.raises(ValueError, match="norm_weight: expected shape"):
-        tmlp.mlp(x, nw[:16], nb, w1, b1, w2, b2, EPS)
+        triton_mlp(x, nw[:16], nb, w1, b1, w2, b2, EPS)
     with pytest.raises(ValueError, match=r"fc1_weight: expected dtype torch\.float32"):
-        tmlp.mlp(x, nw, nb, w1.half(), b1, w2, b2, EPS)  # mixed dtypes without autocast
+        triton_mlp(x, nw, nb, w1.half(), b1, w2, b2, EPS)  # mixed dtypes without autocast
     with pytest.raises(ValueError, match="x: expected dtype"):
-        tmlp.mlp(x.long(), nw, nb, w1, b1, w2, b2, EPS)
+        triton_mlp(x.long(), nw, nb, w1, b1, w2, b2, EPS)
     with pytest.raises(ValueError, match="fc1_bias: expected a tensor on"):
-        tmlp.mlp(x, nw, nb, w1, b1.to("meta"), w2, b2, EPS)
+        triton_mlp(x, nw, nb, w1, b1.to("meta"), w2, b2, EPS)
 
 
 def test_mlp_opcheck():
@@ -165,11 +167,18 @@ def test_mlp_opcheck():
     torch.library.opcheck(torch.ops.crossvit_fast.mlp.default, (*inputs, EPS, True, True))
     out = torch.ops.crossvit_fast.mlp(*inputs, EPS, True, True)
     saved = [t.detach() for t in out[1:]]
-    args = (torch.randn_like(inputs[0]), inputs[0].detach(), inputs[1], inputs[2], inputs[3].detach(),
-            inputs[5], *saved, True, [True] * 7)  # fmt: skip
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.mlp_backward.default, args, test_utils=BWD_OPCHECK
+    args = (
+        torch.randn_like(inputs[0]),
+        inputs[0].detach(),
+        inputs[1],
+        inputs[2],
+        inputs[3].detach(),
+        inputs[5],
+        *saved,
+        True,
+        [True] * 7,
     )
+    opcheck_backward("mlp", args)
 
 
 def test_mlp_torch_compile():
@@ -177,28 +186,18 @@ def test_mlp_torch_compile():
     inputs = [
         t.float().requires_grad_() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)
     ]
-    compiled = torch.compile(lambda *a: tmlp.mlp(*a, EPS) * 2, fullgraph=True, backend="aot_eager")
-    out = compiled(*inputs)
-    (g,) = torch.autograd.grad(out.sum(), inputs[3])
-    out_e = tmlp.mlp(*inputs, EPS) * 2
-    (g_e,) = torch.autograd.grad(out_e.sum(), inputs[3])
-    torch.testing.assert_close(out, out_e)
-    torch.testing.assert_close(g, g_e)
+    assert_compiles_like_eager(lambda *a: triton_mlp(*a, EPS) * 2, inputs, inputs[3])
 
 
 # -- GPU tier: CrossViT's real widths, compiled with Inductor --------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_tier()
 @pytest.mark.parametrize("C, ratio, N", [(224, 3, 401), (448, 3, 197), (384, 4, 197), (96, 4, 401)])
 def test_mlp_gpu_real_shapes(backend, dtype, C, ratio, N):
-    impl = served(backend, "mlp")
+    impl = flat_args("mlp", served(backend, "mlp"))
     inputs = mlp_inputs(4, N, C, C * ratio, device="cuda")
-    check_against_reference(
-        _mlp_fn(impl, True), _mlp_fn(reference.mlp, True), inputs, dtype, name="mlp"
-    )
+    check_against_reference(_mlp_fn(impl, True), _mlp_fn(ref_mlp, True), inputs, dtype, name="mlp")
 
 
 @pytest.mark.gpu
@@ -208,11 +207,11 @@ def test_mlp_gpu_autocast_and_inductor():
         for t in mlp_inputs(4, 197, 448, 1344, device="cuda")
     ]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        compiled = torch.compile(lambda *a: tmlp.mlp(*a, EPS), fullgraph=True)
+        compiled = torch.compile(lambda *a: triton_mlp(*a, EPS), fullgraph=True)
         out = compiled(*inputs)
-        ref = reference.mlp(*inputs, EPS)
+        ref = ref_mlp(*inputs, EPS)
     assert out.dtype == ref.dtype == torch.float32
-    ref64 = reference.mlp(*[t.double() if t is not None else None for t in inputs], EPS)
+    ref64 = ref_mlp(*[t.double() if t is not None else None for t in inputs], EPS)
     assert_2x_rule(out, ref, ref64, "compiled autocast mlp")
     out.sum().backward()
     assert inputs[3].grad is not None and torch.isfinite(inputs[3].grad).all()
@@ -235,8 +234,8 @@ def test_mlp_second_gpu():
         t.float() if t is not None else None for t in mlp_inputs(2, 5, 96, 384, device="cuda:1")
     ]
     with torch.cuda.device(0):
-        out = tmlp.mlp(*inputs, EPS)
-    torch.testing.assert_close(out, reference.mlp(*inputs, EPS), rtol=1e-4, atol=1e-4)
+        out = triton_mlp(*inputs, EPS)
+    torch.testing.assert_close(out, ref_mlp(*inputs, EPS), rtol=1e-4, atol=1e-4)
 
 
 # Compiling every kernel for sm_90 (every config, zero spills): tests/test_toolchain_triton.py.

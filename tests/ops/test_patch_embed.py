@@ -19,16 +19,21 @@ from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import patch_embed as tpe
 
 from ..conftest import DEVICE
-from ..numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
-from . import KERNEL_BACKENDS, served
+from ..numerics import assert_2x_rule, check_against_reference
+from . import KERNEL_BACKENDS, assert_compiles_like_eager, gpu_tier, opcheck_backward, served
 
 
 def pe_inputs(B, C_in, H, W, D, p, *, bias=True, device=DEVICE):
     """float64 (x, weight, bias, cls_token, pos_embed)."""
     r = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)
     n = (H // p) * (W // p)
-    return [r(B, C_in, H, W), r(D, C_in, p, p) * (C_in * p * p) ** -0.5, r(D) * 0.1 if bias else None,
-            r(1, 1, D) * 0.02, r(1, 1 + n, D) * 0.02]  # fmt: skip
+    return [
+        r(B, C_in, H, W),
+        r(D, C_in, p, p) * (C_in * p * p) ** -0.5,
+        r(D) * 0.1 if bias else None,
+        r(1, 1, D) * 0.02,
+        r(1, 1 + n, D) * 0.02,
+    ]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -71,8 +76,12 @@ def test_patch_embed_noncontiguous_image_no_image_grad():
     big = torch.randn(2, 3, 20, 34, device=DEVICE)[
         :, :, 2:18, 1:33:2
     ]  # (2, 3, 16, 16) strided view
-    torch.testing.assert_close(tpe.patch_embed(big, w, b, cls, pos), reference.patch_embed(big, w, b, cls, pos),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        tpe.patch_embed(big, w, b, cls, pos),
+        reference.patch_embed(big, w, b, cls, pos),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_patch_embed_batch0():
@@ -127,28 +136,18 @@ def test_patch_embed_opcheck():
         torch.ops.crossvit_fast.patch_embed.default, (x, w, b, cls, pos, torch.float32)
     )
     args = (torch.randn(2, 5, 32, device=DEVICE), x.detach(), w.detach(), [True, True])
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.patch_embed_backward.default, args, test_utils=BWD_OPCHECK
-    )
+    opcheck_backward("patch_embed", args)
 
 
 def test_patch_embed_torch_compile():
     inputs = [t.float().requires_grad_() for t in pe_inputs(1, 3, 16, 16, 32, 8)]
-    out = torch.compile(tpe.patch_embed, fullgraph=True, backend="aot_eager")(*inputs)
-    grads = torch.autograd.grad(out.sum(), inputs)
-    ref = tpe.patch_embed(*inputs)
-    refs = torch.autograd.grad(ref.sum(), inputs)
-    torch.testing.assert_close(out, ref)
-    for g, r in zip(grads, refs):
-        torch.testing.assert_close(g, r)
+    assert_compiles_like_eager(tpe.patch_embed, inputs, inputs)
 
 
 # -- GPU tier ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_tier()
 @pytest.mark.parametrize(
     "img, D, p", [(240, 224, 12), (224, 448, 16), (240, 96, 12), (224, 768, 16)]
 )

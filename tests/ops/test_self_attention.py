@@ -14,12 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from crossvit_fast.backends import flat_args
 from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import self_attention as tsa
 
 from ..conftest import DEVICE
-from ..numerics import BWD_OPCHECK, assert_2x_rule, check_against_reference
-from . import KERNEL_BACKENDS, served
+from ..numerics import assert_2x_rule, check_against_reference
+from . import KERNEL_BACKENDS, assert_compiles_like_eager, gpu_tier, opcheck_backward, served
+
+triton_self_attention = flat_args("self_attention", tsa.self_attention)
+ref_self_attention = flat_args("self_attention", reference.self_attention)
 
 EPS = 1e-6
 
@@ -54,22 +58,25 @@ def _fn(op, heads, residual=True):
     ],
 )
 def test_self_attention_fp32(backend, B, N, C, heads, residual, affine, bias):
-    impl = served(backend, "self_attention")
+    impl = flat_args("self_attention", served(backend, "self_attention"))
     inputs = attn_inputs(B, N, C, affine=affine, bias=bias)
     check_against_reference(
-        _fn(impl, heads, residual), _fn(reference.self_attention, heads, residual),
-        inputs, torch.float32, name="self_attention",
-    )  # fmt: skip
+        _fn(impl, heads, residual),
+        _fn(ref_self_attention, heads, residual),
+        inputs,
+        torch.float32,
+        name="self_attention",
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_self_attention_16bit(backend, dtype):
-    impl = served(backend, "self_attention")
+    impl = flat_args("self_attention", served(backend, "self_attention"))
     inputs = attn_inputs(2, 5, 96, bias=True)
     check_against_reference(
         _fn(impl, 3),
-        _fn(reference.self_attention, 3),
+        _fn(ref_self_attention, 3),
         inputs,
         dtype,
         name="self_attention",
@@ -80,15 +87,15 @@ def test_self_attention_16bit(backend, dtype):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [True, False])
 def test_self_attention_autocast_dtype(backend, x_dtype, residual):
-    impl = served(backend, "self_attention")
+    impl = flat_args("self_attention", served(backend, "self_attention"))
     inputs = attn_inputs(2, 3, 32)
     x = inputs[0].to(x_dtype)
     params = [p.float().requires_grad_() for p in inputs[1:]]
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         ours = impl(x, *params, 4, EPS, residual)
-        ref = reference.self_attention(x, *params, 4, EPS, residual)
+        ref = ref_self_attention(x, *params, 4, EPS, residual)
     assert ours.dtype == ref.dtype
-    ref64 = reference.self_attention(x.double(), *[p.double() for p in params], 4, EPS, residual)
+    ref64 = ref_self_attention(x.double(), *[p.double() for p in params], 4, EPS, residual)
     assert_2x_rule(ours, ref, ref64, "autocast self_attention")
     (g,) = torch.autograd.grad(ours.float().sum(), params[2])
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
@@ -97,14 +104,14 @@ def test_self_attention_autocast_dtype(backend, x_dtype, residual):
 def test_self_attention_batch0_and_noncontiguous():
     params = [p.float() for p in attn_inputs(1, 1, 32)[1:]]
     x0 = torch.randn(0, 5, 32, device=DEVICE, requires_grad=True)
-    out = tsa.self_attention(x0, *params, 4, EPS)
+    out = triton_self_attention(x0, *params, 4, EPS)
     assert out.shape == (0, 5, 32)
     out.sum().backward()
     assert x0.grad.shape == x0.shape
     x = torch.randn(5, 2, 32, device=DEVICE).transpose(0, 1)  # (2, 5, 32), non-contiguous
     torch.testing.assert_close(
-        tsa.self_attention(x, *params, 4, EPS),
-        reference.self_attention(x, *params, 4, EPS),
+        triton_self_attention(x, *params, 4, EPS),
+        ref_self_attention(x, *params, 4, EPS),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -113,15 +120,15 @@ def test_self_attention_batch0_and_noncontiguous():
 def test_self_attention_errors():
     x, nw, nb, wqkv, bqkv, wp, bp = [t.float() for t in attn_inputs(1, 3, 32)]
     with pytest.raises(ValueError, match="num_heads"):
-        tsa.self_attention(x, nw, nb, wqkv, bqkv, wp, bp, 5, EPS)
+        triton_self_attention(x, nw, nb, wqkv, bqkv, wp, bp, 5, EPS)
     with pytest.raises(ValueError, match="qkv_weight: expected shape"):
-        tsa.self_attention(x, nw, nb, wqkv[:32], bqkv, wp, bp, 4, EPS)
+        triton_self_attention(x, nw, nb, wqkv[:32], bqkv, wp, bp, 4, EPS)
     with pytest.raises(ValueError, match="x: expected 3 dims"):
-        tsa.self_attention(x[0], nw, nb, wqkv, bqkv, wp, bp, 4, EPS)
+        triton_self_attention(x[0], nw, nb, wqkv, bqkv, wp, bp, 4, EPS)
     with pytest.raises(ValueError, match="proj_weight: expected dtype"):
-        tsa.self_attention(x, nw, nb, wqkv, bqkv, wp.half(), bp, 4, EPS)
+        triton_self_attention(x, nw, nb, wqkv, bqkv, wp.half(), bp, 4, EPS)
     with pytest.raises(ValueError, match="proj_bias: expected a tensor on"):
-        tsa.self_attention(x, nw, nb, wqkv, bqkv, wp, bp.to("meta"), 4, EPS)
+        triton_self_attention(x, nw, nb, wqkv, bqkv, wp, bp.to("meta"), 4, EPS)
 
 
 def test_self_attention_op_and_backward_opcheck():
@@ -132,11 +139,24 @@ def test_self_attention_op_and_backward_opcheck():
     torch.library.opcheck(torch.ops.crossvit_fast.self_attention.default, args)
     _, mean, rstd, xhat, qkv, o, saved = torch.ops.crossvit_fast.self_attention(*args)
     dout = torch.randn(2, 3, 32, device=DEVICE)
-    bargs = (dout, x.detach(), nw, nb, wqkv.detach(), wp, mean, rstd, xhat, qkv, o, saved, 4,
-             True, [True] * 6)  # fmt: skip
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.self_attention_backward.default, bargs, test_utils=BWD_OPCHECK
+    bargs = (
+        dout,
+        x.detach(),
+        nw,
+        nb,
+        wqkv.detach(),
+        wp,
+        mean,
+        rstd,
+        xhat,
+        qkv,
+        o,
+        saved,
+        4,
+        True,
+        [True] * 6,
     )
+    opcheck_backward("self_attention", bargs)
 
 
 def test_self_attention_backward_adds_no_autograd_traffic():
@@ -145,7 +165,7 @@ def test_self_attention_backward_adds_no_autograd_traffic():
     from crossvit_fast.cost import Ledger
 
     inputs = [t.float().requires_grad_() if t is not None else None for t in attn_inputs(2, 5, 32)]
-    out = tsa.self_attention(*inputs, 4, EPS)
+    out = triton_self_attention(*inputs, 4, EPS)
     rec = Ledger()
     rec.phase = "backward"
     with rec:
@@ -178,30 +198,22 @@ def test_self_attention_no_save_and_segmented_dgrad():
 
 def test_self_attention_torch_compile():
     inputs = [t.float().requires_grad_() for t in attn_inputs(1, 3, 32)]
-    f = lambda *a: tsa.self_attention(*a, 4, EPS)
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs)
-    (g,) = torch.autograd.grad(out.sum(), inputs[3])
-    out_e = f(*inputs)
-    (g_e,) = torch.autograd.grad(out_e.sum(), inputs[3])
-    torch.testing.assert_close(out, out_e)
-    torch.testing.assert_close(g, g_e)
+    assert_compiles_like_eager(lambda *a: triton_self_attention(*a, 4, EPS), inputs, inputs[3])
 
 
 # -- GPU tier ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_tier()
 @pytest.mark.parametrize(
     "C, heads, N", [(224, 7, 401), (448, 7, 197), (192, 3, 401), (768, 12, 197)]
 )
 def test_self_attention_gpu_real_shapes(backend, dtype, C, heads, N):
-    impl = served(backend, "self_attention")
+    impl = flat_args("self_attention", served(backend, "self_attention"))
     inputs = attn_inputs(4, N, C, device="cuda")
     check_against_reference(
         _fn(impl, heads),
-        _fn(reference.self_attention, heads),
+        _fn(ref_self_attention, heads),
         inputs,
         dtype,
         name="attn",
@@ -212,10 +224,10 @@ def test_self_attention_gpu_real_shapes(backend, dtype, C, heads, N):
 def test_self_attention_gpu_inductor():
     inputs = [t.float().requires_grad_() for t in attn_inputs(4, 197, 448, device="cuda")]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = torch.compile(lambda *a: tsa.self_attention(*a, 7, EPS), fullgraph=True)(*inputs)
-        ref = reference.self_attention(*inputs, 7, EPS)
+        out = torch.compile(lambda *a: triton_self_attention(*a, 7, EPS), fullgraph=True)(*inputs)
+        ref = ref_self_attention(*inputs, 7, EPS)
     assert out.dtype == ref.dtype
-    ref64 = reference.self_attention(*[t.double() for t in inputs], 7, EPS)
+    ref64 = ref_self_attention(*[t.double() for t in inputs], 7, EPS)
     assert_2x_rule(out, ref, ref64, "compiled autocast self_attention")
     out.sum().backward()
     assert torch.isfinite(inputs[3].grad).all()

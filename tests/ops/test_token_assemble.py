@@ -16,8 +16,8 @@ from crossvit_fast.ops import reference
 from crossvit_fast.ops.triton import token_assemble as tta
 
 from ..conftest import DEVICE
-from ..numerics import BWD_OPCHECK, check_against_reference
-from . import KERNEL_BACKENDS, served
+from ..numerics import check_against_reference
+from . import KERNEL_BACKENDS, gpu_tier, opcheck_backward, served
 
 
 def ta_inputs(B, D, h, w, device=DEVICE):
@@ -75,17 +75,13 @@ def test_token_assemble_dtypes_errors_opcheck():
         torch.ops.crossvit_fast.token_assemble.default, (feat, cls, pos, torch.float32)
     )
     args = (torch.randn(2, 13, 32, device=DEVICE), [2, 32, 3, 4], torch.float32, False, True)
-    torch.library.opcheck(
-        torch.ops.crossvit_fast.token_assemble_backward.default, args, test_utils=BWD_OPCHECK
-    )
+    opcheck_backward("token_assemble", args)
 
 
 # -- GPU tier ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@gpu_tier([torch.float32, torch.bfloat16])
 def test_token_assemble_gpu(backend, dtype):
     impl = served(backend, "token_assemble")
     inputs = ta_inputs(8, 448, 14, 14, device="cuda")

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...backends import OPS as TABLE_OPS
-from ...backends import ClsProjParams, CrossAttentionParams
+from ...backends import (
+    ClsProjParams,
+    CrossAttentionParams,
+    FusionParams,
+    MlpParams,
+    SelfAttentionParams,
+    as_params,
+)
 from ..common import autocast_dtype, check_tensor
 from . import kernels
 
@@ -65,11 +72,12 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return _ln(x, None, weight, bias, eps, False, out)
 
 
-def mlp(
-    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual=True
-) -> Tensor:
+def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tensor:
     """`x + fc2(GELU(fc1(LN(x))))`: LN kernel (output in the GEMM dtype) -> cuBLAS fc1 without bias
     -> bias + GELU kernel -> cuBLAS fc2 with its bias epilogue. x: (..., C)."""
+    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = as_params(
+        MlpParams, params
+    )
     check_tensor("mlp x", x)
     C = x.shape[-1]
     _check_ln("mlp", x, norm_weight, norm_bias)
@@ -82,10 +90,13 @@ def mlp(
     return x + y if residual else y
 
 
-def self_attention(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
-                   eps, residual=True) -> Tensor:  # fmt: skip
+def self_attention(
+    x: Tensor, params: SelfAttentionParams, num_heads: int, eps: float, residual: bool = True
+) -> Tensor:
     """`x + proj(MHSA(LN(x)))`: LN kernel -> cuBLAS qkv -> PyTorch SDPA (flash) -> cuBLAS proj.
     x: (B, N, C), C % num_heads == 0."""
+    params = as_params(SelfAttentionParams, params)
+    norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = params
     check_tensor("self_attention x", x, ndim=3)
     B, N, C = x.shape
     if num_heads < 1 or C % num_heads:
@@ -103,9 +114,10 @@ def self_attention(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
     return x + y if residual else y
 
 
-def cls_proj(x, norm_weight, norm_bias, weight, bias, eps) -> Tensor:
+def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """`Linear(GELU(LN(x)))`: one LN + GELU kernel (output in the GEMM dtype) -> cuBLAS.
     x: (..., C_in), rows may be strided (e.g. the CLS column y[:, 0])."""
+    norm_weight, norm_bias, weight, bias = as_params(ClsProjParams, params)
     check_tensor("cls_proj x", x)
     _check_ln("cls_proj", x, norm_weight, norm_bias)
     _check_linear("cls_proj", weight, bias, x, x.shape[-1])
@@ -132,8 +144,14 @@ class _KeyBias(torch.autograd.Function):
         return g, torch.zeros(shape, dtype=dtype, device=device)
 
 
-def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias,
-                    num_heads, eps, residual=True) -> Tensor:  # fmt: skip
+def cross_attention(
+    cls: Tensor,
+    tokens: Tensor,
+    params: CrossAttentionParams,
+    num_heads: int,
+    eps: float,
+    residual: bool = True,
+) -> Tensor:
     """CLS cross-attention without K and V (docs/cls_cross_attention.md).
 
     cls: (B, C); tokens: (B, 1 + N, C), rows 1.. attended in place (any row strides); C % heads
@@ -141,6 +159,8 @@ def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv,
     + bv_h, the output projection; the CUDA core streams the tokens once (LN statistics, scores,
     online softmax, u_h = sum_n a_hn LN(x_n)).
     """
+    params = as_params(CrossAttentionParams, params)
+    norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias = params
     check_tensor("cross_attention cls", cls, ndim=2)
     check_tensor("cross_attention tokens", tokens, ndim=3, like=cls)
     B, C = cls.shape
@@ -178,19 +198,16 @@ def cross_attention(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv,
 
 
 def cross_fusion(
-    cls: Tensor,
-    tokens: Tensor,
-    proj: ClsProjParams,
-    attn: CrossAttentionParams,
-    revert: ClsProjParams,
-    num_heads: int,
-    eps: float,
+    cls: Tensor, tokens: Tensor, params: FusionParams, num_heads: int, eps: float
 ) -> Tensor:
     """projs -> cross-attention -> revert_projs. The attention's residual add is fused into the
     revert LayerNorm (LN(c + y) -> GELU in one kernel, the sum kept for its backward)."""
-    revert_norm_weight, revert_norm_bias, revert_weight, revert_bias = revert
-    c = cls_proj(cls, *proj, eps)
-    y = cross_attention(c, tokens, *attn, num_heads, eps, residual=False)
+    proj, attn, revert = as_params(FusionParams, params)
+    revert_norm_weight, revert_norm_bias, revert_weight, revert_bias = as_params(
+        ClsProjParams, revert
+    )
+    c = cls_proj(cls, proj, eps)
+    y = cross_attention(c, tokens, attn, num_heads, eps, residual=False)
     _check_ln("cross_fusion revert", c, revert_norm_weight, revert_norm_bias)
     _check_linear("cross_fusion revert", revert_weight, revert_bias, c, c.shape[-1])
     ct, ctx = _plan(c)

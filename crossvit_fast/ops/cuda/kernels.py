@@ -1,4 +1,5 @@
-"""The CUDA kernels as torch.library custom ops (`crossvit_fast_cuda::*`).
+"""The CUDA kernels as torch.library custom ops (`crossvit_fast::<op>_cuda`, or
+`crossvit_fast::<op>_<part>` for a piece of an op).
 
 Each op calls a launcher of the compiled extension (csrc/bindings.cpp), has a fake (meta)
 kernel so `torch.compile(fullgraph=True)` traces it without running it, and an autograd formula
@@ -8,11 +9,11 @@ Defining the ops loads nothing: the extension is loaded by the first real call
 
 Ops (shapes: B batch, N1 = 1 + N token rows, C width, H heads; kernel dtypes fp32 / fp16 / bf16):
 
-* ``layer_norm(x, residual, weight, bias, eps, gelu, out_dtype) -> (y, s, mean, rstd)``:
+* ``layer_norm_cuda(x, residual, weight, bias, eps, gelu, out_dtype) -> (y, s, mean, rstd)``:
   y = [GELU](LN(x [+ residual])) in `out_dtype`; s = x + residual (empty without residual);
   mean / rstd: fp32 per row. x: (..., C), C <= 8192.
-* ``bias_gelu(h, bias) -> GELU(h + bias)``, h: (..., C).
-* ``token_assemble(feat, bias, cls_token, pos_embed, out_dtype)``: feat (B, N, D) any strides
+* ``mlp_bias_gelu(h, bias) -> GELU(h + bias)``, h: (..., C).
+* ``token_assemble_cuda(feat, bias, cls_token, pos_embed, out_dtype)``: feat (B, N, D) any strides
   -> (B, 1 + N, D): [cls + pos[0]; feat + bias + pos[1:]].
 * ``cross_attention_core(cls, tokens, weight, bias, kt, scale, eps) -> (u, lse, mean, rstd)``:
   the token-side half of the K/V-free CLS cross-attention (csrc/cross_attention.cu); cls (B, C),
@@ -29,7 +30,9 @@ from torch import Tensor
 
 from . import build
 
-NAMESPACE = "crossvit_fast_cuda"
+# One namespace for every backend (the naming rule): a CUDA kernel is `<op>_cuda`, or
+# `<op>_<part>` where it is one piece of an op.
+NAMESPACE = "crossvit_fast"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -50,7 +53,7 @@ def _cast_grad(g: Tensor | None, like: Tensor | None) -> Tensor | None:
 # -- LayerNorm [+ residual] [+ GELU] ----------------------------------------------------------
 
 
-@torch.library.custom_op(f"{NAMESPACE}::layer_norm", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_cuda", mutates_args=())
 def layer_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -72,7 +75,7 @@ def _(x, residual, weight, bias, eps, gelu, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), s, stat, stat.new_empty((rows,))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::layer_norm_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_cuda_backward", mutates_args=())
 def layer_norm_backward(
     dy: Tensor,
     x: Tensor,
@@ -110,8 +113,15 @@ def _ln_backward(ctx, dy, ds, _dmean, _drstd):
     dx, dw, db = layer_norm_backward(dy, src, mean, rstd, weight, bias, ctx.gelu)
     if ds is not None and ds.numel() > 0:  # the sum s was used downstream too
         dx = dx + ds
-    return (dx, dx if ctx.has_residual else None, _cast_grad(dw, weight), _cast_grad(db, bias),
-            None, None, None)  # fmt: skip
+    return (
+        dx,
+        dx if ctx.has_residual else None,
+        _cast_grad(dw, weight),
+        _cast_grad(db, bias),
+        None,
+        None,
+        None,
+    )
 
 
 layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -120,7 +130,7 @@ layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
 # -- bias + GELU --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{NAMESPACE}::bias_gelu", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::mlp_bias_gelu", mutates_args=())
 def bias_gelu(h: Tensor, bias: Tensor | None) -> Tensor:
     return _ext().bias_gelu_fwd(h, bias)
 
@@ -130,7 +140,7 @@ def _(h, bias):
     return h.new_empty(h.shape)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::bias_gelu_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::mlp_bias_gelu_backward", mutates_args=())
 def bias_gelu_backward(dy: Tensor, h: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     dh, db = _ext().bias_gelu_bwd(dy, h, bias)
     return dh, db
@@ -158,7 +168,7 @@ bias_gelu.register_autograd(_bg_backward, setup_context=_bg_setup)
 # -- token assembly -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{NAMESPACE}::token_assemble", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::token_assemble_cuda", mutates_args=())
 def token_assemble(
     feat: Tensor, bias: Tensor | None, cls_token: Tensor, pos_embed: Tensor, out_dtype: torch.dtype
 ) -> Tensor:
@@ -213,8 +223,12 @@ def _(cls, tokens, weight, bias, kt, scale, eps):
     B, N1, C = tokens.shape
     H = kt.shape[1]
     f32 = torch.float32
-    return (kt.new_empty((B, H, C), dtype=f32), kt.new_empty((B, H), dtype=f32),
-            kt.new_empty((B, N1), dtype=f32), kt.new_empty((B, N1), dtype=f32))  # fmt: skip
+    return (
+        kt.new_empty((B, H, C), dtype=f32),
+        kt.new_empty((B, H), dtype=f32),
+        kt.new_empty((B, N1), dtype=f32),
+        kt.new_empty((B, N1), dtype=f32),
+    )
 
 
 @torch.library.custom_op(f"{NAMESPACE}::cross_attention_core_backward", mutates_args=())
@@ -241,8 +255,13 @@ def cross_attention_core_backward(
 def _(du, cls, tokens, weight, bias, kt, u, lse, mean, rstd, scale):
     B, N1, C = tokens.shape
     f32 = torch.float32
-    return (cls.new_empty((B, C)), tokens.new_empty((B, N1, C)), kt.new_empty(kt.shape, dtype=f32),
-            kt.new_empty((C,), dtype=f32), kt.new_empty((C,), dtype=f32))  # fmt: skip
+    return (
+        cls.new_empty((B, C)),
+        tokens.new_empty((B, N1, C)),
+        kt.new_empty(kt.shape, dtype=f32),
+        kt.new_empty((C,), dtype=f32),
+        kt.new_empty((C,), dtype=f32),
+    )
 
 
 def _xa_setup(ctx, inputs, output):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...backends import ClsProjParams, as_params
 from ..common import cast, check_tensor, compute_dtype
 from .layer_norm import cls_norm_bwd, cls_norm_fwd
 from .utils import input_grads, register_op
@@ -88,20 +89,15 @@ def _cls_proj_backward(ctx, dy, _):
 _cls_proj_op.register_autograd(_cls_proj_backward, setup_context=_cls_proj_setup)
 
 
-def cls_proj(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    eps: float,
-) -> Tensor:
+def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """CrossViT projs / revert_projs: Linear(GELU_erf(LayerNorm(x))).
 
-    x: (..., C_in) fp32 / fp16 / bf16 (fp64: ValueError), any strides for 2-D x; weight
-    (C_out, C_in); norm params (C_in,), bias (C_out,) or None. Under autocast the GEMM runs in
+    x: (..., C_in) fp32 / fp16 / bf16 (fp64: ValueError), any strides for 2-D x; params:
+    `ClsProjParams`, weight (C_out, C_in), norm params (C_in,), bias (C_out,) or None. Under autocast the GEMM runs in
     the autocast dtype (LayerNorm + GELU in fp32), as the reference. Returns (..., C_out).
     """
+    params = as_params(ClsProjParams, params)
+    norm_weight, norm_bias, weight, bias = params
     check_tensor("x", x)
     if x.ndim < 1:
         raise ValueError(f"x: expected (..., C_in), got shape {tuple(x.shape)}")
@@ -112,7 +108,7 @@ def cls_proj(
     check_tensor("norm_weight", norm_weight, shape=(C_in,), like=x, optional=True)
     check_tensor("norm_bias", norm_bias, shape=(C_in,), like=x, optional=True)
     check_tensor("bias", bias, shape=(C_out,), like=x, optional=True)
-    dt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
+    dt = compute_dtype(x, **params._asdict())
     x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
     y = _cls_proj_op(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...backends import CrossAttentionParams
+from ...backends import CrossAttentionParams, as_params
 from ..common import cast, compute_dtype
 from .cross_attention_rows import (
     MAX_HEADS,
@@ -382,8 +382,16 @@ def _cross_attention_op(
     # The (B x C)(C x C) GEMMs and per-head (B x d)(d x C) batched GEMMs go to cuBLAS: at these
     # sizes they run near its latency floor, and a fused Triton GEMM would have to re-read
     # every weight per batch tile while saving at most one launch each.
-    n0, r = cls_norm_fwd(cls, norm_weight, norm_bias, eps, dt, gelu=False,
-                         residual_base=residual and cls.dtype == dt, add=proj_bias)  # fmt: skip
+    n0, r = cls_norm_fwd(
+        cls,
+        norm_weight,
+        norm_bias,
+        eps,
+        dt,
+        gelu=False,
+        residual_base=residual and cls.dtype == dt,
+        add=proj_bias,
+    )
     q = torch.addmm(bq, n0, wq.t()) if bq is not None else torch.mm(n0, wq.t())
     kt = torch.bmm(_head_view(q, H), wk.reshape(H, d, C))  # (H, B, C): k~_h = W_k,h^T q_h
     u = cls.new_empty((B, H, C), dtype=dt)
@@ -493,8 +501,17 @@ def _cross_attention_backward_op(
     dwk = torch.bmm(_head_view(q, H).transpose(1, 2), dkt).reshape(C, C)
     dwq = dq.t() @ n0
     dn0.addmm_(dq, wq)  # dL/dLN(cls): attention part + W_q^T dq
-    dcls, sums = cls_norm_bwd(cls, dn0, norm_weight, None, eps, gelu=False,
-                              res=dout if residual else None, pre=part, extras=(dy, do, dq))  # fmt: skip
+    dcls, sums = cls_norm_bwd(
+        cls,
+        dn0,
+        norm_weight,
+        None,
+        eps,
+        gelu=False,
+        res=dout if residual else None,
+        pre=part,
+        extras=(dy, do, dq),
+    )
     return dcls, dtokens, dwq, dwk, dwv, dwo, sums
 
 
@@ -521,10 +538,8 @@ def _cross_attention_backward(ctx, dout, *_):
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
         None if t is None else g.to(t) for g, t in zip((dnw, dnb, dbq, dbk, dbv, dbo), ctx.dtypes)
     )
-    return input_grads(
-        name, cls=dcls, tokens=dtok, norm_weight=g_nw, norm_bias=g_nb, wq=dwq, bq=g_bq, wk=dwk,
-        bk=g_bk, wv=dwv, bv=g_bv, proj_weight=dwo, proj_bias=g_bo,
-    )  # fmt: skip
+    grads = CrossAttentionParams(g_nw, g_nb, dwq, g_bq, dwk, g_bk, dwv, g_bv, dwo, g_bo)
+    return input_grads(name, cls=dcls, tokens=dtok, **grads._asdict())
 
 
 _cross_attention_op.register_autograd(
@@ -538,16 +553,7 @@ _cross_attention_op.register_autograd(
 def cross_attention(
     cls: Tensor,
     tokens: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    wv: Tensor,
-    bv: Tensor | None,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
+    params: CrossAttentionParams,
     num_heads: int,
     eps: float,
     residual: bool = True,
@@ -555,28 +561,31 @@ def cross_attention(
     """CrossViT CrossAttentionBlock on the CLS query, K/V-free (see the module docstring).
 
     cls: (B, C); tokens: (B, 1 + N, C), N >= 0, rows 1.. attended (row 0 ignored, zero grad);
-    any strides. fp32 / fp16 / bf16 (fp64: ValueError), fp32 accumulation. Weights (C, C),
-    biases / norm params (C,) or None. num_heads 1..16, head dim C / num_heads in 8..128; on the
-    GPU C <= 1024 (shared memory).
+    any strides. fp32 / fp16 / bf16 (fp64: ValueError), fp32 accumulation. params:
+    `CrossAttentionParams`, weights (C, C), biases / norm params (C,) or None. num_heads 1..16,
+    head dim C / num_heads in 8..128; on the GPU C <= 1024 (shared memory).
     Under autocast the GEMMs run in the autocast dtype and LayerNorm / softmax in fp32, and the
     output dtype is the reference's (cls + y promoted). Returns (B, C).
     """
-    params = CrossAttentionParams(
-        norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias
-    )
+    params = as_params(CrossAttentionParams, params)
     check_args(cls, tokens, params, num_heads)
     # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
     # (autocast) to the tokens' dtype, and its residual is that promoted CLS.
     if cls.dtype != tokens.dtype:  # (no op at all in the common case: no launch, no graph node)
         cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
-    dt = compute_dtype(cls, tokens=tokens, norm_weight=norm_weight, norm_bias=norm_bias, wq=wq,
-                       bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, proj_weight=proj_weight,
-                       proj_bias=proj_bias)  # fmt: skip
+    dt = compute_dtype(cls, tokens=tokens, **params._asdict())
+    # LayerNorm affine stays in its own dtype (fp32 statistics); the GEMM operands are cast.
+    gemm = (cast(t, dt) for t in params[2:])
     return _cross_attention_op(
-        cls, tokens, norm_weight, norm_bias, cast(wq, dt), cast(bq, dt), cast(wk, dt),
-        cast(bk, dt), cast(wv, dt), cast(bv, dt), cast(proj_weight, dt), cast(proj_bias, dt),
-        num_heads, float(eps), bool(residual),
-    )[0]  # fmt: skip
+        cls,
+        tokens,
+        params.norm_weight,
+        params.norm_bias,
+        *gemm,
+        num_heads,
+        float(eps),
+        bool(residual),
+    )[0]
 
 
 OPS = {"cross_attention": cross_attention}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ...backends import ClsProjParams, CrossAttentionParams
+from ...backends import FusionParams, as_params
 from ..common import check_tensor
 from .cls_proj import cls_proj
 from .cross_attention import cross_attention
@@ -27,13 +27,7 @@ __all__ = ["OPS", "cross_fusion"]
 
 
 def cross_fusion(
-    cls: Tensor,
-    tokens: Tensor,
-    proj: ClsProjParams,
-    attn: CrossAttentionParams,
-    revert: ClsProjParams,
-    num_heads: int,
-    eps: float,
+    cls: Tensor, tokens: Tensor, params: FusionParams, num_heads: int, eps: float
 ) -> Tensor:
     """One fusion step for branch i: revert_projs(cross_attention(projs(cls), tokens)).
 
@@ -41,9 +35,10 @@ def cross_fusion(
     Limits as `cls_proj` and `cross_attention` (num_heads is branch j's head count).
     """
     check_tensor("cls", cls, ndim=2)
-    c = cls_proj(cls, *proj, eps)
-    f = cross_attention(c, tokens, *attn, num_heads, eps)
-    return cls_proj(f, *revert, eps)
+    proj, attn, revert = as_params(FusionParams, params)
+    c = cls_proj(cls, proj, eps)
+    f = cross_attention(c, tokens, attn, num_heads, eps)
+    return cls_proj(f, revert, eps)
 
 
 OPS = {"cross_fusion": cross_fusion}

@@ -316,9 +316,12 @@ def as_rows(t: Tensor) -> Tensor:
 
 
 def layer_norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
     y_dtype: torch.dtype | None,
-) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor | None, Tensor, Tensor]:
     """x: (..., C) any float dtype and strides. Returns (y or None, mean, rstd): y (..., C) in
     `y_dtype` (None: statistics only), mean / rstd fp32 (M,) with M = x.numel() // C."""
     C = x.shape[-1]
@@ -341,10 +344,17 @@ def layer_norm_fwd(
 
 
 def layer_norm_bwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
-    dy: Tensor, dres: Tensor | None, need_dw: bool, need_db: bool,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dy: Tensor,
+    dres: Tensor | None,
+    need_dw: bool,
+    need_db: bool,
     y_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradient of y = LN(x) (+ a residual gradient `dres`, same shape as x, added to dx).
 
     x, dy, dres: (..., C), any strides / float dtypes. Returns (dx in x's dtype, dnorm, y):
@@ -486,9 +496,15 @@ def _layer_norm_op(
 
 @register_op("crossvit_fast::layer_norm_backward")
 def _layer_norm_backward_op(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-    rstd: Tensor, need_dw: bool, need_db: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor]:
     """(dx, dnorm): dnorm the requested rows of [dweight; dbias] (`layer_norm_bwd`), empty
     when neither is requested (or the parameters are None)."""
     dx, dnorm, _ = layer_norm_bwd(x, weight, bias, mean, rstd, dy, None, need_dw, need_db)

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...backends import MlpParams, as_params
 from ..common import cast, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .utils import (
@@ -264,11 +265,19 @@ def sum_rows(M: int) -> int:
 
 
 def fused_linear(
-    a: Tensor | tuple[Tensor, ...], w: Tensor, out: Tensor, *, transpose_w: bool, bias: Tensor | None = None,
-    res: Tensor | None = None, aux: Tensor | None = None, gelu: int = GELU_NONE,
-    a_sum: Tensor | None = None, c_sum: Tensor | None = None,
+    a: Tensor | tuple[Tensor, ...],
+    w: Tensor,
+    out: Tensor,
+    *,
+    transpose_w: bool,
+    bias: Tensor | None = None,
+    res: Tensor | None = None,
+    aux: Tensor | None = None,
+    gelu: int = GELU_NONE,
+    a_sum: Tensor | None = None,
+    c_sum: Tensor | None = None,
     a_out: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
     `_fused_linear_kernel`; returns `out`.
 
@@ -293,19 +302,43 @@ def fused_linear(
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
     args = (
-        a, segs[1] if len(segs) > 1 else None, segs[2] if len(segs) > 2 else None, w, out,
-        bias, res, aux, a_sum, c_sum, a_out, M, N, K,
-        a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
-        res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
+        a,
+        segs[1] if len(segs) > 1 else None,
+        segs[2] if len(segs) > 2 else None,
+        w,
+        out,
+        bias,
+        res,
+        aux,
+        a_sum,
+        c_sum,
+        a_out,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        stride_wk,
+        stride_wn,
+        out.stride(0),
+        res.stride(0) if res is not None else 0,
+        res.stride(1) if res is not None else 0,
         aux.stride(0) if aux is not None else 0,
-        a_sum.stride(0) if a_sum is not None else 0, c_sum.stride(0) if c_sum is not None else 0,
-    )  # fmt: skip
+        a_sum.stride(0) if a_sum is not None else 0,
+        c_sum.stride(0) if c_sum is not None else 0,
+    )
     flags = dict(
-        A_SEGS=len(segs), HAS_BIAS=bias is not None,
-        GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
-        C_SUM=c_sum is not None, A_OUT=a_out is not None, MIN_BLOCK_M=MIN_BLOCK_M,
+        A_SEGS=len(segs),
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        STORE_AUX=aux is not None,
+        HAS_RES=res is not None,
+        A_SUM=a_sum is not None,
+        C_SUM=c_sum is not None,
+        A_OUT=a_out is not None,
+        MIN_BLOCK_M=MIN_BLOCK_M,
         **dot_flags(w.dtype),
-    )  # fmt: skip
+    )
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_fused_linear_tuned, grid, *args, **flags)
     return out
@@ -321,10 +354,17 @@ def _out_dtype(x: Tensor, cdt: torch.dtype, residual: bool) -> torch.dtype:
 
 @register_op("crossvit_fast::mlp")
 def _mlp_op(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, fc1_weight: Tensor,
-    fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, eps: float,
-    residual: bool, save_act: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    eps: float,
+    residual: bool,
+    save_act: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, mean, rstd, xhat, act, hidden). x: (..., C) any float dtype; fc weights / biases
     in the compute dtype. xhat: (M, C) LN(x) in the compute dtype (fc1's A and dW1's operand);
     act: (M, Hd) pre-activation when save_act (for backward), else empty; hidden: (M, Hd)
@@ -337,20 +377,43 @@ def _mlp_op(
     xhat, mean, rstd = layer_norm_fwd(x2, norm_weight, norm_bias, eps, cdt)
     hidden = x.new_empty((M, Hd), dtype=cdt)
     act = x.new_empty((M, Hd) if save_act else (0,), dtype=cdt)
-    fused_linear(xhat, fc1_weight, hidden, transpose_w=True, bias=fc1_bias, gelu=GELU_FWD,
-                 aux=act if save_act else None)  # fmt: skip
+    fused_linear(
+        xhat,
+        fc1_weight,
+        hidden,
+        transpose_w=True,
+        bias=fc1_bias,
+        gelu=GELU_FWD,
+        aux=act if save_act else None,
+    )
     out = x.new_empty(x.shape, dtype=_out_dtype(x, cdt, residual))
-    fused_linear(hidden, fc2_weight, out.view(M, C), transpose_w=True, bias=fc2_bias,
-                 res=x2 if residual else None)  # fmt: skip
+    fused_linear(
+        hidden,
+        fc2_weight,
+        out.view(M, C),
+        transpose_w=True,
+        bias=fc2_bias,
+        res=x2 if residual else None,
+    )
     return out, mean, rstd, xhat, act, hidden
 
 
 @register_op("crossvit_fast::mlp_backward")
 def _mlp_backward_op(
-    dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-    fc1_weight: Tensor, fc2_weight: Tensor, mean: Tensor, rstd: Tensor, xhat: Tensor,
-    act: Tensor, hidden: Tensor, residual: bool, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    dout: Tensor,
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    xhat: Tensor,
+    act: Tensor,
+    hidden: Tensor,
+    residual: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dnorm, dfc1_weight, dfc2_weight, dbiases): dnorm the requested rows of
     [dnorm_weight; dnorm_bias] (`layer_norm_bwd`), dbiases = [dfc2_bias | dfc1_bias] for the
     requested ones (one reduction finishes both); `needs`
@@ -370,8 +433,17 @@ def _mlp_backward_op(
     b2_sum = sums[:, :C] if need_b2 else None
     b1_sum = sums[:, C * need_b2 :] if need_b1 else None
     dy16 = x.new_empty((M, C), dtype=cdt) if need_w2 and dy.dtype != cdt else None
-    fused_linear(dy, fc2_weight, da, transpose_w=False, aux=act, gelu=GELU_BWD, a_sum=b2_sum,
-                 c_sum=b1_sum, a_out=dy16)  # fmt: skip
+    fused_linear(
+        dy,
+        fc2_weight,
+        da,
+        transpose_w=False,
+        aux=act,
+        gelu=GELU_BWD,
+        a_sum=b2_sum,
+        c_sum=b1_sum,
+        a_out=dy16,
+    )
     # 2. cuBLAS for the plain GEMMs (see the module docstring).
     dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else empty()
     dxhat = torch.mm(da, fc1_weight)
@@ -401,8 +473,8 @@ def _mlp_setup(ctx, inputs, output):
         x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, xhat, act, hidden
     )
     ctx.residual = residual
-    ctx.has = [True, norm_weight is not None, norm_bias is not None, True, fc1_bias is not None,
-               True, fc2_bias is not None]  # fmt: skip
+    params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    ctx.has = [t is not None for t in params]  # which inputs can have a gradient
 
 
 def _mlp_backward(ctx, dout, *_):
@@ -428,19 +500,17 @@ _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 # -- functional ----------------------------------------------------------------------------------
 
 
-def mlp(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, fc1_weight: Tensor,
-    fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, eps: float,
-    residual: bool = True,
-) -> Tensor:  # fmt: skip
+def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tensor:
     """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))` (`residual=False`: without `x +`).
 
-    x: (B, N, C) (any leading dims), fp32 / fp16 / bf16, any strides; norm: (C,) or None;
-    fc1: (Hd, C), fc2: (C, Hd), biases or None. Without autocast every parameter has x's
-    dtype; under autocast the GEMMs run in the autocast dtype and LayerNorm in fp32, and the
-    output dtype is the reference's (promote(x, autocast dtype) with the residual, else the
+    x: (B, N, C) (any leading dims), fp32 / fp16 / bf16, any strides; params: `MlpParams`, norm
+    (C,) or None, fc1: (Hd, C), fc2: (C, Hd), biases or None. Without autocast every parameter
+    has x's dtype; under autocast the GEMMs run in the autocast dtype and LayerNorm in fp32, and
+    the output dtype is the reference's (promote(x, autocast dtype) with the residual, else the
     autocast dtype). Batch 0 returns an empty result.
     """
+    params = as_params(MlpParams, params)
+    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
     check_tensor("x", x)
     if x.ndim < 2:
         raise ValueError(f"x: expected shape (B, N, C), got {tuple(x.shape)}")
@@ -453,15 +523,13 @@ def mlp(
     check_tensor("norm_bias", norm_bias, shape=(C,), like=x, optional=True)
     check_tensor("fc1_bias", fc1_bias, shape=(Hd,), like=x, optional=True)
     check_tensor("fc2_bias", fc2_bias, shape=(C,), like=x, optional=True)
-    cdt = compute_dtype(x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight,
-                        fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
-    # what autocast does to F.linear's arguments
-    params = (norm_weight, norm_bias, cast(fc1_weight, cdt), cast(fc1_bias, cdt),
-              cast(fc2_weight, cdt), cast(fc2_bias, cdt))  # fmt: skip
+    cdt = compute_dtype(x, **params._asdict())
+    # what autocast does to F.linear's arguments (the LayerNorm affine stays as it is)
+    args = (norm_weight, norm_bias, *(cast(t, cdt) for t in params[2:]))
     save_act = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *params)
+        t is not None and t.requires_grad for t in (x, *args)
     )
-    return torch.ops.crossvit_fast.mlp(x, *params, float(eps), bool(residual), save_act)[0]
+    return torch.ops.crossvit_fast.mlp(x, *args, float(eps), bool(residual), save_act)[0]
 
 
 OPS = {"mlp": mlp}

@@ -259,8 +259,18 @@ def _padded_weight(weight: Tensor) -> tuple[Tensor, int]:
     return weight.reshape(D, Cin * p * pp), pp
 
 
-def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor,
-                    pos_embed: Tensor, out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+# -- registered ops ------------------------------------------------------------------------------
+
+
+@register_op("crossvit_fast::patch_embed")
+def _patch_embed_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    out_dtype: torch.dtype,
+) -> Tensor:
     """x (B, C_in, H, W) any strides / float dtype; weight (D, C_in, p, p) in the compute dtype.
     Returns the token tensor (B, 1 + N, D) in out_dtype."""
     B, _, H, W = x.shape
@@ -274,9 +284,26 @@ def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: T
     w2, pp = _padded_weight(weight)
     K = w2.shape[1]
     pos = pos_embed.reshape(1 + Np, D)
-    args = (x, w2, bias, cls_token.reshape(D), pos, out, M, D, K, Np, Wp,
-            *x.stride(), w2.stride(0), w2.stride(1), pos.stride(0), pos.stride(1),
-            out.stride(0), out.stride(1))  # fmt: skip
+    args = (
+        x,
+        w2,
+        bias,
+        cls_token.reshape(D),
+        pos,
+        out,
+        M,
+        D,
+        K,
+        Np,
+        Wp,
+        *x.stride(),
+        w2.stride(0),
+        w2.stride(1),
+        pos.stride(0),
+        pos.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
     flags = dict(P=p, PP=pp, HAS_BIAS=bias is not None, **dot_flags(weight.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
     launch(_patch_embed_fwd_tuned, grid, *args, **flags)
@@ -326,17 +353,6 @@ def patch_embed_bwd(dout: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need
                 num_warps=warps, **dots,
             )  # fmt: skip
     return dx, dw, dpos
-
-
-# -- registered ops ------------------------------------------------------------------------------
-
-
-@register_op("crossvit_fast::patch_embed")
-def _patch_embed_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor, pos_embed: Tensor,
-    out_dtype: torch.dtype,
-) -> Tensor:  # fmt: skip
-    return patch_embed_fwd(x, weight, bias, cls_token, pos_embed, out_dtype)
 
 
 @register_op("crossvit_fast::patch_embed_backward")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .mlp import fused_linear, sum_rows
@@ -98,10 +99,18 @@ def _rows(t: Tensor) -> Tensor:
 
 @register_op("crossvit_fast::self_attention")
 def _self_attention_op(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, qkv_weight: Tensor,
-    qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, num_heads: int,
-    eps: float, residual: bool, save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    num_heads: int,
+    eps: float,
+    residual: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """(out, mean, rstd, xhat, qkv, o, sdpa_saved). x: (B, N, C) any float dtype / strides; weights
     and biases in the compute dtype. out: (B, N, C), promote(x, compute dtype) with the
     residual, else the compute dtype. With `save` (for backward): LN(x) xhat (M, C), qkv (M, 3C), o
@@ -120,8 +129,14 @@ def _self_attention_op(
     o, saved = sdpa_forward(q, k, v)
     out_dtype = torch.promote_types(x.dtype, cdt) if residual else cdt
     out = x.new_empty((B, N, C), dtype=out_dtype)
-    fused_linear(_rows(o), proj_weight, out.view(M, C), transpose_w=True, bias=proj_bias,
-                 res=x2 if residual else None)  # fmt: skip
+    fused_linear(
+        _rows(o),
+        proj_weight,
+        out.view(M, C),
+        transpose_w=True,
+        bias=proj_bias,
+        res=x2 if residual else None,
+    )
     if not save:
         return out, mean, rstd, empty(x), empty(x), empty(x), [empty(x) for _ in saved]
     return out, mean, rstd, xhat, qkv, o, saved
@@ -129,11 +144,22 @@ def _self_attention_op(
 
 @register_op("crossvit_fast::self_attention_backward")
 def _self_attention_backward_op(
-    dout: Tensor, x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-    qkv_weight: Tensor, proj_weight: Tensor, mean: Tensor, rstd: Tensor, xhat: Tensor,
-    qkv: Tensor, o: Tensor,
-    sdpa_saved: list[Tensor], num_heads: int, residual: bool, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    dout: Tensor,
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    qkv_weight: Tensor,
+    proj_weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    xhat: Tensor,
+    qkv: Tensor,
+    o: Tensor,
+    sdpa_saved: list[Tensor],
+    num_heads: int,
+    residual: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dnorm, dqkv_weight, dproj_weight, dbiases): dnorm the requested rows of
     [dnorm_weight; dnorm_bias] (`layer_norm_bwd`), dbiases =
     [dproj_bias | dqkv_bias] for the requested ones (one reduction finishes both); `needs`
@@ -188,8 +214,8 @@ def _self_attention_setup(ctx, inputs, output):
         x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, xhat, qkv, o, *saved
     )
     ctx.heads, ctx.residual = heads, res
-    ctx.has = [norm_weight is not None, norm_bias is not None, True, qkv_bias is not None, True,
-               proj_bias is not None]  # fmt: skip
+    params = (norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias)
+    ctx.has = [t is not None for t in params]  # which parameters can have a gradient
 
 
 def _self_attention_backward(ctx, dout, *_):
@@ -215,16 +241,17 @@ _self_attention_op.register_autograd(_self_attention_backward, setup_context=_se
 
 
 def self_attention(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, qkv_weight: Tensor,
-    qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, num_heads: int,
-    eps: float, residual: bool = True,
-) -> Tensor:  # fmt: skip
+    x: Tensor, params: SelfAttentionParams, num_heads: int, eps: float, residual: bool = True
+) -> Tensor:
     """ViT block attention half: `x + proj(MHSA(LN(x)))` (`residual=False`: without `x +`).
 
-    x: (B, N, C), fp32 / fp16 / bf16, any strides, C % num_heads == 0; qkv_weight (3C, C)
-    laid out [q | k | v], head-major; proj_weight (C, C); norm / biases may be None. Dtype
-    rules as `mlp` (autocast: GEMMs and SDPA in the autocast dtype, LayerNorm in fp32).
+    x: (B, N, C), fp32 / fp16 / bf16, any strides, C % num_heads == 0; params:
+    `SelfAttentionParams`, qkv_weight (3C, C) laid out [q | k | v], head-major; proj_weight
+    (C, C); norm / biases may be None. Dtype rules as `mlp` (autocast: GEMMs and SDPA in the
+    autocast dtype, LayerNorm in fp32).
     """
+    params = as_params(SelfAttentionParams, params)
+    norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = params
     check_tensor("x", x, ndim=3)
     C = x.shape[-1]
     if not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
@@ -235,18 +262,14 @@ def self_attention(
     check_tensor("qkv_bias", qkv_bias, shape=(3 * C,), like=x, optional=True)
     check_tensor("proj_weight", proj_weight, shape=(C, C), like=x)
     check_tensor("proj_bias", proj_bias, shape=(C,), like=x, optional=True)
-    cdt = compute_dtype(
-        x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight, qkv_bias=qkv_bias,
-        proj_weight=proj_weight, proj_bias=proj_bias,
-    )  # fmt: skip
-    # what autocast does to F.linear's arguments
-    params = (cast(qkv_weight, cdt), cast(qkv_bias, cdt), cast(proj_weight, cdt),
-              cast(proj_bias, cdt))  # fmt: skip
+    cdt = compute_dtype(x, **params._asdict())
+    # what autocast does to F.linear's arguments (the LayerNorm affine stays as it is)
+    gemm = tuple(cast(t, cdt) for t in params[2:])
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, norm_weight, norm_bias, *params)
+        t is not None and t.requires_grad for t in (x, norm_weight, norm_bias, *gemm)
     )
     return torch.ops.crossvit_fast.self_attention(
-        x, norm_weight, norm_bias, *params, num_heads, float(eps), bool(residual), save
+        x, norm_weight, norm_bias, *gemm, num_heads, float(eps), bool(residual), save
     )[0]
 
 
