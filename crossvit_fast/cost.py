@@ -69,56 +69,17 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 # Aten ops that launch no kernel: allocation, metadata, host-side scalars. (View ops are
 # recognised by their schema: `OpOverload.is_view`.)
-_NO_LAUNCH = {
-    "empty",
-    "empty_strided",
-    "empty_like",
-    "new_empty",
-    "new_empty_strided",
-    "detach",
-    "lift_fresh",
-    "lift_fresh_copy",
-    "_local_scalar_dense",
-    "resize_",
-    "set_",
-    "alias",
-    "_unsafe_view",
-    "view",
-    "as_strided",
-    "_reshape_alias",
-    "unbind",
-    "split",
-    "split_with_sizes",
-    "chunk",
-    "expand",
-    "t",
-    "transpose",
-    "permute",
-    "select",
-    "slice",
-    "unsqueeze",
-    "squeeze",
-    "sym_size",
-    "sym_stride",
-    "sym_numel",
-    "is_same_size",
-    "result_type",
-}
+_NO_LAUNCH = (
+    {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_", "set_"}
+    | {"detach", "lift_fresh", "lift_fresh_copy", "alias", "_unsafe_view", "view", "as_strided"}
+    | {"_reshape_alias", "unbind", "split", "split_with_sizes", "chunk", "expand", "t"}
+    | {"transpose", "permute", "select", "slice", "unsqueeze", "squeeze", "_local_scalar_dense"}
+    | {"sym_size", "sym_stride", "sym_numel", "is_same_size", "result_type"}
+)
 
 # Ops whose tensor arguments are not read: factories "like" a tensor and fills.
-_WRITE_ONLY = {
-    "zeros_like",
-    "ones_like",
-    "full_like",
-    "empty_like",
-    "rand_like",
-    "randn_like",
-    "zero_",
-    "fill_",
-    "uniform_",
-    "normal_",
-    "random_",
-}
+_WRITE_ONLY = {"zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like"}
+_WRITE_ONLY |= {"zero_", "fill_", "uniform_", "normal_", "random_"}
 
 # CUDA's multi_tensor_apply (the `_foreach_*` kernels): tensors and 64K-element chunks per launch,
 # by the number of tensor lists of the op (ATen's depth_to_max_tensors / depth_to_max_blocks).

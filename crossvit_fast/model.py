@@ -102,9 +102,7 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Parameter holder with timm's names: qkv (3C x C) and proj (C x C)."""
 
-    def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float
-    ):
+    def __init__(self, dim, num_heads, qkv_bias, attn_drop, proj_drop):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -162,9 +160,7 @@ class Block(nn.Module):
 class CrossAttention(nn.Module):
     """Parameter holder with timm's names: wq, wk, wv, proj (C x C each)."""
 
-    def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float
-    ):
+    def __init__(self, dim, num_heads, qkv_bias, attn_drop, proj_drop):
         super().__init__()
         self.num_heads = num_heads
         self.wq = nn.Linear(dim, dim, bias=qkv_bias)
