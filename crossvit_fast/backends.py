@@ -113,13 +113,24 @@ def as_params(kind: type, params) -> tuple:
     return kind(*params)
 
 
+def fusion_params(flat) -> FusionParams:
+    """FusionParams from the 18 parameters of one fusion step listed flat, in the order
+    proj, attn, revert (4 + 10 + 4): how tests and benchmarks build them."""
+    flat = tuple(flat)
+    if len(flat) != 18:
+        raise ValueError(f"expected 18 fusion parameters (4 + 10 + 4), got {len(flat)}")
+    return FusionParams(
+        ClsProjParams(*flat[:4]), CrossAttentionParams(*flat[4:14]), ClsProjParams(*flat[14:])
+    )
+
+
 # The ops that take parameter groups: (leading tensors, flat parameters, how they are grouped).
 _GROUPED = {
-    "mlp": (1, 6, lambda p: MlpParams(*p)),
-    "self_attention": (1, 6, lambda p: SelfAttentionParams(*p)),
-    "cls_proj": (1, 4, lambda p: ClsProjParams(*p)),
-    "cross_attention": (2, 10, lambda p: CrossAttentionParams(*p)),
-    "cross_fusion": (2, 18, lambda p: fusion_params(p)),
+    "mlp": (1, 6, MlpParams._make),
+    "self_attention": (1, 6, SelfAttentionParams._make),
+    "cls_proj": (1, 4, ClsProjParams._make),
+    "cross_attention": (2, 10, CrossAttentionParams._make),
+    "cross_fusion": (2, 18, fusion_params),
 }
 
 
@@ -132,17 +143,6 @@ def flat_args(op: str, fn: Callable) -> Callable:
         return fn
     lead, n, group = _GROUPED[op]
     return lambda *a, **kw: fn(*a[:lead], group(a[lead : lead + n]), *a[lead + n :], **kw)
-
-
-def fusion_params(flat) -> FusionParams:
-    """FusionParams from the 18 parameters of one fusion step listed flat, in the order
-    proj, attn, revert (4 + 10 + 4): how tests and benchmarks build them."""
-    flat = tuple(flat)
-    if len(flat) != 18:
-        raise ValueError(f"expected 18 fusion parameters (4 + 10 + 4), got {len(flat)}")
-    return FusionParams(
-        ClsProjParams(*flat[:4]), CrossAttentionParams(*flat[4:14]), ClsProjParams(*flat[14:])
-    )
 
 
 _BACKEND_MODULES = {

@@ -226,7 +226,7 @@ class Ledger(TorchDispatchMode):
 
         qualname = func._schema.name
         opdef = OPDEFS.get(qualname)
-        if opdef is None:  # e.g. a C++ op of the CUDA backend: no body to look into
+        if opdef is None:  # not a Python custom op: no body to look into
             return func(*args, **kwargs)
         with self:
             return opdef._init_fn(*args, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -91,6 +92,31 @@ def run_python(*args: str, timeout: float, **kwargs) -> subprocess.CompletedProc
     text; `kwargs` (cwd, env) go to subprocess.run."""
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+# The repository root (the child processes run from it, importing this checkout).
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict:
+    """This environment for a child Python (torchrun, `python -m crossvit_fast`): the
+    repository importable, one OpenMP thread (the children share this machine's cores)."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def popen_in_session(cmd: list[str]) -> subprocess.Popen:
+    """`cmd` started from the repository in a session (process group) of its own, with
+    `child_env()`, its stdout and stderr piped as text (what the preemption tests signal)."""
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig
 
-from .conftest import tiny_config
+from .conftest import child_env, popen_in_session, tiny_config
 
 REPO = Path(crossvit_fast.__file__).resolve().parents[1]
 WORLD = 2
@@ -176,35 +176,12 @@ def _torchrun_cmd(tmp_path: Path, *extra: str) -> list[str]:
     return [*torchrun, *train, "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
 
 
-def _env() -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _popen(cmd: list[str]) -> subprocess.Popen:
-    """`cmd` started from the repository in a session (process group) of its own, its stdout and
-    stderr piped as text (also what tests/test_train_runs.py signals)."""
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def _torchrun(tmp_path: Path, *extra: str) -> dict:
     metrics = tmp_path / "metrics.json"
     proc = subprocess.run(
         _torchrun_cmd(tmp_path, *extra, "--metrics-json", str(metrics)),
         cwd=REPO,
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -234,7 +211,9 @@ def test_torchrun_bad_image_is_one_message(tmp_path, tiny_json):
     bad.write_bytes(b"not a png")
     data = ["--data", str(tmp_path / "data"), "--batch-size", "2", "--workers", "1"]
     cmd = _torchrun_cmd(tmp_path, "--model", tiny_json, *data, "--steps", "20")
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if "train: error:" in ln]
     assert len(lines) == 1 and f"bad image {bad}" in lines[0], proc.stderr
@@ -250,7 +229,9 @@ def test_torchrun_sigterm_stops_every_rank_at_the_same_step(tmp_path, tiny_json)
     import time
 
     sizes = ["--train-samples", "64", "--val-samples", "8", "--batch-size", "4"]
-    proc = _popen(_torchrun_cmd(tmp_path, "--model", tiny_json, *sizes, "--steps", "100000"))
+    proc = popen_in_session(
+        _torchrun_cmd(tmp_path, "--model", tiny_json, *sizes, "--steps", "100000")
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         t0 = time.monotonic()

@@ -274,6 +274,21 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         backends.resolve("triton", "cpu")
 
 
+def test_ops_take_parameter_groups_or_plain_tuples_of_their_fields():
+    """An op's parameter group: the NamedTuple, or a plain tuple of the same fields (same
+    output); anything else is a ValueError naming the fields expected and what came."""
+    from crossvit_fast.backends import MlpParams
+    from crossvit_fast.ops import reference
+
+    x, C = torch.randn(2, 3, 8), 8
+    p = (torch.ones(C), torch.zeros(C), torch.randn(16, C), None, torch.randn(C, 16), None)
+    torch.testing.assert_close(reference.mlp(x, MlpParams(*p), 1e-6), reference.mlp(x, p, 1e-6))
+    with pytest.raises(ValueError, match=r"expected MlpParams\('norm_weight'.*got 5 items"):
+        reference.mlp(x, p[:5], 1e-6)
+    with pytest.raises(ValueError, match=r"expected MlpParams.*got Tensor"):
+        reference.mlp(x, p[2], 1e-6)
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 

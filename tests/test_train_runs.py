@@ -25,8 +25,7 @@ from crossvit_fast.train import main, parse_args
 from crossvit_fast.train.state import CHECKPOINT_NAME, load
 from crossvit_fast.train.trainer import Trainer
 
-from .conftest import TRAIN_TINY, write_image_folder
-from .test_distributed import _popen
+from .conftest import TRAIN_TINY, popen_in_session, write_image_folder
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
@@ -55,7 +54,7 @@ def _signal_run(cmd: list[str], out: Path, sig: int, after_epochs: int) -> tuple
     """Start `cmd` in its own session, wait for `after_epochs` epoch records, then send `sig`
     to the whole process group (as a scheduler or a terminal's Ctrl-C does: the DataLoader
     workers get it too)."""
-    proc = _popen(cmd)
+    proc = popen_in_session(cmd)
     try:
         _wait_for(lambda: _epochs_done(out) >= after_epochs, proc)
         os.killpg(proc.pid, sig)

@@ -10,7 +10,8 @@ Conventions shared by every backend (the op signatures of the table, see `crossv
 * Token tensors are `(B, N, C)`; LayerNorms take `(weight, bias, eps)`; linear weights use the
   `nn.Linear` layout `(out, in)`; any bias may be `None`. An op with several weights takes them
   as one `params` group per sub-layer (`crossvit_fast.backends`: `SelfAttentionParams`,
-  `MlpParams`, `ClsProjParams`, `CrossAttentionParams`), a plain tuple of the fields also works.
+  `MlpParams`, `ClsProjParams`, `CrossAttentionParams`; `cross_fusion` a `FusionParams` of three),
+  a plain tuple of the fields also works.
 * Ops that end in a residual add take `residual: bool`. `residual=True` returns `x + f(x)` (the
   fused form used in eval / when drop-path is inactive); `residual=False` returns `f(x)` alone so
   the module can apply per-sample drop-path before adding.
@@ -115,8 +116,8 @@ def cross_attention(
     the other branch's patch tokens.
 
     cls: (B, C) projected CLS token; tokens: (B, 1 + N, C), rows 1.. are used (row 0, the other
-    branch's own CLS, is ignored); params: `CrossAttentionParams`. Returns (B, C): `cls + proj(attn)` (`residual=True`) or the
-    attention output alone. timm's manual path: scale applied *after* q @ k^T.
+    branch's own CLS, is ignored); params: `CrossAttentionParams`. Returns (B, C):
+    `cls + proj(attn)` (`residual=True`) or the attention output alone. timm's manual path: scale applied *after* q @ k^T.
 
     dtypes: timm runs the block on `cat(cls, tokens[:, 1:])`, which promotes (under autocast a
     bf16 / fp16 projected CLS meets fp32 tokens: the sequence is fp32), and adds the residual to

@@ -93,8 +93,9 @@ def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """CrossViT projs / revert_projs: Linear(GELU_erf(LayerNorm(x))).
 
     x: (..., C_in) fp32 / fp16 / bf16 (fp64: ValueError), any strides for 2-D x; params:
-    `ClsProjParams`, weight (C_out, C_in), norm params (C_in,), bias (C_out,) or None. Under autocast the GEMM runs in
-    the autocast dtype (LayerNorm + GELU in fp32), as the reference. Returns (..., C_out).
+    `ClsProjParams`, weight (C_out, C_in), norm params (C_in,), bias (C_out,) or None. Under
+    autocast the GEMM runs in the autocast dtype (LayerNorm + GELU in fp32), as the reference.
+    Returns (..., C_out).
     """
     params = as_params(ClsProjParams, params)
     norm_weight, norm_bias, weight, bias = params

@@ -302,43 +302,19 @@ def fused_linear(
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
     args = (
-        a,
-        segs[1] if len(segs) > 1 else None,
-        segs[2] if len(segs) > 2 else None,
-        w,
-        out,
-        bias,
-        res,
-        aux,
-        a_sum,
-        c_sum,
-        a_out,
-        M,
-        N,
-        K,
-        a.stride(0),
-        a.stride(1),
-        stride_wk,
-        stride_wn,
-        out.stride(0),
-        res.stride(0) if res is not None else 0,
-        res.stride(1) if res is not None else 0,
+        a, segs[1] if len(segs) > 1 else None, segs[2] if len(segs) > 2 else None, w, out,
+        bias, res, aux, a_sum, c_sum, a_out, M, N, K,
+        a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
+        res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
         aux.stride(0) if aux is not None else 0,
-        a_sum.stride(0) if a_sum is not None else 0,
-        c_sum.stride(0) if c_sum is not None else 0,
-    )
+        a_sum.stride(0) if a_sum is not None else 0, c_sum.stride(0) if c_sum is not None else 0,
+    )  # fmt: skip
     flags = dict(
-        A_SEGS=len(segs),
-        HAS_BIAS=bias is not None,
-        GELU=gelu,
-        STORE_AUX=aux is not None,
-        HAS_RES=res is not None,
-        A_SUM=a_sum is not None,
-        C_SUM=c_sum is not None,
-        A_OUT=a_out is not None,
-        MIN_BLOCK_M=MIN_BLOCK_M,
+        A_SEGS=len(segs), HAS_BIAS=bias is not None,
+        GELU=gelu, STORE_AUX=aux is not None, HAS_RES=res is not None, A_SUM=a_sum is not None,
+        C_SUM=c_sum is not None, A_OUT=a_out is not None, MIN_BLOCK_M=MIN_BLOCK_M,
         **dot_flags(w.dtype),
-    )
+    )  # fmt: skip
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_fused_linear_tuned, grid, *args, **flags)
     return out

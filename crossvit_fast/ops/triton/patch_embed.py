@@ -284,26 +284,9 @@ def _patch_embed_op(
     w2, pp = _padded_weight(weight)
     K = w2.shape[1]
     pos = pos_embed.reshape(1 + Np, D)
-    args = (
-        x,
-        w2,
-        bias,
-        cls_token.reshape(D),
-        pos,
-        out,
-        M,
-        D,
-        K,
-        Np,
-        Wp,
-        *x.stride(),
-        w2.stride(0),
-        w2.stride(1),
-        pos.stride(0),
-        pos.stride(1),
-        out.stride(0),
-        out.stride(1),
-    )
+    args = (x, w2, bias, cls_token.reshape(D), pos, out, M, D, K, Np, Wp,
+            *x.stride(), w2.stride(0), w2.stride(1), pos.stride(0), pos.stride(1),
+            out.stride(0), out.stride(1))  # fmt: skip
     flags = dict(P=p, PP=pp, HAS_BIAS=bias is not None, **dot_flags(weight.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
     launch(_patch_embed_fwd_tuned, grid, *args, **flags)
