@@ -40,6 +40,21 @@ __device__ __forceinline__ void load_affine(const Args& a, int lanes, int li,
     }
 }
 
+// Stores value(i, k) (chunk i, element k of this thread's columns) to the row `out`, VEC at a
+// time: the output pass of both kernels (inlined, so the register arrays it reads stay registers).
+template <int VEC, typename T, typename F>
+__device__ __forceinline__ void store_row(T* out, int C, int lanes, int li, F value) {
+#pragma unroll
+  for (int i = 0; i < kChunks<VEC>; ++i) {
+    const int c0 = (i * lanes + li) * VEC;
+    if (c0 < C) {
+      float o[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o[k] = value(i, k);
+      store_vec<VEC>(out + c0, o);
+    }
+  }
+}
 
 template <typename Tin, typename Tout, int VEC>
 __global__ void __launch_bounds__(kBlock) ln_fwd_kernel(LnFwdArgs a) {
@@ -86,20 +101,10 @@ __global__ void __launch_bounds__(kBlock) ln_fwd_kernel(LnFwdArgs a) {
     }
     const float rstd = rsqrtf(group_sum2(make_float2(sq, 0.f), lanes, ln_red).x / C + a.eps);
     if (!valid) continue;
-    Tout* yr = static_cast<Tout*>(a.y) + row * C;
-#pragma unroll
-    for (int i = 0; i < kMaxChunks; ++i) {
-      const int c0 = (i * lanes + li) * VEC;
-      if (c0 < C) {
-        float o[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          o[k] = (v[i][k] - mean) * rstd * w[i][k] + b[i][k];
-          if (a.gelu) o[k] = gelu_erf(o[k]);
-        }
-        store_vec<VEC>(yr + c0, o);
-      }
-    }
+    store_row<VEC>(static_cast<Tout*>(a.y) + row * C, C, lanes, li, [&](int i, int k) {
+      const float o = (v[i][k] - mean) * rstd * w[i][k] + b[i][k];
+      return a.gelu ? gelu_erf(o) : o;
+    });
     if (li == 0) {
       a.mean[row] = mean;
       a.rstd[row] = rstd;
@@ -146,17 +151,9 @@ __global__ void __launch_bounds__(kBlock) ln_bwd_kernel(LnBwdArgs a) {
     const float2 cs = group_sum2(make_float2(c1, c2), lanes, ln_red);
     if (!valid) continue;
     const float m1 = cs.x / C, m2 = cs.y / C;
-    Tin* dxr = static_cast<Tin*>(a.dx) + row * C;
-#pragma unroll
-    for (int i = 0; i < kMaxChunks; ++i) {
-      const int c0 = (i * lanes + li) * VEC;
-      if (c0 < C) {
-        float o[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) o[k] = rstd * (g[i][k] - m1 - xh[i][k] * m2);
-        store_vec<VEC>(dxr + c0, o);
-      }
-    }
+    store_row<VEC>(static_cast<Tin*>(a.dx) + row * C, C, lanes, li, [&](int i, int k) {
+      return rstd * (g[i][k] - m1 - xh[i][k] * m2);
+    });
   }
   // Block partials of dw and db: groups write their registers to shared memory, then the
   // block sums them in group order (deterministic) and writes one row per block.

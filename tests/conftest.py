@@ -77,6 +77,16 @@ TINY_KWARGS = dict(
     num_classes=5,
 )
 
+# Widths 32 / 64 over 16 / 4 patches, unequal heads and MLP ratios, two blocks in branch 1.
+SMALL_KWARGS = dict(
+    TINY_KWARGS,
+    img_size=(48, 32),
+    patch_size=(12, 16),
+    depth=((1, 2, 0),),
+    num_heads=(2, 4),
+    mlp_ratio=(2.0, 3.0),
+)
+
 # Every rate timm's CrossVit takes, each a distinct non-zero value: what from_timm must carry.
 TIMM_RATES = dict(
     drop_rate=0.1,

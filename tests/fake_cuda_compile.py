@@ -54,15 +54,9 @@ def _patch_for_fake_cuda() -> None:
 
 
 def _config(multi_conv: bool = False):
-    return crossvit_fast.CrossViTConfig(
-        img_size=(240, 224),
-        patch_size=(12, 16),
-        embed_dim=(96, 192),
-        depth=((1, 1, 0),),
-        num_heads=(3, 3),
-        mlp_ratio=(4.0, 4.0),
-        num_classes=10,
-        multi_conv=multi_conv,
+    # crossvit_tiny_240's widths / heads (ratio 4) at one block per branch.
+    return crossvit_fast.model_config(
+        "crossvit_tiny_240", depth=((1, 1, 0),), num_classes=10, multi_conv=multi_conv
     )
 
 

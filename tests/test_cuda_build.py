@@ -402,11 +402,11 @@ def test_functionals_raise_value_errors():
         CF.cross_attention(cls, tok, params(w[0], w[1], w[2], w[3]), 5, 1e-6)
     with pytest.raises(ValueError, match=r"tokens: expected shape \(2, 1 \+ N, 64\)"):
         CF.cross_attention(cls, tok[:, :, :32], params(w[0], w[1], w[2], w[3]), 4, 1e-6)
-    with pytest.raises(ValueError, match=r"wk weight: expected shape \(64, 64\)"):
+    with pytest.raises(ValueError, match=r"cross_attention wk: expected shape \(64, 64\)"):
         CF.cross_attention(cls, tok, params(w[0], w[1][:32], w[2], w[3]), 4, 1e-6)
     with pytest.raises(ValueError, match="expected dtype in"):
         CF.layer_norm(torch.ones(2, 3, dtype=torch.int32), None, None, 1e-6)
-    with pytest.raises(ValueError, match=r"norm weight: expected shape \(8\)"):
+    with pytest.raises(ValueError, match=r"layer_norm weight: expected shape \(8\)"):
         CF.layer_norm(torch.ones(2, 8), torch.ones(7), None, 1e-6)
     with pytest.raises(ValueError, match="divisible by the patch size 16"):
         CF.patch_embed(

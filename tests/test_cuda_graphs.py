@@ -19,20 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossvit_fast import CrossViT, CrossViTConfig
+from crossvit_fast import CrossViT, model_config
 
 pytestmark = pytest.mark.gpu
 
 # crossvit_18's widths, heads and token counts at a depth that keeps the test short.
-_CFG = CrossViTConfig(
-    img_size=(240, 224),
-    patch_size=(12, 16),
-    embed_dim=(224, 448),
-    depth=((1, 2, 0),),
-    num_heads=(7, 7),
-    mlp_ratio=(3.0, 3.0),
-    num_classes=10,
-)
+_CFG = model_config("crossvit_18_240", depth=((1, 2, 0),), num_classes=10)
 
 
 def _model(backend: str) -> CrossViT:

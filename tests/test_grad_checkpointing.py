@@ -17,19 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossvit_fast import CrossViT, CrossViTConfig, create_model
+from crossvit_fast import CrossViT, create_model
 
-from .conftest import DEVICE, available_backend_names, tiny_config
+from .conftest import DEVICE, SMALL_KWARGS, available_backend_names, tiny_config
 
-SMALL = CrossViTConfig(
-    img_size=(48, 32),
-    patch_size=(12, 16),
-    embed_dim=(32, 64),
-    depth=((1, 2, 0), (1, 2, 0)),
-    num_heads=(2, 4),
-    mlp_ratio=(2.0, 3.0),
-    num_classes=10,
-)
+SMALL = tiny_config(**SMALL_KWARGS).replace(depth=((1, 2, 0), (1, 2, 0)), num_classes=10)
 
 TINY = tiny_config(depth=((1, 2, 0),))
 

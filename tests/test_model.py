@@ -12,7 +12,7 @@ import crossvit_fast
 from crossvit_fast import CrossViT, CrossViTConfig, create_model, list_models
 
 from . import golden
-from .conftest import THREE_BRANCHES, TIMM_RATES
+from .conftest import SMALL_KWARGS, THREE_BRANCHES, TIMM_RATES, tiny_config
 
 # timm's parameter counts (results/benchmark-infer-*.csv, verified by instantiation).
 TIMM_PARAMS = {
@@ -29,15 +29,7 @@ TIMM_PARAMS = {
     "crossvit_18_dagger_408": 44_606_560,
 }
 
-SMALL = CrossViTConfig(
-    img_size=(48, 32),
-    patch_size=(12, 16),
-    embed_dim=(32, 64),
-    depth=((1, 2, 0),),
-    num_heads=(2, 4),
-    mlp_ratio=(2.0, 3.0),
-    num_classes=5,
-)
+SMALL = tiny_config(**SMALL_KWARGS)
 
 
 def small(**kw) -> CrossViT:

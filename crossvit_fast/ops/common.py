@@ -99,3 +99,13 @@ def check_tensor(
             raise ValueError(f"{name}: expected a tensor on {like.device}, got {t.device}")
         if dtypes is None and t.dtype != like.dtype:
             raise ValueError(f"{name}: expected dtype {like.dtype}, got {t.dtype}")
+
+
+def check_params(params: tuple, like: Tensor, *shapes: tuple, prefix: str = "") -> None:
+    """`check_tensor` for every field of an op's parameter group (a NamedTuple of
+    crossvit_fast.backends): `shapes` in the group's field order, on `like`'s device. The
+    LayerNorm affine (`norm_*`) and the biases may be None, the weights not. Errors name
+    `prefix + field`."""
+    for (name, t), shape in zip(params._asdict().items(), shapes, strict=True):
+        optional = name.startswith(("norm_", "b")) or name.endswith("bias")
+        check_tensor(prefix + name, t, shape=shape, like=like, optional=optional)

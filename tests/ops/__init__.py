@@ -1,6 +1,7 @@
 """Per-op tests, `tests/ops/test_<op>.py`: each op's numerics against the reference, run for
 every kernel backend that serves the op here (`served`), and its backend-specific checks (input
-errors, opcheck, torch.compile, launch counts)."""
+errors, opcheck, torch.compile, launch counts: the Triton implementation's own contract). A
+backend that cannot run here, or has no kernel of its own for the op, is skipped naming why."""
 
 from __future__ import annotations
 

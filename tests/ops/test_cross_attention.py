@@ -5,10 +5,6 @@ On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1
 tiny but keep what breaks kernels: N = 0 (the CLS attends only to itself), 1, 2, 197, 400 rows;
 head dims 8..128; 1, 3, 7, 16 heads; widths that are multiples of 32 but not 64; batch 0 and 1;
 strided views. The GPU tier repeats the checks at CrossViT's real shapes.
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

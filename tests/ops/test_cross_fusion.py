@@ -2,10 +2,6 @@
 .cross_fusion) against the reference ops, forward and every gradient, plus the launch count of one step.
 
 CPU: Triton's interpreter at tiny widths; GPU tier: crossvit_18's fusion shapes in bf16.
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

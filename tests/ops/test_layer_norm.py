@@ -3,10 +3,6 @@
 Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1). The
 2x-of-PyTorch rule (tests/numerics.py) for the output and every gradient; the `gpu` tier repeats
 it at CrossViT's real widths.
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

@@ -5,10 +5,6 @@ shapes stay tiny (each program instance costs milliseconds there) but keep the o
 kernels. fp32 and 16-bit results follow flash-attention's rule (tests/numerics.py): error
 against a float64 reference <= 2x PyTorch's error in the same dtype + a small dtype floor, for
 the output and every gradient. The `gpu` tier repeats this at CrossViT's real widths.
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

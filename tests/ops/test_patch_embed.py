@@ -4,10 +4,6 @@ reference.
 Patch sizes 8 / 12 / 16 (fusion2 / CrossViT small / large branch), widths that are multiples of
 32 but not 64, batch 0 and 1, non-contiguous images. The 2x-of-PyTorch rule (tests/numerics.py)
 for the output and every gradient, the image's included.
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

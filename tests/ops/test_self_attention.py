@@ -3,10 +3,6 @@ residual in its epilogue) and its two registered GEMM ops, against the reference
 
 Interpreter-sized shapes on CPU; the 2x-of-PyTorch rule (tests/numerics.py) for the output and
 every gradient. Head dims 8..128 and 3 / 7 heads on purpose (CrossViT-18 has 7 heads).
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

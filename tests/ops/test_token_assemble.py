@@ -1,10 +1,6 @@
 """The Triton `token_assemble` op (dagger stems: flatten + CLS + position embedding) against the
 reference: NCHW and channels_last stem outputs, h or w == 1, batch 0, mixed dtypes; the
 2x-of-PyTorch rule (tests/numerics.py) for the output and every gradient.
-
-The numerics tests run for every kernel backend that serves the op here (`served`: the
-`cuda` backend where its extension runs, skipped naming why elsewhere); the rest check
-the Triton implementation's own contract.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ...backends import (
     SelfAttentionParams,
     as_params,
 )
-from ..common import autocast_dtype, check_tensor
+from ..common import autocast_dtype, check_params, check_tensor
 from . import kernels
 
 __all__ = ["OPS", *TABLE_OPS]  # every op of the table (crossvit_fast.backends.OPS)
@@ -46,19 +46,6 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _check_ln(name: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
-    C = x.shape[-1]
-    check_tensor(f"{name} norm weight", weight, shape=(C,), like=x, optional=True)
-    check_tensor(f"{name} norm bias", bias, shape=(C,), like=x, optional=True)
-
-
-def _check_linear(
-    name: str, w: Tensor, b: Tensor | None, x: Tensor, n_in: int, n_out: int | None = None
-):
-    check_tensor(f"{name} weight", w, shape=(n_out, n_in), like=x)
-    check_tensor(f"{name} bias", b, shape=(w.shape[0],), like=x, optional=True)
-
-
 def _ln(x, residual, weight, bias, eps, gelu, out_dtype) -> Tensor:
     return kernels.layer_norm(x, residual, weight, bias, float(eps), gelu, out_dtype)[0]
 
@@ -67,7 +54,9 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     """LayerNorm over the last dim. x: (..., C) fp32 / fp16 / bf16, C <= 8192. Under autocast
     the output is fp32 (as autocast's layer_norm)."""
     check_tensor("layer_norm x", x)
-    _check_ln("layer_norm", x, weight, bias)
+    C = x.shape[-1]
+    check_tensor("layer_norm weight", weight, shape=(C,), like=x, optional=True)
+    check_tensor("layer_norm bias", bias, shape=(C,), like=x, optional=True)
     out = torch.float32 if autocast_dtype(x.device.type) is not None else x.dtype
     return _ln(x, None, weight, bias, eps, False, out)
 
@@ -75,14 +64,12 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tensor:
     """`x + fc2(GELU(fc1(LN(x))))`: LN kernel (output in the GEMM dtype) -> cuBLAS fc1 without bias
     -> bias + GELU kernel -> cuBLAS fc2 with its bias epilogue. x: (..., C)."""
-    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = as_params(
-        MlpParams, params
-    )
+    params = as_params(MlpParams, params)
+    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
     check_tensor("mlp x", x)
-    C = x.shape[-1]
-    _check_ln("mlp", x, norm_weight, norm_bias)
-    _check_linear("mlp fc1", fc1_weight, fc1_bias, x, C)
-    _check_linear("mlp fc2", fc2_weight, fc2_bias, x, fc1_weight.shape[0], C)
+    check_tensor("mlp fc1_weight", fc1_weight, ndim=2, like=x)
+    C, Hd = x.shape[-1], fc1_weight.shape[0]
+    check_params(params, x, (C,), (C,), (Hd, C), (Hd,), (C, Hd), (C,), prefix="mlp ")
     ct, ctx = _plan(x)
     with ctx:
         h = F.linear(_ln(x, None, norm_weight, norm_bias, eps, False, ct), fc1_weight.to(ct))
@@ -101,9 +88,8 @@ def self_attention(
     B, N, C = x.shape
     if num_heads < 1 or C % num_heads:
         raise ValueError(f"self_attention: C = {C} must be divisible by num_heads = {num_heads}")
-    _check_ln("self_attention", x, norm_weight, norm_bias)
-    _check_linear("self_attention qkv", qkv_weight, qkv_bias, x, C, 3 * C)
-    _check_linear("self_attention proj", proj_weight, proj_bias, x, C, C)
+    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))
+    check_params(params, x, *shapes, prefix="self_attention ")
     ct, ctx = _plan(x)
     with ctx:
         n = _ln(x, None, norm_weight, norm_bias, eps, False, ct)
@@ -117,10 +103,12 @@ def self_attention(
 def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """`Linear(GELU(LN(x)))`: one LN + GELU kernel (output in the GEMM dtype) -> cuBLAS.
     x: (..., C_in), rows may be strided (e.g. the CLS column y[:, 0])."""
-    norm_weight, norm_bias, weight, bias = as_params(ClsProjParams, params)
+    params = as_params(ClsProjParams, params)
+    norm_weight, norm_bias, weight, bias = params
     check_tensor("cls_proj x", x)
-    _check_ln("cls_proj", x, norm_weight, norm_bias)
-    _check_linear("cls_proj", weight, bias, x, x.shape[-1])
+    check_tensor("cls_proj weight", weight, ndim=2, like=x)
+    C_out, C_in = weight.shape[0], x.shape[-1]
+    check_params(params, x, (C_in,), (C_in,), (C_out, C_in), (C_out,), prefix="cls_proj ")
     ct, ctx = _plan(x)
     with ctx:
         return F.linear(
@@ -170,14 +158,8 @@ def cross_attention(
         )
     if num_heads < 1 or C % num_heads:
         raise ValueError(f"cross_attention: C = {C} must be divisible by num_heads = {num_heads}")
-    _check_ln("cross_attention", cls, norm_weight, norm_bias)
-    for name, w, b in (
-        ("wq", wq, bq),
-        ("wk", wk, bk),
-        ("wv", wv, bv),
-        ("proj", proj_weight, proj_bias),
-    ):
-        _check_linear(f"cross_attention {name}", w, b, cls, C, C)
+    # the norm, then wq / bq .. proj_weight / proj_bias
+    check_params(params, cls, (C,), (C,), *[(C, C), (C,)] * 4, prefix="cross_attention ")
     H, d = num_heads, C // num_heads
     ct, ctx = _plan(cls)
     kd = torch.promote_types(cls.dtype, tokens.dtype)  # the reference's cat([cls, tokens]) dtype
@@ -203,13 +185,14 @@ def cross_fusion(
     """projs -> cross-attention -> revert_projs. The attention's residual add is fused into the
     revert LayerNorm (LN(c + y) -> GELU in one kernel, the sum kept for its backward)."""
     proj, attn, revert = as_params(FusionParams, params)
-    revert_norm_weight, revert_norm_bias, revert_weight, revert_bias = as_params(
-        ClsProjParams, revert
-    )
+    revert = as_params(ClsProjParams, revert)
+    revert_norm_weight, revert_norm_bias, revert_weight, revert_bias = revert
     c = cls_proj(cls, proj, eps)
     y = cross_attention(c, tokens, attn, num_heads, eps, residual=False)
-    _check_ln("cross_fusion revert", c, revert_norm_weight, revert_norm_bias)
-    _check_linear("cross_fusion revert", revert_weight, revert_bias, c, c.shape[-1])
+    check_tensor("cross_fusion revert weight", revert_weight, ndim=2, like=c)
+    C_out, C_in = revert_weight.shape[0], c.shape[-1]
+    shapes = ((C_in,), (C_in,), (C_out, C_in), (C_out,))
+    check_params(revert, c, *shapes, prefix="cross_fusion revert ")
     ct, ctx = _plan(c)
     # The residual base is the CLS as the reference's cat([c, tokens]) promotes it (autocast:
     # a bf16 c becomes fp32), so the sum LN(c + y) normalises is the reference's fp32 sum.

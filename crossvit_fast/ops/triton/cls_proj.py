@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ...backends import ClsProjParams, as_params
-from ..common import cast, check_tensor, compute_dtype
+from ..common import cast, check_params, check_tensor, compute_dtype
 from .layer_norm import cls_norm_bwd, cls_norm_fwd
 from .utils import input_grads, register_op
 
@@ -102,13 +102,9 @@ def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     check_tensor("x", x)
     if x.ndim < 1:
         raise ValueError(f"x: expected (..., C_in), got shape {tuple(x.shape)}")
-    C_in = x.shape[-1]
     check_tensor("weight", weight, ndim=2, like=x)
-    C_out = weight.shape[0]
-    check_tensor("weight", weight, shape=(C_out, C_in), like=x)
-    check_tensor("norm_weight", norm_weight, shape=(C_in,), like=x, optional=True)
-    check_tensor("norm_bias", norm_bias, shape=(C_in,), like=x, optional=True)
-    check_tensor("bias", bias, shape=(C_out,), like=x, optional=True)
+    C_in, C_out = x.shape[-1], weight.shape[0]
+    check_params(params, x, (C_in,), (C_in,), (C_out, C_in), (C_out,))
     dt = compute_dtype(x, **params._asdict())
     x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
     y = _cls_proj_op(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]

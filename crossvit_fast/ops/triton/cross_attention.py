@@ -55,6 +55,7 @@ from .cross_attention_rows import (
     head_chunk,
     mm,
     normed_chunk,
+    row_span,
     row_stats,
     saved_stats,
     split_plan,
@@ -103,8 +104,7 @@ def _cross_attention_fwd_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     for r0 in range(start, end, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        mask_r = rows < end
+        rows, mask_r = row_span(r0, end, BLOCK_N)
         mean, rstd = row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn,
                                 stride_tc, b, rows, mask_r, C, eps, BLOCK_N, BLOCK_C)  # fmt: skip
         tl.store(mean_ptr + b * N1 + rows, mean, mask=mask_r)
@@ -131,8 +131,7 @@ def _cross_attention_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
         for r0 in range(start, end, BLOCK_N):
-            rows = r0 + tl.arange(0, BLOCK_N)
-            mask_r = rows < end
+            rows, mask_r = row_span(r0, end, BLOCK_N)
             mean, rstd = saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r)
             _, y, cols, mask_c = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                                stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,
@@ -261,8 +260,7 @@ def _cross_attention_bwd_kernel(
     end = tl.minimum(start + rows_per_split, N1)
 
     for r0 in range(start, end, BLOCK_N):  # phase 1
-        rows = r0 + tl.arange(0, BLOCK_N)
-        mask_r = rows < end
+        rows, mask_r = row_span(r0, end, BLOCK_N)
         mean, rstd = saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r)
         z = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         da = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
@@ -298,8 +296,7 @@ def _cross_attention_bwd_kernel(
         dw = tl.zeros([BLOCK_C], tl.float32)
         db = tl.zeros([BLOCK_C], tl.float32)
         for r0 in range(start, end, BLOCK_N):
-            rows = r0 + tl.arange(0, BLOCK_N)
-            mask_r = rows < end
+            rows, mask_r = row_span(r0, end, BLOCK_N)
             mean, rstd = saved_stats(mean_ptr, rstd_ptr, b, N1, rows, mask_r)
             xhat, y, _, _ = normed_chunk(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb,
                                           stride_tn, stride_tc, b, rows, mask_r, c0, C, mean,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ...backends import CrossAttentionParams
-from ..common import check_tensor
+from ..common import check_params, check_tensor
 from .utils import cdiv, esize, register_cost, sm_count
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "head_chunk",
     "mm",
     "normed_chunk",
+    "row_span",
     "row_stats",
     "saved_stats",
     "split_plan",
@@ -74,9 +75,7 @@ def check_args(cls, tokens, params: CrossAttentionParams, num_heads: int) -> Non
             f"width C={C}: the GPU kernels keep whole CLS rows in registers and support "
             f"C <= {_GPU_MAX_WIDTH} (CrossViT's widths are <= 768)"
         )
-    for name, t in params._asdict().items():
-        matrix = name.startswith("w") or name == "proj_weight"
-        check_tensor(name, t, shape=(C, C) if matrix else (C,), like=cls, optional=not matrix)
+    check_params(params, cls, (C,), (C,), *[(C, C), (C,)] * 4)  # the norm, then wq .. proj_bias
 
 
 # -- device functions ------------------------------------------------------------------------------
@@ -129,6 +128,13 @@ def row_stats(cls_ptr, stride_cb, stride_cc, tok_ptr, stride_tb, stride_tn, stri
         xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
         s2 += tl.sum(xc * xc, axis=1)
     return mean, 1.0 / tl.sqrt(s2 / C + eps)
+
+
+@triton.jit
+def row_span(r0, end, BLOCK_N: tl.constexpr):
+    """Token rows [r0, r0 + BLOCK_N) of a program's span ending at `end`, and their mask."""
+    rows = r0 + tl.arange(0, BLOCK_N)
+    return rows, rows < end
 
 
 @triton.jit

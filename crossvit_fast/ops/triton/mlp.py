@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...backends import MlpParams, as_params
-from ..common import cast, check_tensor, compute_dtype
+from ..common import cast, check_params, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .utils import (
     dot_flags,
@@ -144,7 +144,7 @@ def _fused_linear_kernel(
     # the 128 x 256 tiles (and the 128 x 128 GELU-gradient tile with A_OUT) spill-free on sm_90;
     # the toolchain tier compiles every config.
     EPI_COLS: tl.constexpr = 64 if GELU != 0 else 128
-    _fused_linear_epilogue_split(
+    _fused_linear_epilogue(
         acc, pid_n * BLOCK_N, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr,
         csum_ptr, stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
         STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, BLOCK_N,
@@ -153,44 +153,32 @@ def _fused_linear_kernel(
 
 
 @triton.jit
-def _fused_linear_epilogue_split(
+def _fused_linear_epilogue(
     acc, n0, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr, csum_ptr,
     stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr, C_SUM: tl.constexpr,
     EMULATE: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
     PARTS: tl.constexpr,
 ):  # fmt: skip
-    """The epilogue of accumulator columns [n0, n0 + WIDTH) in PARTS (a power of two) slices,
-    one after the other (tl.split halves a trailing dim of 2: quarters are halves of halves)."""
-    if PARTS == 1:
-        _fused_linear_epilogue(
-            acc, n0 + tl.arange(0, WIDTH), m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr,
-            res_ptr, aux_ptr, csum_ptr, stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt,
-            HAS_BIAS, GELU, STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS,
-        )  # fmt: skip
-    else:
+    """`_fused_linear_kernel`'s epilogue (see there) for the accumulator columns [n0, n0 + WIDTH),
+    in PARTS (a power of two) slices one after the other, so only a slice's bias / residual /
+    pre-activation tiles are live at a time (tl.split halves a trailing dim of 2: quarters are
+    halves of halves)."""
+    if PARTS > 1:
         HALF: tl.constexpr = WIDTH // 2
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        _fused_linear_epilogue_split(
+        _fused_linear_epilogue(
             lo, n0, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr, csum_ptr,
             stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
             STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, HALF, PARTS // 2,
         )  # fmt: skip
-        _fused_linear_epilogue_split(
+        _fused_linear_epilogue(
             hi, n0 + HALF, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr,
             csum_ptr, stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
             STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, HALF, PARTS // 2,
         )  # fmt: skip
-
-
-@triton.jit
-def _fused_linear_epilogue(
-    acc, offs_n, m64, m_mask, N, row0, n_rows, c_ptr, bias_ptr, res_ptr, aux_ptr, csum_ptr,
-    stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS: tl.constexpr,
-    GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr, C_SUM: tl.constexpr,
-    EMULATE: tl.constexpr, SUM_ROWS: tl.constexpr,
-):  # fmt: skip
-    """`_fused_linear_kernel`'s epilogue for the accumulator columns `offs_n` (see there)."""
+        return  # (a constexpr branch: the slices are done)
+    offs_n = n0 + tl.arange(0, WIDTH)
     n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
@@ -227,7 +215,7 @@ def _fused_linear_epilogue(
 # Then 128x128 with 8 warps and 128x64 / 64x128 with 4, 64-deep K steps, 4 stages. Every config
 # of every variant is compiled for sm_90 in the toolchain tier (tests/test_toolchain_triton.py:
 # wgmma, shared memory, zero spills). What that tier found: 128x256 tiles spilled (152-2160 bytes)
-# until the epilogue ran in column slices (`_fused_linear_epilogue_split`); now 206-255 registers,
+# until the epilogue ran in column slices (`_fused_linear_epilogue`); now 206-255 registers,
 # no spills. The GELU-gradient epilogue also holds the pre-activation tile, and with 4 warps a
 # 128x64 / 64x128 fp16 tile spilled 32 bytes, so that variant runs them with 8 warps; fp32 (IEEE
 # products on the FMA units, no tensor cores) spilled ~320 bytes at 32-deep K steps and uses
@@ -486,19 +474,14 @@ def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tens
     autocast dtype). Batch 0 returns an empty result.
     """
     params = as_params(MlpParams, params)
-    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+    norm_weight, norm_bias, fc1_weight = params[:3]
     check_tensor("x", x)
     if x.ndim < 2:
         raise ValueError(f"x: expected shape (B, N, C), got {tuple(x.shape)}")
     C = x.shape[-1]
     check_tensor("fc1_weight", fc1_weight, ndim=2, like=x)
     Hd = fc1_weight.shape[0]
-    check_tensor("fc1_weight", fc1_weight, shape=(Hd, C))
-    check_tensor("fc2_weight", fc2_weight, shape=(C, Hd), like=x)
-    check_tensor("norm_weight", norm_weight, shape=(C,), like=x, optional=True)
-    check_tensor("norm_bias", norm_bias, shape=(C,), like=x, optional=True)
-    check_tensor("fc1_bias", fc1_bias, shape=(Hd,), like=x, optional=True)
-    check_tensor("fc2_bias", fc2_bias, shape=(C,), like=x, optional=True)
+    check_params(params, x, (C,), (C,), (Hd, C), (Hd,), (C, Hd), (C,))
     cdt = compute_dtype(x, **params._asdict())
     # what autocast does to F.linear's arguments (the LayerNorm affine stays as it is)
     args = (norm_weight, norm_bias, *(cast(t, cdt) for t in params[2:]))

@@ -140,15 +140,9 @@ def _patch_embed_bwd_kernel(
     """Weight gradient, split over M: part[s, n, k] = sum over the split's patches m of
     d_out[b, 1 + t, n] * x_patch[m, k], operands rounded to the compute dtype (w's; w is not
     read otherwise). k is the padded index of `_patch_cols`: padding columns come out zero."""
-    pid = tl.program_id(0)
+    # (n, k) tiles in row-major order (GROUP_M = 1: no swizzle, each program reads its own rows)
+    _, _, offs_n, offs_k, n_mask, k_mask = gemm_tile(N, K, BLOCK_N, BLOCK_K, 1)
     split = tl.program_id(1)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid // num_pid_k
-    pid_k = pid % num_pid_k
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    k_mask = offs_k < K
     col_off, in_row = _patch_cols(offs_k, P, PP, sxc, sxh, sxw)
     cdt = w_ptr.dtype.element_ty
     m_start = split * rows_per_split
@@ -184,15 +178,8 @@ def _patch_embed_bwd_input_kernel(
 ):  # fmt: skip
     """Image gradient: dx_patch[m, k] = sum_n d_out[b, 1 + t, n] w[n, k], stored straight into
     the image layout (patches do not overlap: every pixel is written exactly once)."""
-    pid = tl.program_id(0)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_pid_k
-    pid_k = pid % num_pid_k
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    _, _, offs_m, offs_k, m_mask, k_mask = gemm_tile(M, K, BLOCK_M, BLOCK_K, 1)  # row-major
     offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    k_mask = offs_k < K
     b = offs_m // Np
     t = offs_m % Np
     g_rows = g_ptr + b.to(tl.int64)[:, None] * sgb + (1 + t)[:, None] * sgt

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ...backends import SelfAttentionParams, as_params
-from ..common import cast, check_tensor, compute_dtype
+from ..common import cast, check_params, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .mlp import fused_linear, sum_rows
 from .utils import empty, register_op
@@ -251,17 +251,12 @@ def self_attention(
     autocast dtype, LayerNorm in fp32).
     """
     params = as_params(SelfAttentionParams, params)
-    norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = params
+    norm_weight, norm_bias = params[:2]
     check_tensor("x", x, ndim=3)
     C = x.shape[-1]
     if not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing C = {C}, got {num_heads!r}")
-    check_tensor("norm_weight", norm_weight, shape=(C,), like=x, optional=True)
-    check_tensor("norm_bias", norm_bias, shape=(C,), like=x, optional=True)
-    check_tensor("qkv_weight", qkv_weight, shape=(3 * C, C), like=x)
-    check_tensor("qkv_bias", qkv_bias, shape=(3 * C,), like=x, optional=True)
-    check_tensor("proj_weight", proj_weight, shape=(C, C), like=x)
-    check_tensor("proj_bias", proj_bias, shape=(C,), like=x, optional=True)
+    check_params(params, x, (C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))
     cdt = compute_dtype(x, **params._asdict())
     # what autocast does to F.linear's arguments (the LayerNorm affine stays as it is)
     gemm = tuple(cast(t, cdt) for t in params[2:])

@@ -24,89 +24,20 @@ from timm.models.crossvit import CrossVit
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (timm CrossVit kwargs, input (B, C, H, W), what the case is there for)
+
+# name -> (timm CrossVit kwargs, input (B, C, H, W), what the case is there for); the table is
+# data, in cases.json (JSON lists become the tuples timm's kwargs are written with).
+def _tuples(v):
+    return tuple(_tuples(e) for e in v) if isinstance(v, list) else v
+
+
 CASES: dict[str, tuple[dict, tuple, str]] = {
-    "plain": (
-        dict(
-            img_size=24,
-            img_scale=(1.0, 2 / 3),
-            patch_size=(6, 8),
-            embed_dim=(12, 24),
-            depth=((1, 2, 0), (1, 1, 0)),
-            num_heads=(1, 3),
-            mlp_ratio=(4.0, 3.0, 1.0),
-            num_classes=7,
-        ),
-        (2, 3, 24, 24),
-        "plain stems; branch 1 bicubic-resized 24 -> 16 (img_scale 2/3, as timm's 240 -> 224); "
-        "1 and 3 heads (head dims 12 and 8); two stages of different depths",
-    ),
-    "dagger": (
-        dict(
-            img_size=(48, 72),
-            img_scale=(1.0, 2 / 3),
-            patch_size=(12, 16),
-            embed_dim=(16, 32),
-            depth=((1, 1, 0),),
-            num_heads=(2, 4),
-            mlp_ratio=(2.0, 2.0, 1.0),
-            multi_conv=True,
-            num_classes=5,
-        ),
-        (2, 3, 44, 66),
-        "dagger 3-conv stems (both), non-square branches (48, 72) / (32, 48); the input matches "
-        "neither, so both branches are bicubic-resized (one up, one down)",
-    ),
-    "fusion1_crop": (
-        dict(
-            img_size=(40, 32),
-            img_scale=(1.0, 0.75),
-            patch_size=(8, 6),
-            embed_dim=(24, 39),
-            depth=((1, 1, 1),),
-            num_heads=(3, 3),
-            mlp_ratio=(2.2, 2.2, 1.0),
-            qkv_bias=False,
-            crop_scale=True,
-            num_classes=6,
-        ),
-        (2, 3, 41, 35),
-        "fusion depth 1 (keys fusion.i.0.*), no qkv bias, centre crops of a larger non-square "
-        "input with half-pixel offsets (round half to even), 3 heads of odd head dim 13 in width 39, "
-        "which at mlp_ratio 2.2 has hidden int(85.8) = 85 (85 / 39 would rebuild 84)",
-    ),
-    "fusion2_avg": (
-        dict(
-            img_size=32,
-            img_scale=(1.0, 1.0),
-            patch_size=(8, 16),
-            embed_dim=(24, 24),
-            depth=((1, 1, 2),),
-            num_heads=(3, 1),
-            mlp_ratio=(3.0, 3.0, 1.0),
-            in_chans=1,
-            global_pool="avg",
-            num_classes=4,
-        ),
-        (2, 1, 32, 32),
-        "fusion depth 2 (the second block attends over one token), avg pooling, equal widths "
-        "(projs still LN-GELU-Linear), one input channel, no resize",
-    ),
-    "features": (
-        dict(
-            img_size=(24, 32),
-            img_scale=(1.0, 0.5),
-            patch_size=(4, 4),
-            embed_dim=(12, 24),
-            depth=((2, 3, 0),),
-            num_heads=(1, 3),
-            mlp_ratio=(1.5, 2.5, 1.0),
-            num_classes=0,
-        ),
-        (3, 3, 24, 32),
-        "num_classes=0 (heads are Identity: the output is the pooled features), 1 head, a "
-        "branch-0 depth of 2, non-square bicubic downscale by 0.5, batch 3",
-    ),
+    name: (
+        {k: _tuples(v) for k, v in case["timm_kwargs"].items()},
+        tuple(case["input_shape"]),
+        case["purpose"],
+    )
+    for name, case in json.loads((HERE / "cases.json").read_text()).items()
 }
 
 
