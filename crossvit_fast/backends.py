@@ -40,6 +40,11 @@ OPS = (
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
     "layer_norm",  # final norms
     "cast_params",  # autocast's casts of the GEMM weights / biases, once per forward
+    # timm's sub-layers alone (input already normalised, no residual): what a sub-layer module
+    # computes when called by itself or when hooks on it make its block run unfused
+    "attention_layer",  # Attention: proj(MHSA(x))
+    "mlp_layer",  # Mlp: fc2(GELU(fc1(x)))
+    "cross_attention_layer",  # CrossAttention: proj(attn(q = x[:, :1], k = v = x))
 )
 
 # -- parameter groups: what the ops with several weights take ------------------------------------
@@ -47,26 +52,55 @@ OPS = (
 # as they are, and `*group` passes them on to a registered op in its argument order).
 
 
-class SelfAttentionParams(NamedTuple):
-    """Block.norm1 affine (C,) or None; attn.qkv (3C, C) + bias (3C,), attn.proj (C, C) + bias."""
+class AttentionLayerParams(NamedTuple):
+    """Attention (timm's `attn`): qkv (3C, C) + bias (3C,) or None, proj (C, C) + bias."""
 
-    norm_weight: Tensor | None
-    norm_bias: Tensor | None
     qkv_weight: Tensor
     qkv_bias: Tensor | None
     proj_weight: Tensor
     proj_bias: Tensor | None
 
 
-class MlpParams(NamedTuple):
-    """Block.norm2 affine (C,) or None; mlp.fc1 (Hd, C) + bias (Hd,), mlp.fc2 (C, Hd) + bias."""
+class MlpLayerParams(NamedTuple):
+    """Mlp (timm's `mlp`): fc1 (Hd, C) + bias (Hd,) or None, fc2 (C, Hd) + bias."""
 
-    norm_weight: Tensor | None
-    norm_bias: Tensor | None
     fc1_weight: Tensor
     fc1_bias: Tensor | None
     fc2_weight: Tensor
     fc2_bias: Tensor | None
+
+
+class CrossAttentionLayerParams(NamedTuple):
+    """CrossAttention (timm's fusion `attn`): wq, wk, wv, proj (C, C) with biases (C,) or None."""
+
+    wq: Tensor
+    bq: Tensor | None
+    wk: Tensor
+    bk: Tensor | None
+    wv: Tensor
+    bv: Tensor | None
+    proj_weight: Tensor
+    proj_bias: Tensor | None
+
+
+def _normed(name: str, layer: type, doc: str) -> type:
+    """The group of a fused op: the LayerNorm affine before the sub-layer (norm_weight, norm_bias:
+    (C,) or None), then the sub-layer's own group's fields."""
+    fields = [("norm_weight", Tensor | None), ("norm_bias", Tensor | None)]
+    cls = NamedTuple(name, fields + list(layer.__annotations__.items()))
+    cls.__doc__ = doc
+    return cls
+
+
+SelfAttentionParams = _normed(
+    "SelfAttentionParams", AttentionLayerParams, "self_attention: Block.norm1, then attn's group."
+)
+MlpParams = _normed("MlpParams", MlpLayerParams, "mlp: Block.norm2, then mlp's group.")
+CrossAttentionParams = _normed(
+    "CrossAttentionParams",
+    CrossAttentionLayerParams,
+    "cross_attention: fusion[i].norm1, then its attn's group.",
+)
 
 
 class ClsProjParams(NamedTuple):
@@ -76,21 +110,6 @@ class ClsProjParams(NamedTuple):
     norm_bias: Tensor | None
     weight: Tensor
     bias: Tensor | None
-
-
-class CrossAttentionParams(NamedTuple):
-    """fusion[i]: norm1 affine (C,) or None; wq, wk, wv, proj (C, C) with biases (C,) or None."""
-
-    norm_weight: Tensor | None
-    norm_bias: Tensor | None
-    wq: Tensor
-    bq: Tensor | None
-    wk: Tensor
-    bk: Tensor | None
-    wv: Tensor
-    bv: Tensor | None
-    proj_weight: Tensor
-    proj_bias: Tensor | None
 
 
 class FusionParams(NamedTuple):
@@ -131,6 +150,9 @@ _GROUPED = {
     "cls_proj": (1, 4, ClsProjParams._make),
     "cross_attention": (2, 10, CrossAttentionParams._make),
     "cross_fusion": (2, 18, fusion_params),
+    "attention_layer": (1, 4, AttentionLayerParams._make),
+    "mlp_layer": (1, 4, MlpLayerParams._make),
+    "cross_attention_layer": (1, 8, CrossAttentionLayerParams._make),
 }
 
 

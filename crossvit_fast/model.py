@@ -2,9 +2,10 @@
 Classification", ICCV 2021), as timm implements it — a drop-in whose parameters, names, init and
 numerics match `timm.models.crossvit.CrossVit` (how timm builds it: docs/architecture.md).
 
-The modules only hold parameters (same names as timm, so state_dicts load unchanged) and route
-every computation through an `OpSet` resolved from the backend table (`crossvit_fast.backends`);
-they contain no math of their own beyond drop-path, dropout routing and resizing.
+The modules have timm's names (so state_dicts load unchanged) and forwards (the layers:
+`crossvit_fast.blocks`), and route every computation through an `OpSet` resolved from the backend
+table (`crossvit_fast.backends`); they contain no math of their own beyond drop-path, dropout
+routing, resizing and the heads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import backends
+from .blocks import (
+    Attention,
+    Block,
+    CrossAttention,
+    CrossAttentionBlock,
+    Mlp,
+    PatchEmbed,
+    TableModule,
+    hooked,
+    ln_params,
+)
 from .config import CrossViTConfig
 
 __all__ = ["CrossViT"]
@@ -28,32 +40,6 @@ def _is_dtensor(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-def _p(module: nn.Module, name: str) -> Tensor | None:
-    """A parameter of `module` or None (Identity LayerNorm affine / bias=False)."""
-    return getattr(module, name, None)
-
-
-def _ln(norm: nn.LayerNorm) -> tuple:
-    return (_p(norm, "weight"), _p(norm, "bias"))
-
-
-def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Per-sample stochastic depth (timm's DropPath, scale_by_keep=True)."""
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
-
-
-def _residual_op(op, x: Tensor, args: tuple, rate: float, training: bool, **kw) -> Tensor:
-    """Run a residual op fused (`x + f(x)` in one op) unless drop-path is active, in which case
-    the op returns f(x) and the per-sample mask is applied before the add."""
-    if rate > 0.0 and training:
-        return x + drop_path(op(x, *args, residual=False, **kw), rate, training)
-    return op(x, *args, residual=True, **kw)
 
 
 def scale_image(x: Tensor, size: tuple[int, int], crop_scale: bool) -> Tensor:
@@ -68,164 +54,18 @@ def scale_image(x: Tensor, size: tuple[int, int], crop_scale: bool) -> Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
-class PatchEmbed(nn.Module):
-    """Conv stem of one branch: a patch conv (kernel = stride = p) or the dagger 3-conv stem."""
-
-    def __init__(self, img_size, patch_size: int, in_chans: int, embed_dim: int, multi_conv: bool):
-        super().__init__()
-        self.img_size = tuple(img_size)
-        self.patch_size = patch_size
-        self.multi_conv = multi_conv
-        if not multi_conv:
-            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-            return
-        d4, d2 = embed_dim // 4, embed_dim // 2
-        # Strides 4/3/1 (p=12) and 4/2/2 (p=16): total stride = patch size.
-        s2, p2, s3 = (3, 0, 1) if patch_size == 12 else (2, 1, 2)
-        self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, d4, kernel_size=7, stride=4, padding=3),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(d4, d2, kernel_size=3, stride=s2, padding=p2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(d2, embed_dim, kernel_size=3, stride=s3, padding=1),
-        )
-
-    def forward(self, x: Tensor, cls_token: Tensor, pos_embed: Tensor, ops) -> Tensor:
-        """x: (B, C_in, H, W) at this branch's img_size -> tokens (B, 1 + N, D) incl. CLS + pos."""
-        if not self.multi_conv:
-            w, b = ops.param(self.proj.weight), ops.param(self.proj.bias)
-            return ops.patch_embed(x, w, b, cls_token, pos_embed)
-        # Dagger: the convolutions stay cuDNN; the flatten + CLS + pos step is the table's op.
-        return ops.token_assemble(self.proj(x), cls_token, pos_embed)
-
-
-class Attention(nn.Module):
-    """Parameter holder with timm's names: qkv (3C x C) and proj (C x C)."""
-
-    def __init__(self, dim, num_heads, qkv_bias, attn_drop, proj_drop):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.attn_drop, self.proj_drop = attn_drop, proj_drop
-
-
-class Mlp(nn.Module):
-    """Parameter holder with timm's names: fc1 (hidden x C), fc2 (C x hidden)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = drop
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block: x + DropPath(Attn(LN1(x))), then x + DropPath(MLP(LN2(x)))."""
-
-    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, proj_drop, attn_drop, drop_path, eps):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
-        self.drop_path = drop_path
-        self.eps = eps
-        self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
-
-    def forward(self, x: Tensor, ops=None) -> Tensor:
-        """x: (B, N, C) -> (B, N, C), timm's Block.forward; ops from the model's backend (the
-        model passes its per-forward ops, with the GEMM parameters cast once)."""
-        ops = ops if ops is not None else self._ops.get(x.device.type)
-        a, m, t = self.attn, self.mlp, self.training
-        gemm = map(ops.param, (a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias))
-        attn_args = (backends.SelfAttentionParams(*_ln(self.norm1), *gemm), a.num_heads, self.eps)
-        if t and (a.attn_drop > 0 or a.proj_drop > 0):  # an op that declares dropout support
-            drop = dict(attn_drop=a.attn_drop, proj_drop=a.proj_drop)
-            op = ops.with_dropout("self_attention")
-            x = _residual_op(op, x, attn_args, self.drop_path, t, **drop)
-        else:
-            x = _residual_op(ops.self_attention, x, attn_args, self.drop_path, t)
-        gemm = map(ops.param, (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias))
-        mlp_args = (backends.MlpParams(*_ln(self.norm2), *gemm), self.eps)
-        if t and m.drop > 0:
-            mlp = ops.with_dropout("mlp")
-            return _residual_op(mlp, x, mlp_args, self.drop_path, t, mlp_drop=m.drop)
-        return _residual_op(ops.mlp, x, mlp_args, self.drop_path, t)
-
-    def extra_repr(self) -> str:
-        return f"drop_path={self.drop_path}"
-
-
-class CrossAttention(nn.Module):
-    """Parameter holder with timm's names: wq, wk, wv, proj (C x C each)."""
-
-    def __init__(self, dim, num_heads, qkv_bias, attn_drop, proj_drop):
-        super().__init__()
-        self.num_heads = num_heads
-        self.wq = nn.Linear(dim, dim, bias=qkv_bias)
-        self.wk = nn.Linear(dim, dim, bias=qkv_bias)
-        self.wv = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.attn_drop, self.proj_drop = attn_drop, proj_drop
-
-    def args(self, param=lambda t: t) -> tuple:
-        """(wq, bq, wk, bk, wv, bv, proj_weight, proj_bias), each through `param` (an OpSet's)."""
-        layers = (self.wq, self.wk, self.wv, self.proj)
-        return tuple(param(t) for lin in layers for t in (lin.weight, lin.bias))
-
-
-class CrossAttentionBlock(nn.Module):
-    """CLS-query cross-attention: cls + DropPath(CrossAttn(LN1(cat(cls, other patches))))."""
-
-    def __init__(self, dim, num_heads, qkv_bias, proj_drop, attn_drop, drop_path, eps):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        self.drop_path = drop_path
-        self.eps = eps
-        self._ops = backends.OpSets()  # replaced by the model's own (shared) OpSets
-
-    def forward(self, x: Tensor, tokens: Tensor | None = None, ops=None) -> Tensor:
-        """timm's CrossAttentionBlock.forward: x (B, 1 + N, C) = cat(CLS, tokens) -> the new CLS
-        (B, 1, C) = x[:, :1] + DropPath(CrossAttn(LN1(x))) (the CLS query attends over all rows).
-
-        The model passes x = the CLS (B, 1, C) and `tokens` (B, 1 + N, C), the other branch's
-        tokens whose row 0 stands for the CLS: the same sequence without materialising the cat."""
-        ops = ops if ops is not None else self._ops.get(x.device.type)
-        return self.attend(x[:, 0], x if tokens is None else tokens, ops).unsqueeze(1)
-
-    def attend(self, cls: Tensor, tokens: Tensor, ops) -> Tensor:
-        """cls: (B, C); tokens: (B, 1 + N, C) whose rows 1.. are attended (row 0 is replaced by
-        cls, so the other branch's tokens are read in place, no cat). Returns (B, C)."""
-        # timm's block input is cat(cls, tokens[:, 1:]): under autocast that promotes the
-        # low-precision projected CLS to the tokens' fp32, and the residual (also with drop-path
-        # below) is taken from the promoted copy.
-        if cls.dtype != tokens.dtype:
-            cls = cls.to(torch.promote_types(cls.dtype, tokens.dtype))
-        a, t = self.attn, self.training
-        params = backends.CrossAttentionParams(*_ln(self.norm1), *a.args(ops.param))
-        args = (tokens, params, a.num_heads, self.eps)
-        if t and (a.attn_drop > 0 or a.proj_drop > 0):
-            drop = dict(attn_drop=a.attn_drop, proj_drop=a.proj_drop)
-            op = ops.with_dropout("cross_attention")
-            return _residual_op(op, cls, args, self.drop_path, t, **drop)
-        return _residual_op(ops.cross_attention, cls, args, self.drop_path, t)
-
-    def extra_repr(self) -> str:
-        return f"drop_path={self.drop_path}"
-
-
 def _cls_proj_module(dim_in: int, dim_out: int, eps: float) -> nn.Sequential:
     # timm: Sequential(LayerNorm, GELU, Linear) — never Identity, even for equal widths.
     return nn.Sequential(nn.LayerNorm(dim_in, eps=eps), nn.GELU(), nn.Linear(dim_in, dim_out))
 
 
 def _cls_proj_args(seq: nn.Sequential, ops) -> backends.ClsProjParams:
-    return backends.ClsProjParams(*_ln(seq[0]), ops.param(seq[2].weight), ops.param(seq[2].bias))
+    return backends.ClsProjParams(
+        *ln_params(seq[0]), ops.param(seq[2].weight), ops.param(seq[2].bias)
+    )
 
 
-class MultiScaleBlock(nn.Module):
+class MultiScaleBlock(TableModule):
     """One stage: per-branch ViT blocks, then one CLS cross-attention fusion per branch."""
 
     def __init__(
@@ -294,26 +134,38 @@ class MultiScaleBlock(nn.Module):
         """Branch i's new CLS (B, C_i) from its CLS and branch j's tokens."""
         proj, fusion, revert = self.projs[i], self.fusion[i], self.revert_projs[i]
         single = isinstance(fusion, CrossAttentionBlock)
-        if (
-            single
-            and not (fusion.training and fusion.drop_path > 0)
-            and not (fusion.training and (fusion.attn.attn_drop > 0 or fusion.attn.proj_drop > 0))
+        blocks = [fusion] if single else list(fusion)
+        # The whole step as one table op (fused by the fast backends) where its contract holds:
+        # one block, no active drop-path or dropout, no hooks to show the modules' own tensors.
+        if single and not (
+            (fusion.training and max(fusion.drop_path, *fusion.attn.rates().values()) > 0)
+            or hooked(proj, *proj, fusion, fusion.norm1, fusion.attn, revert, *revert)
         ):
-            # The whole step as one table op (fused by the fast backends).
-            attn = backends.CrossAttentionParams(*_ln(fusion.norm1), *fusion.attn.args(ops.param))
+            attn = backends.CrossAttentionParams(
+                *ln_params(fusion.norm1), *fusion.attn.args(ops.param)
+            )
             params = backends.FusionParams(
                 _cls_proj_args(proj, ops), attn, _cls_proj_args(revert, ops)
             )
             return ops.cross_fusion(y_i[:, 0], y_j, params, fusion.attn.num_heads, self.eps)
-        c = ops.cls_proj(y_i[:, 0], _cls_proj_args(proj, ops), self.eps).unsqueeze(1)
-        for k, blk in enumerate([fusion] if single else fusion):
+        c = self._cls_proj(proj, y_i[:, 0], ops).unsqueeze(1)
+        for k, blk in enumerate(blocks):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
             c = blk(c, y_j if k == 0 else None, ops)
-        return ops.cls_proj(c[:, 0], _cls_proj_args(revert, ops), self.eps)
+        return self._cls_proj(revert, c[:, 0], ops)
 
-    def forward(self, xs: list[Tensor], ops, cls_only: bool = False) -> list[Tensor]:
-        """xs: per branch (B, 1 + N_i, C_i) -> the same after this stage (`cls_only`: each
-        branch's new CLS alone, (B, 1, C_i), the token rows not re-assembled)."""
+    def _cls_proj(self, seq: nn.Sequential, x: Tensor, ops) -> Tensor:
+        """projs / revert_projs on x (B, C_in) -> (B, C_out): the table's cls_proj, or timm's
+        modules one by one (on the (B, 1, C_in) CLS column, as timm) when hooks are on them."""
+        if hooked(seq, *seq):
+            return seq(x.unsqueeze(1)).squeeze(1)
+        return ops.cls_proj(x, _cls_proj_args(seq, ops), self.eps)
+
+    def forward(self, xs: list[Tensor], ops=None, cls_only: bool = False) -> list[Tensor]:
+        """timm's MultiScaleBlock.forward: xs per branch (B, 1 + N_i, C_i) -> the same after this
+        stage (`cls_only`: each branch's new CLS alone, (B, 1, C_i), the token rows not
+        re-assembled). ops: as Block's."""
+        ops = self.opset(xs[0], ops)
         ys = [self._run_blocks(x, seq, ops) for x, seq in zip(xs, self.blocks)]
         nb = self.num_branches
         outs = []
@@ -378,7 +230,7 @@ class CrossViT(nn.Module):
         # One OpSets for the model and every submodule that runs ops (timm-style forwards).
         self._ops = backends.OpSets()
         for m in self.modules():
-            if isinstance(m, (Block, CrossAttentionBlock)):
+            if isinstance(m, TableModule):
                 m._ops = self._ops
         self.set_backend(backend)
 
@@ -541,7 +393,7 @@ class CrossViT(nn.Module):
             xs.append(t)
         for k, stage in enumerate(self.blocks):
             xs = stage(xs, ops, cls_only=_cls_only and k == len(self.blocks) - 1)
-        return [ops.layer_norm(t, *_ln(n), n.eps) for t, n in zip(xs, self.norm)]
+        return [ops.layer_norm(t, *ln_params(n), n.eps) for t, n in zip(xs, self.norm)]
 
     def _gemm_params(self) -> list[Tensor]:
         """The Linear / Conv parameters the table's ops take (not the heads' nor the dagger stem's

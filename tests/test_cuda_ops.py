@@ -294,6 +294,7 @@ def check_golden(case: str, device: str):
     err = golden.run(g, model, torch.float32)
     for kind, timm_err in zip(("logits", "input_grad", "param_grads"), golden.TIMM_FP32_ERR[case]):
         assert err[kind] <= max(2 * timm_err, 1e-5), (case, kind, err[kind], timm_err)
+    assert err["zero_grads"] <= golden.ZERO_GRAD_NOISE[torch.float32], (case, err)
 
 
 # -- the GPU tier -------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def test_reference_float64_matches_timm(cases, case):
     assert err["logits"] <= 1e-10, err
     assert err["input_grad"] <= 1e-9, err
     assert err["param_grads"] <= 1e-9, err
+    assert err["zero_grads"] <= golden.ZERO_GRAD_NOISE[torch.float64], err
 
 
 @pytest.mark.parametrize("case", golden.CASES)
@@ -52,6 +53,7 @@ def test_reference_float32_within_2x_of_timm(reference_fp32_errors, case):
     err = reference_fp32_errors[case]
     for kind, timm_err in zip(KINDS, golden.TIMM_FP32_ERR[case]):
         assert err[kind] <= 2 * timm_err + 1e-5, (kind, err[kind], timm_err)
+    assert err["zero_grads"] <= golden.ZERO_GRAD_NOISE[torch.float32], err
 
 
 def _fast_backends_here() -> list[str]:
@@ -82,6 +84,7 @@ def test_backend_float32_within_2x_of_reference(cases, reference_fp32_errors, ba
     for kind, timm_err in zip(KINDS, golden.TIMM_FP32_ERR[case]):
         assert err[kind] <= max(2 * ref[kind], 1e-5), (kind, err[kind], ref[kind])
         assert err[kind] <= 2 * timm_err + 1e-5, (kind, err[kind], timm_err)
+    assert err["zero_grads"] <= golden.ZERO_GRAD_NOISE[torch.float32], err
 
 
 def test_golden_files_are_in_the_repository():

@@ -185,14 +185,17 @@ def test_backend_property_set_backend_and_repr():
         m.set_backend("fastest")
 
 
+# The sub-layer ops (timm's Attention / Mlp / CrossAttention alone) take dropout too.
+DROPOUT_LAYERS = ("attention_layer", "mlp_layer", "cross_attention_layer")
+
+
 def test_repr_names_the_backend_of_every_op():
     m = CrossViT(SMALL)
     text = m.extra_repr()
     for op in crossvit_fast.backends.OPS:
         assert f"{op}=reference" in text
-    assert (
-        "dropout_ops=(self_attention=reference, mlp=reference, cross_attention=reference)" in text
-    )
+    drop = ("self_attention", "mlp", "cross_attention", *DROPOUT_LAYERS)
+    assert "dropout_ops=(" + ", ".join(f"{op}=reference" for op in drop) + ")" in text
 
 
 def test_dropout_is_a_declared_capability_of_the_table():
@@ -201,15 +204,17 @@ def test_dropout_is_a_declared_capability_of_the_table():
     import ast
     import inspect
 
+    import crossvit_fast.blocks
     import crossvit_fast.model
 
-    tree = ast.parse(inspect.getsource(crossvit_fast.model))
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not any(m and "ops" in m.split(".") for m in imported), imported
+    for module in (crossvit_fast.model, crossvit_fast.blocks):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m and "ops" in m.split(".") for m in imported), (module, imported)
     ops = crossvit_fast.backends.resolve("auto", "cpu")
     assert ops.dropout_sources == dict.fromkeys(
-        ("self_attention", "mlp", "cross_attention"), "reference"
+        ("self_attention", "mlp", "cross_attention", *DROPOUT_LAYERS), "reference"
     )
     assert ops.with_dropout("mlp") is ops.mlp
     with pytest.raises(NotImplementedError, match="patch_embed"):
@@ -244,6 +249,86 @@ def test_submodules_run_alone_with_timms_signatures_and_hooks():
     torch.testing.assert_close(f(seq), want)
     m.set_backend("reference")
     assert blk._ops.backend == "reference"
+
+
+def test_sublayers_have_timms_forwards_and_compose_to_the_fused_blocks():
+    """Attention / Mlp / CrossAttention (input already normalised) and PatchEmbed(x) are timm's
+    forwards on the model's op set; composed as timm's blocks compose them, they give the fused
+    ops' results, and a stage runs alone without being handed the ops."""
+    m = CrossViT(SMALL).double().eval()
+    blk, f, pe = m.blocks[0].blocks[0][0], m.blocks[0].fusion[0], m.patch_embed[0]
+    assert {blk.attn._ops, blk.mlp._ops, f.attn._ops, pe._ops, m.blocks[0]._ops} == {m._ops}
+    x = torch.randn(2, 7, blk.norm1.normalized_shape[0], dtype=torch.float64)
+    h = x + blk.attn(blk.norm1(x))
+    torch.testing.assert_close(blk(x), h + blk.mlp(blk.norm2(h)), rtol=1e-13, atol=1e-13)
+    seq = torch.randn(2, 5, f.norm1.normalized_shape[0], dtype=torch.float64)
+    want = seq[:, :1] + f.attn(f.norm1(seq))
+    torch.testing.assert_close(f(seq), want, rtol=1e-13, atol=1e-13)
+    img = torch.randn(2, 3, *SMALL.img_size[0], dtype=torch.float64)
+    patches = pe(img)  # timm's PatchEmbed output: (B, N, D), no CLS
+    assert patches.shape == (2, SMALL.num_patches[0], SMALL.embed_dim[0])
+    cls, pos = m.cls_token_0, m.pos_embed_0
+    tokens = pe(img, cls, pos)
+    torch.testing.assert_close(tokens, torch.cat([cls.expand(2, -1, -1), patches], 1) + pos)
+    xs = [tokens, pe_1 := m.patch_embed[1](img[..., :32, :32], m.cls_token_1, m.pos_embed_1)]
+    out = m.blocks[0](xs)
+    assert [t.shape for t in out] == [tokens.shape, pe_1.shape]
+
+
+def test_hooks_on_sublayers_fire_and_see_timms_tensors():
+    """Forward hooks on a block's sub-layers or norms, on a fusion block or on projs make those
+    run module by module (timm's order): the hooks fire with timm's tensors and the logits and
+    gradients are the fused path's."""
+    torch.manual_seed(0)
+    m = CrossViT(SMALL).double()
+    x = torch.randn(2, 3, *SMALL.img_size[0], dtype=torch.float64)
+    want = m(x)
+    want_grads = torch.autograd.grad(want.sum(), list(m.parameters()))
+    stage = m.blocks[0]
+    blk, f = stage.blocks[1][0], stage.fusion[0]
+    seen = {}
+    hooks = [
+        mod.register_forward_hook(lambda mod, a, o, n=name: seen.update({n: o.shape}))
+        for name, mod in [
+            ("attn", blk.attn),
+            ("norm2", blk.norm2),
+            ("fusion", f),
+            ("fusion.attn", f.attn),
+            ("projs.0", stage.projs[0]),
+            ("revert_projs.0.2", stage.revert_projs[0][2]),
+        ]
+    ]
+    got = m(x)
+    grads = torch.autograd.grad(got.sum(), list(m.parameters()))
+    for hk in hooks:
+        hk.remove()
+    C1, C0 = SMALL.embed_dim[1], SMALL.embed_dim[0]
+    N1 = 1 + SMALL.num_patches[1]
+    assert seen == {
+        "attn": (2, N1, C1),
+        "norm2": (2, N1, C1),
+        "fusion": (2, 1, C1),
+        "fusion.attn": (2, 1, C1),
+        "projs.0": (2, 1, C1),
+        "revert_projs.0.2": (2, 1, C0),
+    }
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_sublayer_ops_are_table_ops_served_by_the_reference():
+    """The sub-layer ops are table entries like any other: a fast backend without them falls back
+    to the reference (named in `sources`), and their dropout variants are declared."""
+    ops = crossvit_fast.backends.resolve("triton", "cpu")
+    for op in DROPOUT_LAYERS:
+        assert ops.sources[op] == "reference" and ops.dropout_sources[op] == "reference"
+    m = CrossViT(SMALL.replace(attn_drop_rate=0.5, proj_drop_rate=0.5)).double().train()
+    attn = m.blocks[0].blocks[0][0].attn
+    x = torch.randn(2, 6, attn.qkv.in_features, dtype=torch.float64)
+    assert not torch.equal(attn(x), attn(x))  # dropout active in training
+    attn.eval()
+    torch.testing.assert_close(attn(x), attn(x), rtol=0, atol=0)
 
 
 def test_auto_on_cpu_is_the_reference():

@@ -28,9 +28,12 @@ from torch import Tensor
 
 from ..backends import (
     OPS,
+    AttentionLayerParams,
     ClsProjParams,
+    CrossAttentionLayerParams,
     CrossAttentionParams,
     FusionParams,
+    MlpLayerParams,
     MlpParams,
     SelfAttentionParams,
     as_params,
@@ -49,24 +52,47 @@ def _add_residual(x: Tensor, y: Tensor, residual: bool) -> Tensor:
     return x + y if residual else y
 
 
-def mlp(
-    x: Tensor, params: MlpParams, eps: float, residual: bool = True, mlp_drop: float = 0.0
-) -> Tensor:
-    """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))`.
-
-    x: (B, N, C); params: `MlpParams` (fc1: (Hd, C); fc2: (C, Hd)). Dropout `mlp_drop` after
-    GELU and after fc2 (timm's Mlp drop1/drop2), only when > 0.
-    """
-    norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = as_params(
-        MlpParams, params
-    )
-    h = F.gelu(F.linear(layer_norm(x, norm_weight, norm_bias, eps), fc1_weight, fc1_bias))
+def mlp_layer(x: Tensor, params: MlpLayerParams, mlp_drop: float = 0.0) -> Tensor:
+    """timm's `Mlp` alone: `fc2(GELU_erf(fc1(x)))`, x (..., C) already normalised. Dropout
+    `mlp_drop` after GELU and after fc2 (timm's drop1 / drop2), only when > 0."""
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = as_params(MlpLayerParams, params)
+    h = F.gelu(F.linear(x, fc1_weight, fc1_bias))
     if mlp_drop > 0:
         h = F.dropout(h, mlp_drop)
     y = F.linear(h, fc2_weight, fc2_bias)
     if mlp_drop > 0:
         y = F.dropout(y, mlp_drop)
-    return _add_residual(x, y, residual)
+    return y
+
+
+def mlp(
+    x: Tensor, params: MlpParams, eps: float, residual: bool = True, mlp_drop: float = 0.0
+) -> Tensor:
+    """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))` (`mlp_layer` after norm2).
+
+    x: (B, N, C); params: `MlpParams` (fc1: (Hd, C); fc2: (C, Hd)).
+    """
+    params = as_params(MlpParams, params)
+    n = layer_norm(x, params.norm_weight, params.norm_bias, eps)
+    return _add_residual(x, mlp_layer(n, MlpLayerParams._make(params[2:]), mlp_drop), residual)
+
+
+def attention_layer(
+    x: Tensor,
+    params: AttentionLayerParams,
+    num_heads: int,
+    attn_drop: float = 0.0,
+    proj_drop: float = 0.0,
+) -> Tensor:
+    """timm's `Attention` alone (its fused SDPA path): `proj(MHSA(x))`, x (B, N, C) already
+    normalised, C % num_heads == 0; qkv_weight (3C, C) laid out [q | k | v], head-major."""
+    qkv_weight, qkv_bias, proj_weight, proj_bias = as_params(AttentionLayerParams, params)
+    B, N, C = x.shape
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
+    y = F.linear(o.transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
+    return F.dropout(y, proj_drop) if proj_drop > 0 else y
 
 
 def self_attention(
@@ -78,28 +104,42 @@ def self_attention(
     attn_drop: float = 0.0,
     proj_drop: float = 0.0,
 ) -> Tensor:
-    """ViT block attention half: `x + proj(MHSA(LN(x)))` with timm's fused (SDPA) path.
+    """ViT block attention half: `x + proj(MHSA(LN(x)))` (`attention_layer` after norm1).
 
-    x: (B, N, C), C % num_heads == 0; params: `SelfAttentionParams` (qkv_weight: (3C, C) laid
-    out [q | k | v], head-major).
+    x: (B, N, C); params: `SelfAttentionParams`.
     """
-    norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = as_params(
-        SelfAttentionParams, params
-    )
-    B, N, C = x.shape
-    qkv = F.linear(layer_norm(x, norm_weight, norm_bias, eps), qkv_weight, qkv_bias)
-    q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
-    y = F.linear(o.transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
-    if proj_drop > 0:
-        y = F.dropout(y, proj_drop)
-    return _add_residual(x, y, residual)
+    params = as_params(SelfAttentionParams, params)
+    n = layer_norm(x, params.norm_weight, params.norm_bias, eps)
+    layer = AttentionLayerParams._make(params[2:])
+    return _add_residual(x, attention_layer(n, layer, num_heads, attn_drop, proj_drop), residual)
 
 
 def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """CrossViT `projs` / `revert_projs`: `Linear(GELU_erf(LN(x)))`. x: (..., C_in) -> (..., C_out)."""
     norm_weight, norm_bias, weight, bias = as_params(ClsProjParams, params)
     return F.linear(F.gelu(layer_norm(x, norm_weight, norm_bias, eps)), weight, bias)
+
+
+def cross_attention_layer(
+    x: Tensor,
+    params: CrossAttentionLayerParams,
+    num_heads: int,
+    attn_drop: float = 0.0,
+    proj_drop: float = 0.0,
+) -> Tensor:
+    """timm's `CrossAttention` alone (its manual path: scale applied *after* q @ k^T): row 0 of
+    x (B, L, C), already normalised, attends over all L rows. Returns (B, 1, C)."""
+    wq, bq, wk, bk, wv, bv, proj_weight, proj_bias = as_params(CrossAttentionLayerParams, params)
+    B, L, C = x.shape
+    H, d = num_heads, C // num_heads
+    q = F.linear(x[:, 0:1], wq, bq).reshape(B, 1, H, d).permute(0, 2, 1, 3)
+    k = F.linear(x, wk, bk).reshape(B, L, H, d).permute(0, 2, 1, 3)
+    v = F.linear(x, wv, bv).reshape(B, L, H, d).permute(0, 2, 1, 3)
+    a = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1)
+    if attn_drop > 0:
+        a = F.dropout(a, attn_drop)
+    y = F.linear((a @ v).transpose(1, 2).reshape(B, 1, C), proj_weight, proj_bias)
+    return F.dropout(y, proj_drop) if proj_drop > 0 else y
 
 
 def cross_attention(
@@ -117,31 +157,19 @@ def cross_attention(
 
     cls: (B, C) projected CLS token; tokens: (B, 1 + N, C), rows 1.. are used (row 0, the other
     branch's own CLS, is ignored); params: `CrossAttentionParams`. Returns (B, C):
-    `cls + proj(attn)` (`residual=True`) or the attention output alone. timm's manual path: scale applied *after* q @ k^T.
+    `cls + proj(attn)` (`residual=True`) or the attention output alone (`cross_attention_layer`
+    after norm1).
 
     dtypes: timm runs the block on `cat(cls, tokens[:, 1:])`, which promotes (under autocast a
     bf16 / fp16 projected CLS meets fp32 tokens: the sequence is fp32), and adds the residual to
     row 0 of that sequence. So does this: the output is promote(cls, tokens) + y (fp32 under
     autocast), never rounded to the low-precision dtype.
     """
-    norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, proj_weight, proj_bias = as_params(
-        CrossAttentionParams, params
-    )
-    B, C = cls.shape
-    H, d = num_heads, C // num_heads
+    params = as_params(CrossAttentionParams, params)
     s = torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)  # (B, 1 + N, C)
-    n = layer_norm(s, norm_weight, norm_bias, eps)
-    q = F.linear(n[:, 0:1], wq, bq).reshape(B, 1, H, d).permute(0, 2, 1, 3)
-    L = s.shape[1]
-    k = F.linear(n, wk, bk).reshape(B, L, H, d).permute(0, 2, 1, 3)
-    v = F.linear(n, wv, bv).reshape(B, L, H, d).permute(0, 2, 1, 3)
-    a = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1)
-    if attn_drop > 0:
-        a = F.dropout(a, attn_drop)
-    o = (a @ v).transpose(1, 2).reshape(B, C)
-    y = F.linear(o, proj_weight, proj_bias)
-    if proj_drop > 0:
-        y = F.dropout(y, proj_drop)
+    n = layer_norm(s, params.norm_weight, params.norm_bias, eps)
+    layer = CrossAttentionLayerParams._make(params[2:])
+    y = cross_attention_layer(n, layer, num_heads, attn_drop, proj_drop).squeeze(1)
     return _add_residual(s[:, 0], y, residual)
 
 
@@ -195,7 +223,16 @@ def cast_params(params: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
 
 
 # Ops whose implementation here takes the dropout arguments (see the module docstring).
-DROPOUT_OPS = frozenset({"self_attention", "mlp", "cross_attention"})
+DROPOUT_OPS = frozenset(
+    {
+        "self_attention",
+        "mlp",
+        "cross_attention",
+        "attention_layer",
+        "mlp_layer",
+        "cross_attention_layer",
+    }
+)
 
 
 def availability(device_type: str) -> tuple[bool, str]:

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...backends import OPS as TABLE_OPS
 from ...backends import (
     ClsProjParams,
     CrossAttentionParams,
@@ -31,7 +30,18 @@ from ...backends import (
 from ..common import autocast_dtype, check_params, check_tensor
 from . import kernels
 
-__all__ = ["OPS", *TABLE_OPS]  # every op of the table (crossvit_fast.backends.OPS)
+# The table ops this backend implements (OPS below); the others fall back to the reference.
+__all__ = [
+    "OPS",
+    "cls_proj",
+    "cross_attention",
+    "cross_fusion",
+    "layer_norm",
+    "mlp",
+    "patch_embed",
+    "self_attention",
+    "token_assemble",
+]
 
 
 def _plan(x: Tensor) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
