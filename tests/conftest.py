@@ -9,8 +9,10 @@ otherwise "cpu" (Triton ops then run interpreted).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -34,6 +36,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator():
+    """The CUDA backend's extension built from the same csrc/ sources for the CPU emulator
+    (csrc/emu: each CUDA block runs on one host thread), for `build.use_extension`. Building it
+    takes ~1 min of one core (cached in build/emu); CROSSVIT_FAST_TEST_EMU=0 skips what needs it."""
+    if os.environ.get("CROSSVIT_FAST_TEST_EMU", "1") == "0":
+        pytest.skip("CROSSVIT_FAST_TEST_EMU=0: emulator tests disabled")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler (the CUDA kernels' CPU emulator is built with one)")
+    from torch.utils import cpp_extension
+
+    csrc = REPO / "csrc"
+    directory = Path(os.environ.get("CROSSVIT_FAST_EMU_BUILD_DIR", REPO / "build" / "emu"))
+    directory.mkdir(parents=True, exist_ok=True)
+    mod = cpp_extension.load(
+        name="crossvit_fast_emu",
+        sources=[str(csrc / "emu" / "emu_build.cpp"), str(csrc / "bindings.cpp")],
+        extra_cflags=["-DCVF_EMULATE", "-O1", f"-I{sysconfig.get_paths()['include']}"],
+        build_directory=str(directory),
+    )
+    assert mod.emulated
+    return mod
 
 
 @pytest.fixture(autouse=True)

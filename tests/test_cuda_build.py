@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -481,27 +480,11 @@ def test_every_cu_compiles_with_nvcc(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def emu():
-    """The extension built from the same sources for the CPU emulator (csrc/emu), installed as
-    the backend's extension for the tests of this section. Building it takes ~1 min of one core;
-    CROSSVIT_FAST_TEST_EMU=0 skips this section."""
-    if os.environ.get("CROSSVIT_FAST_TEST_EMU", "1") == "0":
-        pytest.skip("CROSSVIT_FAST_TEST_EMU=0: emulator tests disabled")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler")
-    from torch.utils import cpp_extension
-
-    directory = Path(os.environ.get("CROSSVIT_FAST_EMU_BUILD_DIR", ROOT / "build" / "emu"))
-    directory.mkdir(parents=True, exist_ok=True)
-    mod = cpp_extension.load(
-        name="crossvit_fast_emu",
-        sources=[str(CSRC / "emu" / "emu_build.cpp"), str(CSRC / "bindings.cpp")],
-        extra_cflags=["-DCVF_EMULATE", "-O1", f"-I{sysconfig.get_paths()['include']}"],
-        build_directory=str(directory),
-    )
-    assert mod.emulated
-    with build.use_extension(mod):
-        yield mod
+def emu(cuda_emulator):
+    """The CPU emulator build of the CUDA kernels (tests/conftest.py), installed as the backend's
+    extension for the tests of this section."""
+    with build.use_extension(cuda_emulator):
+        yield cuda_emulator
 
 
 CPU = "cpu"

@@ -1,7 +1,9 @@
 """Per-op tests, `tests/ops/test_<op>.py`: each op's numerics against the reference, run for
 every kernel backend that serves the op here (`served`), and its backend-specific checks (input
-errors, opcheck, torch.compile, launch counts: the Triton implementation's own contract). A
-backend that cannot run here, or has no kernel of its own for the op, is skipped naming why."""
+errors, opcheck, torch.compile, launch counts: the Triton implementation's own contract). On a
+machine without a GPU the `cuda` backend runs through the CPU emulator build of its kernels
+(tests/ops/conftest.py). A backend that cannot run here, or has no kernel of its own for the op,
+is skipped naming why."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from ...backends import (
     SelfAttentionParams,
     as_params,
 )
-from ..common import autocast_dtype, check_params, check_tensor
+from ..common import autocast_dtype, check_params, check_tensor, layer_norm_out_dtype
 from . import kernels
 
 # The table ops this backend implements (OPS below); the others fall back to the reference.
@@ -62,13 +62,12 @@ def _ln(x, residual, weight, bias, eps, gelu, out_dtype) -> Tensor:
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm over the last dim. x: (..., C) fp32 / fp16 / bf16, C <= 8192. Under autocast
-    the output is fp32 (as autocast's layer_norm)."""
+    the output dtype is F.layer_norm's (`layer_norm_out_dtype`: fp32 on CUDA)."""
     check_tensor("layer_norm x", x)
     C = x.shape[-1]
     check_tensor("layer_norm weight", weight, shape=(C,), like=x, optional=True)
     check_tensor("layer_norm bias", bias, shape=(C,), like=x, optional=True)
-    out = torch.float32 if autocast_dtype(x.device.type) is not None else x.dtype
-    return _ln(x, None, weight, bias, eps, False, out)
+    return _ln(x, None, weight, bias, eps, False, layer_norm_out_dtype(x))
 
 
 def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tensor:
