@@ -1,5 +1,5 @@
 """Shared by the per-op benchmarks (bench_mlp.py, bench_self_attention.py, bench_layer_norm.py,
-bench_patch_embed.py, bench_token_assemble.py): CrossViT's shapes, the three implementations
+bench_patch_embed.py, bench_token_assemble.py, bench_cross_attention.py, bench_cls_proj.py): CrossViT's shapes, the three implementations
 timed (reference eager, reference compiled, the Triton op from the backend table), one table row
 per (implementation, pass). Not a benchmark module itself (pytest collects bench_*.py only).
 """
