@@ -1,18 +1,19 @@
 """LayerNorm in Triton — the `layer_norm` op (the final norms) — and the LayerNorm kernels the
-fused ops reuse: `mlp` and `self_attention` apply LayerNorm inside their GEMMs from the row
-statistics computed here, and run the backward kernel below on the GEMM's input gradient;
-`cross_attention` and `cls_proj` normalise their CLS rows with `_cls_norm_fwd_kernel` /
-`_cls_norm_bwd_kernel` (launchers `cls_norm_fwd` / `cls_norm_bwd`): whole rows in registers,
-with the erf-GELU, residual-base and bias-gradient extras those ops fold into the same launch.
+fused ops reuse: `mlp` / `self_attention` normalise their input with the forward kernel and run
+the backward one (residual gradient added in) on their GEMM's input gradient; `cross_attention`
+and `cls_proj` normalise CLS rows with `_cls_norm_fwd_kernel` / `_cls_norm_bwd_kernel` (launchers
+`cls_norm_fwd` / `cls_norm_bwd`): whole rows in registers, with the erf-GELU, residual-base and
+bias-gradient extras those ops fold into the same launch.
 
 Ladder: `_layer_norm_fwd_kernel` / `_layer_norm_bwd_kernel` -> launchers `layer_norm_fwd` /
 `layer_norm_bwd` -> ops `crossvit_fast::layer_norm` / `crossvit_fast::layer_norm_backward`
 (autograd registered on the first) -> functional `layer_norm` (reference signature).
 
-Memory plan. Forward: one read of x, one write of y and of the fp32 (mean, rstd) per row
-(8 bytes a row, saved for backward). Backward: one read of x and dy, one write of dx; the
-weight / bias gradients are reduced per program into fp32 partial rows (`G x C`, G ~ 4 x SMs)
-that one small `sum(0)` finishes — deterministic, no atomics.
+Memory plan (both on persistent grids of G ~ 4 x SMs programs, each loading w / b once).
+Forward: one read of x, one write of y and of the fp32 (mean, rstd) per row (8 bytes a row,
+saved for backward). Backward: one read of x and dy, one write of dx; the weight / bias
+gradients are reduced per program into fp32 partial rows (`G x C`) that one small `sum(0)`
+finishes — deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -47,37 +48,48 @@ MAX_WIDTH = 16384
 
 
 @triton.jit
+def _load_rows(ptr, rows, cols, stride_r, stride_c, mask):
+    """The (rows, cols) tile of a row-major-ish matrix, fp32 (masked elements 0)."""
+    offs = rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-    M, C, stride_xm, stride_xc, stride_ym, eps,
+    M, C, rows_per_prog, stride_xm, stride_xc, stride_ym, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_Y: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_M whole rows per program: fp32 mean / rstd (two-pass in registers, exact like
-    PyTorch's Welford) and, with STORE_Y, y = (x - mean) * rstd * w + b in y's dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """`rows_per_prog` consecutive rows per program, BLOCK_M whole rows at a time (w / b loaded
+    once per program): fp32 mean / rstd (two-pass in registers, exact like PyTorch's Welford)
+    and, with STORE_Y, y = (x - mean) * rstd * w + b in y's dtype."""
+    pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
-    rmask = rows < M
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-    x = tl.load(
-        x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0
-    )
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    if STORE_Y:
-        y = xc * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        y = round_to(y, y_ptr.dtype.element_ty, EMULATE)
-        tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :], y, mask=mask)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_W else None
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_B else None
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for r in range(row_start, row_end, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = _load_rows(x_ptr, rows, cols, stride_xm, stride_xc, mask)
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        if STORE_Y:
+            y = xc * rstd[:, None]
+            if HAS_W:
+                y = y * w[None, :]
+            if HAS_B:
+                y = y + b[None, :]
+            y = round_to(y, y_ptr.dtype.element_ty, EMULATE)
+            tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -100,10 +112,8 @@ def _layer_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_W else None
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_B else None
     dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     row_start = pid * rows_per_prog
@@ -113,27 +123,17 @@ def _layer_norm_bwd_kernel(
         rmask = rows < row_end
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)
-        x = tl.load(
-            x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0
-        )
-        dy = tl.load(
-            dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask, other=0.0
-        )
-        dy = dy.to(tl.float32)
+        x = _load_rows(x_ptr, rows, cols, stride_xm, stride_xc, mask)
+        dy = _load_rows(dy_ptr, rows, cols, stride_dym, stride_dyc, mask)
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :] if HAS_W else dy
         c1 = tl.sum(g * xhat, axis=1) / C
         c2 = tl.sum(g, axis=1) / C
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DRES:
-            dres = tl.load(
-                dres_ptr + rows64[:, None] * stride_rm + cols[None, :] * stride_rc,
-                mask=mask,
-                other=0.0,
-            )
-            dx += dres.to(tl.float32)
+            dx += _load_rows(dres_ptr, rows, cols, stride_rm, stride_rc, mask)
         dx = round_to(dx, dx_ptr.dtype.element_ty, EMULATE)
         tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], dx, mask=mask)
         if STORE_Y:
@@ -200,8 +200,7 @@ def _cls_norm_fwd_kernel(
     mask_c = cols < C
     mask = (rows < M)[:, None] & mask_c[None, :]
     rows = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    x = _load_rows(x_ptr, rows, cols, stride_xm, stride_xc, mask)
     h, _ = _normalize_rows(x, mask_c, C, eps)
     if HAS_W:
         h = h * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -253,12 +252,10 @@ def _cls_norm_bwd_kernel(
     mask_c = cols < C
     mask = mask_m[:, None] & mask_c[None, :]
     rows = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    xhat, rstd = _normalize_rows(x.to(tl.float32), mask_c, C, eps)
+    x = _load_rows(x_ptr, rows, cols, stride_xm, stride_xc, mask)
+    xhat, rstd = _normalize_rows(x, mask_c, C, eps)
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32) if HAS_W else None
-    dn = tl.load(
-        dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask, other=0.0
-    ).to(tl.float32)
+    dn = _load_rows(dy_ptr, rows, cols, stride_dym, stride_dyc, mask)
     if GELU:  # recompute the pre-activation h = LN(x) instead of saving it
         h = xhat
         if HAS_W:
@@ -269,9 +266,7 @@ def _cls_norm_bwd_kernel(
     dn = tl.where(mask, dn, 0.0)
     dx = _ln_rows_bwd(dn, xhat, rstd, w, mask_c, C, HAS_W)
     if HAS_RES:
-        dx += tl.load(
-            res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rc, mask=mask, other=0.0
-        ).to(tl.float32)
+        dx += _load_rows(res_ptr, rows, cols, stride_rm, stride_rc, mask)
     tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx, mask=mask)
 
     dw = tl.sum(dn * xhat, axis=0)
@@ -302,6 +297,12 @@ def _row_block(C: int) -> tuple[int, int, int]:
     return block_c, block_m, 4 if block_m * block_c <= 4096 else 8
 
 
+def _rows_per_prog(M: int, block_m: int, device: torch.device) -> int:
+    """Rows per program of the persistent row grids (a multiple of block_m): one program per
+    `program_slots` slot, so per-program loads (w, b) and partial-sum rows stay per SM slot."""
+    return block_m * triton.cdiv(triton.cdiv(max(M, 1), block_m), program_slots(device))
+
+
 def as_rows(t: Tensor) -> Tensor:
     """(..., C) -> (M, C) without a copy when the leading dims merge (any strides are fine for
     the kernels); a copy only when they cannot be viewed as one dim."""
@@ -322,10 +323,11 @@ def layer_norm_fwd(
     if M == 0:
         return y, mean, rstd
     block_c, block_m, warps = _row_block(C)
+    rows_per_prog = _rows_per_prog(M, block_m, x.device)
     y2 = y.view(M, C) if y is not None else mean  # dummy pointer when not stored
     launch(
-        _layer_norm_fwd_kernel, (triton.cdiv(M, block_m),),
-        x2, weight, bias, y2, mean, rstd, M, C, x2.stride(0), x2.stride(1), C, eps,
+        _layer_norm_fwd_kernel, (triton.cdiv(M, rows_per_prog),),
+        x2, weight, bias, y2, mean, rstd, M, C, rows_per_prog, x2.stride(0), x2.stride(1), C, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, STORE_Y=y is not None,
         EMULATE=dot_in_fp32(), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
@@ -357,7 +359,7 @@ def layer_norm_bwd(
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     y = None if y_dtype is None else torch.empty(x.shape, device=x.device, dtype=y_dtype)
     block_c, block_m, warps = _row_block(C)
-    rows_per_prog = block_m * triton.cdiv(triton.cdiv(max(M, 1), block_m), program_slots(x.device))
+    rows_per_prog = _rows_per_prog(M, block_m, x.device)
     grid = triton.cdiv(M, rows_per_prog)
     need_dw = need_dw and weight is not None
     need_db = need_db and bias is not None
@@ -479,8 +481,7 @@ def _layer_norm_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): y = LN(x) in out_dtype, fp32 row statistics saved for backward."""
-    y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, out_dtype)
-    return y, mean, rstd
+    return layer_norm_fwd(x, weight, bias, eps, out_dtype)
 
 
 @register_op("crossvit_fast::layer_norm_backward")
@@ -558,9 +559,8 @@ from .utils import esize, register_cost  # noqa: E402
 def _cost_layer_norm_fwd(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
     M, C, P = a["M"], a["C"], grid[0]
     b = M * C * esize(a["x_ptr"]) + 8 * M  # x once; fp32 mean, rstd
-    if meta["STORE_Y"]:
-        b += M * C * esize(a["y_ptr"])
-        b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
+    b += P * C * (esize(a["w_ptr"]) * meta["HAS_W"] + esize(a["b_ptr"]) * meta["HAS_B"])
+    b += M * C * esize(a["y_ptr"]) * meta["STORE_Y"]
     return b, 0
 
 
