@@ -45,13 +45,19 @@ MAX_WIDTH = 16384
 
 
 # -- kernels -------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _load_rows(ptr, rows, cols, stride_r, stride_c, mask):
     """The (rows, cols) tile of a row-major-ish matrix, fp32 (masked elements 0)."""
     offs = rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_tile(r, row_end, cmask, BLOCK_M: tl.constexpr):
+    """Rows r .. r + BLOCK_M (span end row_end): indices (int32, int64), row and tile masks."""
+    rows = r + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    return rows, rows.to(tl.int64), rmask, rmask[:, None] & cmask[None, :]
 
 
 @triton.jit
@@ -72,10 +78,7 @@ def _layer_norm_fwd_kernel(
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for r in range(row_start, row_end, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
-        mask = rmask[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
+        rows, rows64, rmask, mask = _row_tile(r, row_end, cmask, BLOCK_M)
         x = _load_rows(x_ptr, rows, cols, stride_xm, stride_xc, mask)
         mean = tl.sum(x, axis=1) / C
         xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -119,10 +122,7 @@ def _layer_norm_bwd_kernel(
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for r in range(row_start, row_end, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
-        mask = rmask[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
+        rows, rows64, rmask, mask = _row_tile(r, row_end, cmask, BLOCK_M)
         x = _load_rows(x_ptr, rows, cols, stride_xm, stride_xc, mask)
         dy = _load_rows(dy_ptr, rows, cols, stride_dym, stride_dyc, mask)
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
