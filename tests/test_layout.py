@@ -72,6 +72,13 @@ def test_reference_defines_every_op(op):
     assert callable(getattr(reference, op, None)), f"ops/reference.py has no function {op}"
 
 
+@pytest.mark.parametrize(
+    "op", [op for op in backends.OPS if (PACKAGE / "ops" / "triton" / f"{op}.py").exists()]
+)
+def test_every_kernel_op_has_its_own_test_module(op):
+    assert (ROOT / "tests" / "ops" / f"test_{op}.py").exists(), f"no tests/ops/test_{op}.py"
+
+
 def test_triton_kernel_modules_are_named_after_ops():
     from crossvit_fast.ops import triton as triton_backend
 
