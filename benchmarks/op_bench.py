@@ -1,5 +1,6 @@
 """Shared by the per-op benchmarks (bench_mlp.py, bench_self_attention.py, bench_layer_norm.py,
-bench_patch_embed.py, bench_token_assemble.py, bench_cross_attention.py, bench_cls_proj.py): CrossViT's shapes, the three implementations
+bench_patch_embed.py, bench_token_assemble.py, bench_cross_attention.py, bench_cls_proj.py,
+bench_fusion_stage.py): CrossViT's shapes, the three implementations
 timed (reference eager, reference compiled, the Triton op from the backend table), one table row
 per (implementation, pass). Not a benchmark module itself (pytest collects bench_*.py only).
 """
@@ -30,9 +31,10 @@ CASES = [
 ]
 
 
-def impls(op: str) -> dict:
+def impls(op: str, flat=None) -> dict:
     """reference eager, reference under torch.compile, and the Triton backend's op (from the
-    backend table, so the benchmark times exactly what the model runs)."""
+    backend table, so the benchmark times exactly what the model runs). `flat(op_fn)`: how the
+    case's flat arguments reach the op (default `flat_args`)."""
     from crossvit_fast.backends import flat_args
     from crossvit_fast.ops import reference
     from crossvit_fast.ops import triton as triton_backend
@@ -44,7 +46,8 @@ def impls(op: str) -> dict:
         "triton": triton_backend.ops()[op],
     }
     # the cases list an op's parameters flat (grad_inputs are those same leaves)
-    return {name: flat_args(op, fn) for name, fn in impls.items()}
+    flat = (lambda fn: flat_args(op, fn)) if flat is None else flat
+    return {name: flat(fn) for name, fn in impls.items()}
 
 
 def time_pass(fn, args, grad_inputs, backward: bool) -> dict:
@@ -70,11 +73,12 @@ def bench(
     grad_inputs: list,
     flops: dict | None,
     bytes_: dict | None,
+    flat=None,
 ) -> None:
     peaks = harness.device_peaks()
     rows = {}
     triton_run = None
-    for name, fn in impls(op).items():
+    for name, fn in impls(op, flat).items():
         for pass_ in ("fwd", "fwd+bwd"):
             t, run = time_pass(fn, args, grad_inputs, backward=pass_ == "fwd+bwd")
             row = {

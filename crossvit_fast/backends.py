@@ -38,6 +38,7 @@ OPS = (
     "cls_proj",  # projs / revert_projs: Linear(GELU(LN(cls)))
     "cross_attention",  # CrossAttentionBlock on the CLS query (K/V-free in fast backends)
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
+    "fusion_stage",  # every fusion step of a stage + the token re-assembly, one autograd node
     "layer_norm",  # final norms
     "cast_params",  # autocast's casts of the GEMM weights / biases, once per forward
     # timm's sub-layers alone (input already normalised, no residual): what a sub-layer module
@@ -177,7 +178,7 @@ BACKENDS = tuple(_BACKEND_MODULES)
 # `backend="auto"`: for each op, the first available backend (in this order) that implements it.
 # The order is the cost ranking: the cost ledger (`python -m crossvit_fast cost`, H100 model)
 # estimates every Triton op at or below the reference's cost for the same work (a CrossViT-18
-# training step: 0.62x the time, 0.52x the launches, 0.58x the DRAM bytes); the `cuda` backend's
+# training step: 0.60x the time, 0.51x the launches, 0.56x the DRAM bytes); the `cuda` backend's
 # kernels are correctness-first and have no cost model, so they serve only ops Triton lacks;
 # the reference serves the rest. `benchmarks/gpu_session.sh` measures the same per op on a GPU
 # (bench_<op>.py, each backend side by side) and is what should reorder this table.

@@ -130,24 +130,26 @@ class MultiScaleBlock(TableModule):
             )
         return x
 
-    def _fuse(self, i: int, y_i: Tensor, y_j: Tensor, ops) -> Tensor:
-        """Branch i's new CLS (B, C_i) from its CLS and branch j's tokens."""
+    def _fusion_params(self, i: int, ops) -> backends.FusionParams | None:
+        """Fusion i's parameters for the table's whole-step ops (cross_fusion, fusion_stage),
+        or None where their contract does not hold: one block, no active drop-path or dropout,
+        no hooks to show the modules' own tensors."""
         proj, fusion, revert = self.projs[i], self.fusion[i], self.revert_projs[i]
-        single = isinstance(fusion, CrossAttentionBlock)
-        blocks = [fusion] if single else list(fusion)
-        # The whole step as one table op (fused by the fast backends) where its contract holds:
-        # one block, no active drop-path or dropout, no hooks to show the modules' own tensors.
-        if single and not (
+        if not isinstance(fusion, CrossAttentionBlock) or (
             (fusion.training and max(fusion.drop_path, *fusion.attn.rates().values()) > 0)
             or hooked(proj, *proj, fusion, fusion.norm1, fusion.attn, revert, *revert)
         ):
-            attn = backends.CrossAttentionParams(
-                *ln_params(fusion.norm1), *fusion.attn.args(ops.param)
-            )
-            params = backends.FusionParams(
-                _cls_proj_args(proj, ops), attn, _cls_proj_args(revert, ops)
-            )
+            return None
+        attn = backends.CrossAttentionParams(*ln_params(fusion.norm1), *fusion.attn.args(ops.param))
+        return backends.FusionParams(_cls_proj_args(proj, ops), attn, _cls_proj_args(revert, ops))
+
+    def _fuse(self, i: int, y_i: Tensor, y_j: Tensor, ops) -> Tensor:
+        """Branch i's new CLS (B, C_i) from its CLS and branch j's tokens."""
+        proj, fusion, revert = self.projs[i], self.fusion[i], self.revert_projs[i]
+        params = self._fusion_params(i, ops)
+        if params is not None:  # the whole step as one table op (fused by the fast backends)
             return ops.cross_fusion(y_i[:, 0], y_j, params, fusion.attn.num_heads, self.eps)
+        blocks = [fusion] if isinstance(fusion, CrossAttentionBlock) else list(fusion)
         c = self._cls_proj(proj, y_i[:, 0], ops).unsqueeze(1)
         for k, blk in enumerate(blocks):
             # From the 2nd stacked block on, the sequence is the single token (as timm).
@@ -168,6 +170,15 @@ class MultiScaleBlock(TableModule):
         ops = self.opset(xs[0], ops)
         ys = [self._run_blocks(x, seq, ops) for x, seq in zip(xs, self.blocks)]
         nb = self.num_branches
+        params = [self._fusion_params(i, ops) for i in range(nb)]
+        if all(p is not None for p in params):
+            # Every fusion step and the re-assembly as one table op: each branch's tokens get
+            # their gradient in one tensor (the fast backends sum its three parts as they write).
+            heads = [f.attn.num_heads for f in self.fusion]
+            args = (ys, params, heads, self.eps, cls_only)
+            if self._checkpointing():  # keeps only its inputs, recomputed in backward
+                return checkpoint(ops.fusion_stage, *args, use_reentrant=False)
+            return ops.fusion_stage(*args)
         outs = []
         for i in range(nb):
             if self._checkpointing():

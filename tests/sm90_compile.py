@@ -190,7 +190,10 @@ def main() -> None:
     errors = {}
     chosen = [c for c in _cases() if not opts.cases or c[0] in opts.cases.split(",")]
     for name, kwargs, batches in chosen:
-        cfg = crossvit_fast.CrossViTConfig(depth=((1, 1, 0),), num_classes=10, **kwargs)
+        # Two stages: the first's fusion_stage re-assembles the tokens (the cross-attention
+        # backward sums the stage output's gradient in, HAS_DRES), the last's returns CLS rows.
+        depth = ((1, 1, 0), (1, 1, 0))
+        cfg = crossvit_fast.CrossViTConfig(depth=depth, num_classes=10, **kwargs)
         for dt_name in opts.dtypes.split(","):
             dtype, amp = _DTYPES[dt_name]
             model = crossvit_fast.CrossViT(cfg, backend="triton").to(dtype)

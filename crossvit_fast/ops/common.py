@@ -109,3 +109,19 @@ def check_params(params: tuple, like: Tensor, *shapes: tuple, prefix: str = "") 
     for (name, t), shape in zip(params._asdict().items(), shapes, strict=True):
         optional = name.startswith(("norm_", "b")) or name.endswith("bias")
         check_tensor(prefix + name, t, shape=shape, like=like, optional=optional)
+
+
+def check_stage_args(ys: list, params: list, num_heads: list) -> None:
+    """`fusion_stage`'s inputs: one params group and one head count per branch, and branch
+    tensors (B, 1 + N_i, C_i) of one batch size; ValueError naming what came otherwise."""
+    nb = len(ys)
+    if nb == 0 or len(params) != nb or len(num_heads) != nb:
+        raise ValueError(
+            f"fusion_stage: expected one params group and one head count per branch "
+            f"({nb} branches), got {len(params)} and {len(num_heads)}"
+        )
+    if any(not isinstance(y, Tensor) or y.ndim != 3 or y.shape[0] != ys[0].shape[0] for y in ys):
+        raise ValueError(
+            "fusion_stage: expected (B, 1 + N, C) tensors of one batch size, got "
+            f"{[tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in ys]}"
+        )

@@ -38,6 +38,7 @@ from ..backends import (
     SelfAttentionParams,
     as_params,
 )
+from .common import check_stage_args
 
 # The table's ops (crossvit_fast.backends.OPS): this module defines each under its op name.
 __all__ = [*OPS, "DROPOUT_OPS"]
@@ -189,6 +190,33 @@ def cross_fusion(
     c = cls_proj(cls, proj, eps)
     f = cross_attention(c, tokens, attn, num_heads, eps)
     return cls_proj(f, revert, eps)
+
+
+def fusion_stage(
+    ys: list[Tensor],
+    params: list[FusionParams],
+    num_heads: list[int],
+    eps: float,
+    cls_only: bool = False,
+    *,
+    fuse=None,
+) -> list[Tensor]:
+    """timm's MultiScaleBlock after its blocks, every fusion step a `cross_fusion`: branch i's
+    new CLS = cross_fusion(ys[i][:, 0], ys[(i + 1) % nb], params[i], num_heads[i], eps), its
+    output cat(new CLS, ys[i][:, 1:]) (`cls_only`: the new CLS alone, (B, 1, C_i)).
+
+    ys: per branch (B, 1 + N_i, C_i); params: one `FusionParams` per branch; num_heads: per
+    fusion step, the attended branch j's head count. `fuse`: the `cross_fusion` to compose (a
+    backend without a stage of its own passes its `cross_fusion`; default this module's).
+    Returns one tensor per branch.
+    """
+    fuse = cross_fusion if fuse is None else fuse
+    check_stage_args(ys, params, num_heads)
+    nb, outs = len(ys), []
+    for i in range(nb):
+        cls = fuse(ys[i][:, 0], ys[(i + 1) % nb], params[i], num_heads[i], eps).unsqueeze(1)
+        outs.append(cls if cls_only else torch.cat([cls, ys[i][:, 1:]], dim=1))
+    return outs
 
 
 def token_assemble(feat: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:

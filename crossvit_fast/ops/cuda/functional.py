@@ -27,6 +27,7 @@ from ...backends import (
     SelfAttentionParams,
     as_params,
 )
+from .. import reference
 from ..common import autocast_dtype, check_params, check_tensor, layer_norm_out_dtype
 from . import kernels
 
@@ -36,6 +37,7 @@ __all__ = [
     "cls_proj",
     "cross_attention",
     "cross_fusion",
+    "fusion_stage",
     "layer_norm",
     "mlp",
     "patch_embed",
@@ -261,6 +263,12 @@ def patch_embed(
         )
 
 
+def fusion_stage(ys, params, num_heads, eps, cls_only=False):
+    """The reference's stage over this backend's `cross_fusion` (no stage kernel here: the
+    token gradients are summed by autograd, as the ops compose)."""
+    return reference.fusion_stage(ys, params, num_heads, eps, cls_only, fuse=cross_fusion)
+
+
 OPS = {
     "patch_embed": patch_embed,
     "token_assemble": token_assemble,
@@ -269,5 +277,6 @@ OPS = {
     "cls_proj": cls_proj,
     "cross_attention": cross_attention,
     "cross_fusion": cross_fusion,
+    "fusion_stage": fusion_stage,
     "layer_norm": layer_norm,
 }

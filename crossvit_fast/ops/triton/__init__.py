@@ -45,6 +45,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "cross_attention",
     "cls_proj",
     "cross_fusion",
+    "fusion_stage",
     "cast_params",
 )
 

@@ -88,6 +88,9 @@ def _cls_proj_backward(ctx, dy, _):
 
 _cls_proj_op.register_autograd(_cls_proj_backward, setup_context=_cls_proj_setup)
 
+# The op with its autograd pieces, for `fusion_stage` (which runs them under its own node).
+AUTOGRAD_PARTS = (_cls_proj_op, _cls_proj_setup, _cls_proj_backward)
+
 
 def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """CrossViT projs / revert_projs: Linear(GELU_erf(LayerNorm(x))).
@@ -97,6 +100,13 @@ def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     autocast the GEMM runs in the autocast dtype (LayerNorm + GELU in fp32), as the reference.
     Returns (..., C_out).
     """
+    y = _cls_proj_op(*op_inputs(x, params, eps))[0]
+    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def op_inputs(x: Tensor, params: ClsProjParams, eps: float) -> tuple:
+    """`cls_proj`'s arguments, checked and converted, as `crossvit_fast::cls_proj` takes them
+    (x as (M, C_in) rows; also how `fusion_stage` calls the op)."""
     params = as_params(ClsProjParams, params)
     norm_weight, norm_bias, weight, bias = params
     check_tensor("x", x)
@@ -107,8 +117,7 @@ def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     check_params(params, x, (C_in,), (C_in,), (C_out, C_in), (C_out,))
     dt = compute_dtype(x, **params._asdict())
     x2 = x if x.ndim == 2 else x.reshape(-1, C_in)
-    y = _cls_proj_op(x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))[0]
-    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], C_out)
+    return (x2, norm_weight, norm_bias, cast(weight, dt), cast(bias, dt), float(eps))
 
 
 OPS = {"cls_proj": cls_proj}

@@ -212,14 +212,17 @@ def _cross_attention_bwd_kernel(
     w_ptr,  # norm1 weight (C,); beta only enters through u~
     p_ptr, dz_ptr, c1_ptr, c2_ptr,  # scratch: (B, BLOCK_H, 1 + N) x2, (B, 1 + N) x2, fp32
     dtok_ptr, stride_db, stride_dn,  # (B, 1 + N, C), unit column stride
+    dres_ptr, stride_rb, stride_rn, stride_rc,  # HAS_DRES: (B, 1 + N, C), added into rows 1..
     dn0_ptr,  # (B, C): the attention part of dL/dLN(cls), written by split 0
     dkt_ptr, stride_dks, stride_dkh, stride_dkb,  # (S, H, B, C) partials of dL/dk~
     part_ptr,  # (B, S, 2, C) fp32 partials of dgamma, dbeta over the token rows
     N1, C, H, rows_per_split, qk_scale, scale,
-    HAS_W: tl.constexpr, EMULATE: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_DRES: tl.constexpr, EMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, S), the forward's row ranges.
+    """Grid (B, S), the forward's row ranges. HAS_DRES: d tokens = dres + this op's gradient
+    in rows 1.. (the token gradient the tokens get elsewhere, summed as it is written).
 
     With y_n = LN(x_n) (no beta), a_hn = softmax_n(s k~_h . y_n), da_hn = du_h . y_n:
       dz_hn = a_hn (da_hn - delta_h),  delta_h = du_h . u~_h
@@ -316,8 +319,13 @@ def _cross_attention_bwd_kernel(
             is_cls = (rows == 0)[:, None]
             # row 0 of tokens (the other branch's own CLS) is not attended: zero gradient; the
             # CLS row's LayerNorm backward waits for dq (cls_norm_bwd), so it gets dn itself
+            dx = tl.where(is_cls, 0.0, dx)
+            if HAS_DRES:
+                dx += tl.load(dres_ptr + b * stride_rb + rows.to(tl.int64)[:, None] * stride_rn
+                              + cols[None, :] * stride_rc, mask=mask & ~is_cls,
+                              other=0.0).to(tl.float32)  # fmt: skip
             tl.store(dtok_ptr + b * stride_db + rows.to(tl.int64)[:, None] * stride_dn
-                     + cols[None, :], tl.where(is_cls, 0.0, dx), mask=mask)  # fmt: skip
+                     + cols[None, :], dx, mask=mask)  # fmt: skip
             tl.store(dn0_ptr + b * C + rows[:, None] * 0 + cols[None, :], dn, mask=mask & is_cls)
             tok_dn = tl.where(is_cls, 0.0, dn)  # masked rows have dn = 0 and x^ = 0
             dw += tl.sum(tok_dn * xhat, axis=0)
@@ -440,28 +448,14 @@ def _cross_attention_op(
 
 @register_op("crossvit_fast::cross_attention_backward")
 def _cross_attention_backward_op(
-    dout: Tensor,
-    cls: Tensor,
-    tokens: Tensor,
-    norm_weight: Tensor | None,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    proj_weight: Tensor,
-    n0: Tensor,
-    q: Tensor,
-    kt: Tensor,
-    u: Tensor,
-    ut: Tensor,
-    lse: Tensor,
-    o: Tensor,
-    stats: Tensor,
-    num_heads: int,
-    eps: float,
-    residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dout: Tensor, cls: Tensor, tokens: Tensor, norm_weight: Tensor | None,
+    wq: Tensor, wk: Tensor, wv: Tensor, proj_weight: Tensor,
+    n0: Tensor, q: Tensor, kt: Tensor, u: Tensor, ut: Tensor, lse: Tensor, o: Tensor, stats: Tensor,
+    num_heads: int, eps: float, residual: bool, dres: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns (dcls, dtokens, dwq, dwk, dwv, dwo, sums) with sums (5C,) fp32 = dgamma | dbeta |
-    db_o | db_v | db_q (db_k is exactly 0)."""
+    db_o | db_v | db_q (db_k is exactly 0). dres (B, 1 + N, C), any strides: added into dtokens'
+    rows 1.. (row 0 stays 0), for `fusion_stage`."""
     B, C = cls.shape
     H, d = num_heads, C // num_heads
     N1 = tokens.shape[1]
@@ -473,7 +467,7 @@ def _cross_attention_backward_op(
     dwv = torch.bmm(_head_view(do, H).transpose(1, 2), u.transpose(0, 1)).reshape(C, C)
     dtokens = tokens.new_empty((B, N1, C))
     dn0 = cls.new_empty((B, C), dtype=dt)
-    tiles = token_tiles(dt)
+    tiles = token_tiles(dt, dres=dres is not None and dt == torch.float32)
     S, rows = split_plan(B, N1, tiles["BLOCK_N"], cls.device)
     # S == 1: the kernel writes dk~ in its final dtype; else fp32 partials, summed in split order
     dkt_part = cls.new_empty((S, H, B, C), dtype=dt if S == 1 else torch.float32)
@@ -487,10 +481,12 @@ def _cross_attention_backward_op(
             tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
             kt, kt.stride(0), kt.stride(1), du, du.stride(0), du.stride(1), ut, lse,
             stats[0], stats[1], norm_weight, pdz[0], pdz[1], means[0], means[1],
-            dtokens, dtokens.stride(0), dtokens.stride(1), dn0,
+            dtokens, dtokens.stride(0), dtokens.stride(1),
+            dres, *(dres.stride() if dres is not None else (0, 0, 0)), dn0,
             dkt_part, *dkt_part.stride()[:3], part,
             N1, C, H, rows, d**-0.5 * _LOG2E, d**-0.5,
-            HAS_W=norm_weight is not None, ONE_KEY=N1 == 1, BLOCK_H=MAX_HEADS, **tiles,
+            HAS_W=norm_weight is not None, HAS_DRES=dres is not None, ONE_KEY=N1 == 1,
+            BLOCK_H=MAX_HEADS, **tiles,
             **dot_flags(dt),
         )  # fmt: skip
     dkt = dkt_part[0] if S == 1 else dkt_part.sum(0).to(dt)
@@ -529,9 +525,19 @@ def _cross_attention_backward(ctx, dout, *_):
         return input_grads(name)
     saved = ctx.saved_tensors
     C = saved[0].shape[1]
-    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_backward_op(dout, *saved, *ctx.args)
-    dnw, dnb, dbo, dbv, dbq = (sums[i * C : (i + 1) * C] for i in range(5))
-    dbk = sums.new_zeros(C)  # b_k shifts every logit of a head equally: exactly 0
+    # `fusion_stage` runs this backward with a stand-in ctx that may carry the tokens' other
+    # gradient (`dres`); autograd's ctx never has one.
+    dres = getattr(ctx, "dres", None)
+    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_backward_op(
+        dout, *saved, *ctx.args, dres
+    )
+    dnw, dnb, tail = sums[:C], sums[C : 2 * C], sums[2 * C :]  # tail: db_o | db_v | db_q
+    bias_dtypes = {ctx.dtypes[i] for i in (2, 4, 5)}  # b_q, b_v, b_o
+    if len(bias_dtypes) == 1 and None not in bias_dtypes:
+        tail = tail.to(ctx.dtypes[2])  # one cast for the three bias gradients, not three
+    dbo, dbv, dbq = (tail[i * C : (i + 1) * C] for i in range(3))
+    # b_k shifts every logit of a head equally: exactly 0
+    dbk = sums.new_zeros(C, dtype=ctx.dtypes[3] or sums.dtype)
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
         None if t is None else g.to(t) for g, t in zip((dnw, dnb, dbq, dbk, dbv, dbo), ctx.dtypes)
     )
@@ -542,6 +548,9 @@ def _cross_attention_backward(ctx, dout, *_):
 _cross_attention_op.register_autograd(
     _cross_attention_backward, setup_context=_cross_attention_setup
 )
+
+# The op with its autograd pieces, for `fusion_stage` (which runs them under its own node).
+AUTOGRAD_PARTS = (_cross_attention_op, _cross_attention_setup, _cross_attention_backward)
 
 
 # -- functional ---------------------------------------------------------------------------------
@@ -564,6 +573,12 @@ def cross_attention(
     Under autocast the GEMMs run in the autocast dtype and LayerNorm / softmax in fp32, and the
     output dtype is the reference's (cls + y promoted). Returns (B, C).
     """
+    return _cross_attention_op(*op_inputs(cls, tokens, params, num_heads, eps, residual))[0]
+
+
+def op_inputs(cls, tokens, params, num_heads, eps, residual=True) -> tuple:
+    """`cross_attention`'s arguments, checked and converted, as `crossvit_fast::cross_attention`
+    takes them (also how `fusion_stage` calls the op)."""
     params = as_params(CrossAttentionParams, params)
     check_args(cls, tokens, params, num_heads)
     # As the reference: timm's block sees cat(cls, tokens), which promotes a low-precision CLS
@@ -573,16 +588,8 @@ def cross_attention(
     dt = compute_dtype(cls, tokens=tokens, **params._asdict())
     # LayerNorm affine stays in its own dtype (fp32 statistics); the GEMM operands are cast.
     gemm = (cast(t, dt) for t in params[2:])
-    return _cross_attention_op(
-        cls,
-        tokens,
-        params.norm_weight,
-        params.norm_bias,
-        *gemm,
-        num_heads,
-        float(eps),
-        bool(residual),
-    )[0]
+    nw, nb = params.norm_weight, params.norm_bias
+    return (cls, tokens, nw, nb, *gemm, num_heads, float(eps), bool(residual))
 
 
 OPS = {"cross_attention": cross_attention}

@@ -191,9 +191,12 @@ def head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr
 _TOKEN_TILES = {"BLOCK_N": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
 
 
-def token_tiles(dt: torch.dtype) -> dict:
-    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`)."""
-    return dict(_TOKEN_TILES)
+def token_tiles(dt: torch.dtype, dres: bool = False) -> dict:
+    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`). `dres`:
+    the all-fp32 backward that also adds the tokens' other gradient (fusion_stage): its extra
+    tile spilled 36 bytes at 64-column chunks, so 32 there (sm_90, zero spills; 16-bit and AMP
+    keep 64)."""
+    return {**_TOKEN_TILES, "BLOCK_C": 32} if dres else dict(_TOKEN_TILES)
 
 
 def split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -277,6 +280,7 @@ def _cost_cross_attention_bwd(a: dict, meta: dict, grid: tuple) -> tuple[int, in
         b += n_c * (8 * R + 8 * R + 2 * 4 * BH * R)  # mean / rstd, c1 / c2, p / dz per chunk
         b += _row_pass(a, R, has_cls) + nb * C * ew
         b += R * C * esize(a["dtok_ptr"]) + has_cls * C * esize(a["dn0_ptr"])
+        b += (R - has_cls) * C * esize(a["dres_ptr"]) * meta["HAS_DRES"]
         b += H * C * esize(a["dkt_ptr"]) + 2 * C * 4
         total += B * b
         dram += B * (b - _row_pass(a, R, has_cls) - nb * heads)  # repeats served by L2

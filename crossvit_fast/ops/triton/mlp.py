@@ -58,7 +58,7 @@ from .utils import (
     round_to,
 )
 
-__all__ = ["OPS", "fused_linear", "mlp"]
+__all__ = ["OPS", "finish_sums", "fused_linear", "mlp"]
 
 # GELU modes of the epilogue.
 GELU_NONE, GELU_FWD, GELU_BWD = 0, 1, 2
@@ -207,6 +207,24 @@ def _fused_linear_epilogue(
                      mask=n_mask & (offs_n * 0 + row0 + r < n_rows))  # fmt: skip
 
 
+@triton.jit
+def _partial_sums_kernel(
+    part_ptr, out_ptr, R, N, stride_r, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out[n] = sum_r part[r, n] (fp32, a fixed order: deterministic), rounded once to out's
+    dtype: a GEMM's partial column sums (bias gradients) finished and cast in one launch."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & mask_n[None, :]
+        acc += tl.load(part_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+    total = round_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, EMULATE)
+    tl.store(out_ptr + cols, total, mask=mask_n)
+
+
 # -- configs -------------------------------------------------------------------------------------
 
 # Hopper: 128x256 tiles with 8 warps (two wgmma warpgroups, 3 stages, 129-165 KB of shared memory
@@ -252,6 +270,20 @@ def sum_rows(M: int) -> int:
     return triton.cdiv(M, MIN_BLOCK_M)
 
 
+def finish_sums(part: Tensor, dtype: torch.dtype) -> Tensor:
+    """part (R, N) fp32 partial rows, unit column stride -> (N,) their column sums in `dtype`
+    (`part.sum(0).to(dtype)` as one launch, not two)."""
+    R, N = part.shape
+    out = part.new_empty(N, dtype=dtype)
+    if N and R:
+        grid = (triton.cdiv(N, 32),)
+        launch(_partial_sums_kernel, grid, part, out, R, N, part.stride(0),
+               EMULATE=dot_flags(dtype)["EMULATE"], BLOCK_R=64, BLOCK_N=32)  # fmt: skip
+    elif N:
+        out.zero_()
+    return out
+
+
 def fused_linear(
     a: Tensor | tuple[Tensor, ...],
     w: Tensor,
@@ -277,7 +309,7 @@ def fused_linear(
     stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
     a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N), unit column stride (column slices of one
     buffer may share a `.sum(0)`): fp32 (torch.empty: every row is written), receiving partial
-    column sums of a / out; `.sum(0)` finishes them.
+    column sums of a / out; `finish_sums` (sum and cast, one launch) or `.sum(0)` finishes them.
     a_out (M, K) contiguous, w's dtype: receives a rounded to it (the GEMM's A as it ran).
     """
     segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
@@ -421,7 +453,7 @@ def _mlp_backward_op(
         dnorm if dnorm is not None else empty(),
         dw1,
         dw2,
-        sums.sum(0).to(cdt) if need_b1 or need_b2 else empty(),
+        finish_sums(sums, cdt) if need_b1 or need_b2 else empty(),
     )
 
 
@@ -516,6 +548,12 @@ def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
     if meta["A_OUT"]:
         b += M * K * esize(a["aout_ptr"])
     return b
+
+
+@register_cost("_partial_sums_kernel")
+def _cost_partial_sums(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    """The partial rows read once, the sums written once."""
+    return a["R"] * a["N"] * esize(a["part_ptr"]) + a["N"] * esize(a["out_ptr"]), 0
 
 
 @register_cost("_fused_linear_kernel")

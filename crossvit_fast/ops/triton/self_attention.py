@@ -31,7 +31,7 @@ from torch import Tensor
 from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
-from .mlp import fused_linear, sum_rows
+from .mlp import finish_sums, fused_linear, sum_rows
 from .utils import empty, register_op
 
 __all__ = ["OPS", "self_attention"]
@@ -199,7 +199,7 @@ def _self_attention_backward_op(
         dnorm if dnorm is not None else empty(x),
         dwqkv,
         dwp,
-        sums.sum(0).to(cdt) if need_bp or need_bqkv else empty(x),
+        finish_sums(sums, cdt) if need_bp or need_bqkv else empty(x),
     )
 
 
