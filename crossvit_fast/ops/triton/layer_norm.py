@@ -12,8 +12,8 @@ Ladder: `_layer_norm_fwd_kernel` / `_layer_norm_bwd_kernel` -> launchers `layer_
 Memory plan (both on persistent grids of G ~ 4 x SMs programs, each loading w / b once).
 Forward: one read of x, one write of y and of the fp32 (mean, rstd) per row (8 bytes a row,
 saved for backward). Backward: one read of x and dy, one write of dx; the weight / bias
-gradients are reduced per program into fp32 partial rows (`G x C`) that one small `sum(0)`
-finishes — deterministic, no atomics.
+gradients are reduced per program into fp32 partial rows (`G x C`) that one small `sum(0)` (or
+the caller, `finish=False`) finishes — deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -304,8 +304,7 @@ def _rows_per_prog(M: int, block_m: int, device: torch.device) -> int:
 
 
 def as_rows(t: Tensor) -> Tensor:
-    """(..., C) -> (M, C) without a copy when the leading dims merge (any strides are fine for
-    the kernels); a copy only when they cannot be viewed as one dim."""
+    """(..., C) -> (M, C): a view (any strides suit the kernels) unless the dims cannot merge."""
     return t.reshape(-1, t.shape[-1])
 
 
@@ -345,13 +344,15 @@ def layer_norm_bwd(
     need_dw: bool,
     need_db: bool,
     y_dtype: torch.dtype | None = None,
+    finish: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradient of y = LN(x) (+ a residual gradient `dres`, same shape as x, added to dx).
 
     x, dy, dres: (..., C), any strides / float dtypes. Returns (dx in x's dtype, dnorm, y):
-    dnorm (n, C) the requested rows of [dweight; dbias] (fp32 sums, one reduction, in the
-    parameters' dtype; None when neither is requested; `split_norm_grads` takes them apart),
-    y re-emitted in `y_dtype` when given (for a following weight-gradient GEMM), else None."""
+    dnorm (n, C) the requested rows of [dweight; dbias] (fp32 sums in the parameters' dtype,
+    `split_norm_grads` takes them apart; `finish=False`: the fp32 partial rows (G, n * C) for
+    the caller's reduction; None: neither requested), y re-emitted in `y_dtype` when given (for
+    a following weight-gradient GEMM), else None."""
     C = x.shape[-1]
     x2, dy2 = as_rows(x), as_rows(dy)
     M = x2.shape[0]
@@ -381,9 +382,9 @@ def layer_norm_bwd(
             STORE_Y=y is not None, STORE_DW=need_dw, STORE_DB=need_db, EMULATE=dot_in_fp32(),
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
-    pdt = (weight if weight is not None else bias).dtype if n_part else None
-    dnorm = parts.sum(0).to(pdt) if n_part else None
-    return dx, dnorm, y
+    if not n_part or not finish:
+        return dx, parts.view(grid, n_part * C) if n_part else None, y
+    return dx, parts.sum(0).to((weight if weight is not None else bias).dtype), y
 
 
 def split_norm_grads(dnorm: Tensor, need_dw: bool, need_db: bool) -> tuple:

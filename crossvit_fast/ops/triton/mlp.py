@@ -47,6 +47,7 @@ from ..common import cast, check_params, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .utils import (
     dot_flags,
+    dot_in_fp32,
     gelu_erf,
     gelu_erf_grad,
     gemm_configs,
@@ -58,7 +59,7 @@ from .utils import (
     round_to,
 )
 
-__all__ = ["OPS", "finish_sums", "fused_linear", "mlp"]
+__all__ = ["OPS", "finish_block_sums", "finish_sums", "fused_linear", "mlp"]
 
 # GELU modes of the epilogue.
 GELU_NONE, GELU_FWD, GELU_BWD = 0, 1, 2
@@ -209,12 +210,26 @@ def _fused_linear_epilogue(
 
 @triton.jit
 def _partial_sums_kernel(
-    part_ptr, out_ptr, R, N, stride_r, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_ptr, out_a_ptr, Ra, Na, stride_a, b_ptr, out_b_ptr, Rb, Nb, stride_b,
+    HAS_B: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[n] = sum_r part[r, n] (fp32, a fixed order: deterministic), rounded once to out's
-    dtype: a GEMM's partial column sums (bias gradients) finished and cast in one launch."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out_a[n] = sum_r a[r, n] by the first cdiv(Na, BLOCK_N) programs, out_b from b (HAS_B)
+    by the rest: partial column sums (an op's bias gradients, its LayerNorm's dgamma / dbeta)
+    finished and cast to each output's dtype in one launch."""
+    pid = tl.program_id(0)
+    n_a = tl.cdiv(Na, BLOCK_N)
+    if pid < n_a:
+        _column_sums(a_ptr, out_a_ptr, Ra, Na, stride_a, pid, EMULATE, BLOCK_R, BLOCK_N)
+    elif HAS_B:
+        _column_sums(b_ptr, out_b_ptr, Rb, Nb, stride_b, pid - n_a, EMULATE, BLOCK_R, BLOCK_N)
+
+
+@triton.jit
+def _column_sums(part_ptr, out_ptr, R, N, stride_r, col_block, EMULATE: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`_partial_sums_kernel`'s columns [col_block * BLOCK_N, ...): fp32 sums in a fixed row
+    order (deterministic), rounded once to out's dtype."""
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
     acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -270,18 +285,33 @@ def sum_rows(M: int) -> int:
     return triton.cdiv(M, MIN_BLOCK_M)
 
 
-def finish_sums(part: Tensor, dtype: torch.dtype) -> Tensor:
-    """part (R, N) fp32 partial rows, unit column stride -> (N,) their column sums in `dtype`
-    (`part.sum(0).to(dtype)` as one launch, not two)."""
-    R, N = part.shape
-    out = part.new_empty(N, dtype=dtype)
-    if N and R:
-        grid = (triton.cdiv(N, 32),)
-        launch(_partial_sums_kernel, grid, part, out, R, N, part.stride(0),
-               EMULATE=dot_flags(dtype)["EMULATE"], BLOCK_R=64, BLOCK_N=32)  # fmt: skip
-    elif N:
-        out.zero_()
-    return out
+def finish_sums(*parts: tuple[Tensor | None, torch.dtype | None]) -> list[Tensor | None]:
+    """One or two (part, dtype) pairs: part (R, N) fp32 partial rows, unit column stride -> its
+    column sums (N,) in dtype (`part.sum(0).to(dtype)`), all in one launch; a None part gives
+    None (e.g. an op's bias and LayerNorm partial sums, `layer_norm_bwd(finish=False)`)."""
+    given = [(p, d) for p, d in parts if p is not None]
+    assert len(given) <= 2, "finish_sums: at most two buffers in one launch"
+    outs = [p.new_empty(p.shape[1], dtype=d) for p, d in given]
+    blocks = sum(triton.cdiv(p.shape[1], 32) for p, _ in given)
+    if blocks:
+        a, out_a = given[0][0], outs[0]
+        b, out_b = (given[1][0], outs[1]) if len(given) == 2 else (None, None)
+        launch(
+            _partial_sums_kernel, (blocks,), a, out_a, *a.shape, a.stride(0),
+            b, out_b, *(b.shape if b is not None else (0, 0)),
+            b.stride(0) if b is not None else 0, HAS_B=b is not None,
+            EMULATE=dot_in_fp32(), BLOCK_R=64, BLOCK_N=32,
+        )  # fmt: skip
+    it = iter(outs)
+    return [None if p is None else next(it) for p, _ in parts]
+
+
+def finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C) -> tuple:
+    """A block op's LayerNorm partial rows (`layer_norm_bwd(finish=False)`) and GEMM bias partial
+    sums, each or None -> (dnorm (n, C) in the norm's dtype, dbiases in cdt): one launch."""
+    norm = norm_weight if norm_weight is not None else norm_bias
+    dnorm, db = finish_sums((norm_parts, None if norm is None else norm.dtype), (bias_parts, cdt))
+    return (dnorm.view(-1, C) if dnorm is not None else None), db
 
 
 def fused_linear(
@@ -444,16 +474,19 @@ def _mlp_backward_op(
     dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else empty()
     dxhat = torch.mm(da, fc1_weight)
     # 3. LayerNorm backward + residual gradient.
-    dx, dnorm, _ = layer_norm_bwd(
-        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
-    )
+    dx, norm_parts, _ = layer_norm_bwd(
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
+        finish=False,
+    )  # fmt: skip
     dw1 = torch.mm(da.t(), xhat) if need_w1 else empty()
+    bias_parts = sums if need_b1 or need_b2 else None
+    dnorm, db = finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C)
     return (
         dx.view(x.shape),
         dnorm if dnorm is not None else empty(),
         dw1,
         dw2,
-        finish_sums(sums, cdt) if need_b1 or need_b2 else empty(),
+        db if db is not None else empty(),
     )
 
 
@@ -552,8 +585,9 @@ def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
 
 @register_cost("_partial_sums_kernel")
 def _cost_partial_sums(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    """The partial rows read once, the sums written once."""
-    return a["R"] * a["N"] * esize(a["part_ptr"]) + a["N"] * esize(a["out_ptr"]), 0
+    """The partial rows read once, the sums written once (each buffer)."""
+    b = a["Ra"] * a["Na"] * esize(a["a_ptr"]) + a["Na"] * esize(a["out_a_ptr"])
+    return b + a["Rb"] * a["Nb"] * esize(a["b_ptr"]) + a["Nb"] * esize(a["out_b_ptr"]), 0
 
 
 @register_cost("_fused_linear_kernel")

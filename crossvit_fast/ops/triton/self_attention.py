@@ -31,7 +31,7 @@ from torch import Tensor
 from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
-from .mlp import finish_sums, fused_linear, sum_rows
+from .mlp import finish_block_sums, fused_linear, sum_rows
 from .utils import empty, register_op
 
 __all__ = ["OPS", "self_attention"]
@@ -188,18 +188,21 @@ def _self_attention_backward_op(
     bqkv_sum = sums[:, C * need_bp :] if need_bqkv else None
     fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
     # 4. LayerNorm backward + the residual gradient.
-    dx, dnorm, _ = layer_norm_bwd(
-        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb
-    )
+    dx, norm_parts, _ = layer_norm_bwd(
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
+        finish=False,
+    )  # fmt: skip
     dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else empty(x)
     for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
         torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
+    bias_parts = sums if need_bp or need_bqkv else None
+    dnorm, db = finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C)
     return (
         dx.view(x.shape),
         dnorm if dnorm is not None else empty(x),
         dwqkv,
         dwp,
-        finish_sums(sums, cdt) if need_bp or need_bqkv else empty(x),
+        db if db is not None else empty(x),
     )
 
 
