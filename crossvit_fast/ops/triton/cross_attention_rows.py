@@ -184,7 +184,8 @@ def head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr
 
 # Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
 # 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
-# registers, backward 101 (16-bit) / 174 (AMP: fp32 tokens) / 150 (fp32), zero spills; with 4
+# registers, backward 103 (16-bit) / 182 (AMP: fp32 tokens) / 150 (fp32), zero spills (all-fp32
+# with fusion_stage's summed-in gradient: 32-column chunks, `token_tiles`); with 4
 # warps, or Triton's 2-stage pipelining, the backward spilled 16-488 bytes. ptxas is sensitive
 # here: hoisting the backward's per-head constants loop into a helper spilled 36 bytes in fp32.
 # tests/test_toolchain_triton.py checks zero spills. The interpreter runs the same tiles.

@@ -28,7 +28,7 @@ Backward:
      long-K weight-gradient shapes (K = M = 50k-100k rows, output only C x Hd) better than a
      Triton GEMM would.
   3. Triton LayerNorm backward (`layer_norm_bwd`) with the residual gradient dy added in, so
-     dx is written once.
+     dx is written once; its dgamma / dbeta partials finish with the bias sums in one launch.
 
 Numerics follow the reference's rounding points: the LayerNorm output and the pre-activation
 are rounded to the compute dtype before the GEMM / GELU, accumulation is fp32; fp32 GEMMs use
