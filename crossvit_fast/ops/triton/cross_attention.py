@@ -467,7 +467,7 @@ def _cross_attention_backward_op(
     dwv = torch.bmm(_head_view(do, H).transpose(1, 2), u.transpose(0, 1)).reshape(C, C)
     dtokens = tokens.new_empty((B, N1, C))
     dn0 = cls.new_empty((B, C), dtype=dt)
-    tiles = token_tiles(dt, dres=dres is not None and dt == torch.float32)
+    tiles = token_tiles(dt, backward=True)
     S, rows = split_plan(B, N1, tiles["BLOCK_N"], cls.device)
     # S == 1: the kernel writes dk~ in its final dtype; else fp32 partials, summed in split order
     dkt_part = cls.new_empty((S, H, B, C), dtype=dt if S == 1 else torch.float32)

@@ -184,20 +184,22 @@ def head_chunk(ptr, stride_h, heads, mask_h, cols, mask_c, EMULATE: tl.constexpr
 
 # Launch meta of the token pass, for every dtype and width: 32-row blocks (tl.dot needs >= 16),
 # 64-column chunks, 8 warps, no software pipelining. sm_90 (Triton 3.8, ptxas): forward 64
-# registers, backward 103 (16-bit) / 182 (AMP: fp32 tokens) / 150 (fp32), zero spills (all-fp32
-# with fusion_stage's summed-in gradient: 32-column chunks, `token_tiles`); with 4
+# registers, backward 103 (16-bit) / 182 (AMP: fp32 tokens) / 128 (fp32, 32-column chunks:
+# `token_tiles`), zero spills; with 4
 # warps, or Triton's 2-stage pipelining, the backward spilled 16-488 bytes. ptxas is sensitive
 # here: hoisting the backward's per-head constants loop into a helper spilled 36 bytes in fp32.
 # tests/test_toolchain_triton.py checks zero spills. The interpreter runs the same tiles.
 _TOKEN_TILES = {"BLOCK_N": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
 
 
-def token_tiles(dt: torch.dtype, dres: bool = False) -> dict:
-    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`). `dres`:
-    the all-fp32 backward that also adds the tokens' other gradient (fusion_stage): its extra
-    tile spilled 36 bytes at 64-column chunks, so 32 there (sm_90, zero spills; 16-bit and AMP
-    keep 64)."""
-    return {**_TOKEN_TILES, "BLOCK_C": 32} if dres else dict(_TOKEN_TILES)
+def token_tiles(dt: torch.dtype, backward: bool = False) -> dict:
+    """Launch meta of the token pass (one table for every dtype, see `_TOKEN_TILES`), but the
+    all-fp32 backward runs 32-column chunks: with fusion_stage's summed-in gradient (HAS_DRES)
+    its extra tile spilled 36 bytes at 64, and both of its variants keep one chunking so that
+    their reductions round alike (16-bit and AMP keep 64)."""
+    if backward and dt == torch.float32:
+        return {**_TOKEN_TILES, "BLOCK_C": 32}
+    return dict(_TOKEN_TILES)
 
 
 def split_plan(B: int, N1: int, block_n: int, device: torch.device) -> tuple[int, int]:
