@@ -173,7 +173,7 @@ class MultiScaleBlock(TableModule):
         params = [self._fusion_params(i, ops) for i in range(nb)]
         if all(p is not None for p in params):
             # Every fusion step and the re-assembly as one table op: each branch's tokens get
-            # their gradient in one tensor (the fast backends sum its three parts as they write).
+            # their gradient in one tensor (Triton sums its three parts as it writes them).
             heads = [f.attn.num_heads for f in self.fusion]
             args = (ys, params, heads, self.eps, cls_only)
             if self._checkpointing():  # keeps only its inputs, recomputed in backward
