@@ -340,6 +340,7 @@ def _triton_as_on_gpu(ledger: Ledger, gpu: GPU):
         m = importlib.import_module(f"{triton_backend.__name__}.{mod}")
         if getattr(m, "sm_count", None) is real_sm_count:
             patch(m, "sm_count", fake_sm_count)
+    # (shared helper modules, e.g. gemm, call utils.sm_count: patched above)
     try:
         yield
     finally:

@@ -82,7 +82,12 @@ def test_every_kernel_op_has_its_own_test_module(op):
 def test_triton_kernel_modules_are_named_after_ops():
     from crossvit_fast.ops import triton as triton_backend
 
-    helpers = {"__init__", "utils", "cross_attention_rows"}  # shared pieces, README says which
+    helpers = {
+        "__init__",
+        "utils",
+        "cross_attention_rows",
+        "gemm",
+    }  # shared pieces, README says which
     for path in (PACKAGE / "ops" / "triton").glob("*.py"):
         if path.stem in helpers:
             continue

@@ -15,7 +15,7 @@ import torch
 
 from crossvit_fast.backends import flat_args
 from crossvit_fast.ops import reference
-from crossvit_fast.ops.triton import mlp, patch_embed, self_attention, utils
+from crossvit_fast.ops.triton import gemm, mlp, patch_embed, self_attention, utils
 
 from .conftest import HAS_GPU
 from .numerics import check_against_reference
@@ -60,6 +60,14 @@ def _mlp_case():
     return (flat_eps("mlp", mlp.mlp), flat_eps("mlp", reference.mlp), inputs)
 
 
+def _mlp_resident_case():
+    # 2 x 260 = 520 rows: enough 128-row blocks for the resident plan on the interpreter's 4
+    # pretend SMs (16-bit and AMP; fp32 runs the tiled kernel), fc1 and fc2's dgrad through it
+    C, Hd = 96, 200
+    inputs = [_r(2, 260, C, scale=2) + 0.5, *_norm(C), *_linear(Hd, C), *_linear(C, Hd)]
+    return (flat_eps("mlp", mlp.mlp), flat_eps("mlp", reference.mlp), inputs)
+
+
 def _attention_case():
     C = 96  # 3 heads of 32
     inputs = [_r(2, 9, C, scale=2) + 0.5, *_norm(C), *_linear(3 * C, C), *_linear(C, C)]
@@ -85,8 +93,9 @@ def _patch_embed_case():
 
 # op -> (its autotuned kernel, case builder)
 OPS = {
-    "mlp": (mlp._fused_linear_tuned, _mlp_case),
-    "self_attention": (mlp._fused_linear_tuned, _attention_case),
+    "mlp": (gemm._fused_linear_tuned, _mlp_case),
+    "self_attention": (gemm._fused_linear_tuned, _attention_case),
+    "mlp_resident": (gemm._resident_linear_tuned, _mlp_resident_case),
     "patch_embed": (patch_embed._patch_embed_fwd_tuned, _patch_embed_case),
 }
 
@@ -94,12 +103,16 @@ OPS = {
 def _n_configs(kernel, dtype: torch.dtype, **meta) -> int:
     """How many configs the kernel's pruning keeps for `dtype` weights (fp32 or 16-bit)."""
     w = torch.empty(1, dtype=dtype)
+    if kernel.early_config_prune is None:
+        return len(kernel.configs)
     return len(kernel.early_config_prune(kernel.configs, {"w_ptr": w, "x_ptr": w}, **meta))
 
 
 def _cases():
     for op, (kernel, _) in OPS.items():
         for name, (dtype, amp) in DTYPES.items():
+            if kernel is gemm._resident_linear_tuned and (amp or dtype) == torch.float32:
+                continue  # 16-bit compute only: fp32 runs the tiled kernel
             for i in range(_n_configs(kernel, amp or dtype)):
                 yield pytest.param(op, name, i, id=f"{op}-{name}-config{i}")
 

@@ -140,26 +140,6 @@ def test_mlp_no_grad_skips_saving():
     assert out[4].numel() == 0  # pre-activation not written in inference
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("R,N", [(1, 1), (65, 33), (130, 96), (0, 5)])
-def test_finish_sums(dtype, R, N):
-    # The bias gradients' partial rows summed and cast in one launch: the 2x rule against
-    # torch's sum(0).to(dtype) (fp64 sum as the reference); odd sizes, a partial row block.
-    # Two buffers in the one launch (an op's bias sums and its LayerNorm's, other sizes and
-    # dtypes), and one alone.
-    part64 = torch.randn(R, N, dtype=torch.float64, device=DEVICE) * 3
-    other64 = torch.randn(R + 3, 2 * N + 1, dtype=torch.float64, device=DEVICE)
-    part, other = part64.float(), other64.float()
-    ours, ours_other = tmlp.finish_sums((part, dtype), (other, torch.float32))
-    alone, none = tmlp.finish_sums((part, dtype), (None, None))
-    assert none is None and torch.equal(alone, ours)
-    assert ours.dtype == dtype and ours.shape == (N,) and ours_other.dtype == torch.float32
-    assert_2x_rule(ours, part.sum(0).to(dtype), part64.sum(0), "sums")
-    assert_2x_rule(ours_other, other.sum(0), other64.sum(0), "other sums")
-    if R == 0:
-        assert torch.equal(ours, torch.zeros_like(ours))
-
-
 def test_mlp_errors():
     x, nw, nb, w1, b1, w2, b2 = [
         t.float() if t is not None else None for t in mlp_inputs(1, 3, 32, 64)

@@ -179,7 +179,7 @@ def test_self_attention_no_save_and_segmented_dgrad():
     )
     assert out.shape == x.shape and xhat.numel() == qkv.numel() == o.numel() == 0
     assert all(t.numel() == 0 for t in saved)
-    from crossvit_fast.ops.triton.mlp import fused_linear, sum_rows
+    from crossvit_fast.ops.triton.gemm import fused_linear, sum_rows
 
     segs = [torch.randn(5, 16, device=DEVICE).t().contiguous().t() for _ in range(3)]
     w = torch.randn(48, 8, device=DEVICE)

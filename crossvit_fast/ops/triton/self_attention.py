@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
+from .gemm import finish_block_sums, fused_linear, sum_rows
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
-from .mlp import finish_block_sums, fused_linear, sum_rows
 from .utils import empty, register_op
 
 __all__ = ["OPS", "self_attention"]
