@@ -93,9 +93,12 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills():
     # every kernel of the package was launched by the model and compiled (none escapes the tier)
     assert {k["kernel"] for k in kernels} == _package_kernels()
     # every config of every autotuner was compiled, not only the one it would pick first
+    # (a compiled config may hold more tile sizes than the autotune config: the resident GEMM's
+    # BLOCK_K is the launcher's, K padded to a power of two)
     for name, configs in _autotuned().items():
-        seen = {k["config"] for k in kernels if k["kernel"] == name}
-        missing = {_config_key(c) for c in configs} - seen
+        seen = [json.loads(k["config"]) for k in kernels if k["kernel"] == name]
+        wanted = [json.loads(_config_key(c)) for c in configs]
+        missing = [w for w in wanted if not any(w.items() <= s.items() for s in seen)]
         assert not missing, f"{name}: configs never compiled: {missing}"
     bad = [k for k in kernels if k["spills"] or k["local"] or k["shared"] > SMEM_LIMIT]
     assert not bad, "spills or shared memory over the sm_90 limit:\n" + "\n".join(
