@@ -48,7 +48,7 @@ def _package_kernels() -> set[str]:
     from crossvit_fast.ops import triton as backend
 
     names = set()
-    for mod_name in (*backend._KERNEL_MODULES, "gemm"):  # + the shared GEMM module
+    for mod_name in (*backend._KERNEL_MODULES, "gemm", "utils"):  # + the shared modules
         mod = __import__(f"{backend.__name__}.{mod_name}", fromlist=["_"])
         for name, obj in vars(mod).items():
             if isinstance(obj, (JITFunction, InterpretedFunction)) and name.endswith("_kernel"):

@@ -9,6 +9,8 @@ partial 32-wide slab.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -22,16 +24,24 @@ from ..numerics import assert_2x_rule, check_against_reference
 M = 128 * utils.sm_count(torch.device(DEVICE)) + 8
 
 
-def _run(monkeypatch, resident: bool, *args, **kw):
-    """fused_linear under the resident or the tiled plan; asserts the plan it asked for ran."""
-    chosen = []
+@contextlib.contextmanager
+def _forced_plan(resident: bool):
+    """Inside: fused_linear takes the resident (True) or the tiled plan; yields the list of what
+    the real plan rule said for each call (a case must be one the resident plan takes)."""
+    chosen: list[bool] = []
     real = gemm._resident_plan
-    monkeypatch.setattr(
-        gemm, "_resident_plan", lambda *a: chosen.append(real(*a)) or (resident and chosen[-1])
-    )
-    gemm.fused_linear(*args, **kw)
+    gemm._resident_plan = lambda *a: chosen.append(real(*a)) or (resident and chosen[-1])
+    try:
+        yield chosen
+    finally:
+        gemm._resident_plan = real
+
+
+def _run(resident: bool, *args, **kw):
+    """fused_linear under the resident or the tiled plan; asserts the case is a resident one."""
+    with _forced_plan(resident) as chosen:
+        gemm.fused_linear(*args, **kw)
     assert chosen == [True], "the case must be one the resident plan takes"
-    monkeypatch.setattr(gemm, "_resident_plan", real)
 
 
 def _r(*shape, dtype=torch.float64):
@@ -39,7 +49,7 @@ def _r(*shape, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("K", [96, 224])
-def test_forward_gelu_bias(monkeypatch, K):
+def test_forward_gelu_bias(K):
     # fc1: bf16 A and W, bias, GELU with the pre-activation stored (aux)
     N, dt = 200, torch.bfloat16
     a, w, b = _r(M, K, dtype=dt), _r(N, K, dtype=dt) * K**-0.5, _r(N, dtype=dt) * 0.1
@@ -49,7 +59,7 @@ def test_forward_gelu_bias(monkeypatch, K):
             torch.empty(M, N, dtype=dt, device=DEVICE),
             torch.empty(M, N, dtype=dt, device=DEVICE),
         )
-        _run(monkeypatch, resident, a, w, h, transpose_w=True, bias=b, aux=pre, gelu=gemm.GELU_FWD)
+        _run(resident, a, w, h, transpose_w=True, bias=b, aux=pre, gelu=gemm.GELU_FWD)
         outs[resident] = (h, pre)
     pre64 = a.double() @ w.double().t() + b.double()
     pre_dt = torch.addmm(b.float(), a.float(), w.float().t()).to(dt)  # fp32 accumulation
@@ -62,7 +72,7 @@ def test_forward_gelu_bias(monkeypatch, K):
 
 
 @pytest.mark.parametrize("a_out", [True, False])
-def test_dgrad_fp32_a_with_sums(monkeypatch, a_out):
+def test_dgrad_fp32_a_with_sums(a_out):
     # fc2's dgrad: fp32 dy as A (rounded through a 16-bit copy), W (K, N), GELU gradient
     # epilogue, A's and the output's column sums; without a_out the launcher's scratch copy.
     K, N, dt = 224, 200, torch.bfloat16
@@ -74,7 +84,7 @@ def test_dgrad_fp32_a_with_sums(monkeypatch, a_out):
         csum = torch.empty(gemm.sum_rows(M), N, device=DEVICE)
         dy16 = torch.empty(M, K, dtype=dt, device=DEVICE) if a_out else None
         _run(
-            monkeypatch, resident, dy, w, da, transpose_w=False, aux=pre, gelu=gemm.GELU_BWD,
+            resident, dy, w, da, transpose_w=False, aux=pre, gelu=gemm.GELU_BWD,
             a_sum=asum, c_sum=csum, a_out=dy16,
         )  # fmt: skip
         res[resident] = (da, asum.sum(0), csum.sum(0), dy16)
@@ -92,19 +102,60 @@ def test_dgrad_fp32_a_with_sums(monkeypatch, a_out):
             assert torch.equal(dy16, dy_r)  # round to nearest even, as torch's cast
 
 
-def test_forward_residual_fp32_out(monkeypatch):
+def test_forward_residual_fp32_out():
     # proj: bf16 A, bias, fp32 residual added in, fp32 output (the residual stream)
     K, N, dt = 96, 96, torch.bfloat16
     a, w, b, x = _r(M, K, dtype=dt), _r(N, K, dtype=dt) * K**-0.5, _r(N, dtype=dt), _r(M, N).float()
     outs = []
     for resident in (True, False):
         out = torch.empty(M, N, device=DEVICE)
-        _run(monkeypatch, resident, a, w, out, transpose_w=True, bias=b, res=x)
+        _run(resident, a, w, out, transpose_w=True, bias=b, res=x)
         outs.append(out)
     want64 = x.double() + a.double() @ w.double().t() + b.double()
     want_dt = x + torch.addmm(b.float(), a.float(), w.float().t()).to(dt).float()  # as eager
     for out in outs:
         assert_2x_rule(out, want_dt, want64, "proj output")
+
+
+@pytest.mark.parametrize(
+    "K, affine, x_dtype", [(224, True, torch.float32), (96, False, torch.bfloat16)]
+)
+def test_norm_linear_normalises_in_the_resident_kernel(K, affine, x_dtype):
+    # fc1 with its LayerNorm: the resident kernel's own statistics (chunked, one pass) against
+    # `layer_norm_fwd` + the tiled GEMM, and both against float64. x has a large mean (the
+    # residual stream's) so that a careless one-pass variance would lose digits.
+    from crossvit_fast.ops.triton.layer_norm import layer_norm_fwd
+
+    N, dt, eps = 200, torch.bfloat16, 1e-6
+    x = (_r(M, K) * 3 + 40).to(x_dtype)
+    nw, nb = (_r(K) * 0.3 + 1, _r(K) * 0.1) if affine else (None, None)
+    w, b = _r(N, K, dtype=dt) * K**-0.5, _r(N, dtype=dt) * 0.1
+    got = {}
+    for resident in (True, False):
+        pre = torch.empty(M, N, dtype=dt, device=DEVICE)
+        h = torch.empty(M, N, dtype=dt, device=DEVICE)
+        nwf = nw.float() if affine else None
+        nbf = nb.float() if affine else None
+        with _forced_plan(resident) as chosen:
+            xhat, mean, rstd = gemm.norm_linear(
+                x, nwf, nbf, eps, w, h, bias=b, aux=pre, gelu=gemm.GELU_FWD
+            )
+        assert chosen[0], "the case must be one the resident plan takes"
+        got[resident] = (xhat, mean, rstd, pre)
+    x64 = x.double()
+    mean64, var64 = x64.mean(1), x64.var(1, unbiased=False)
+    y64 = (x64 - mean64[:, None]) / (var64[:, None] + eps).sqrt()
+    if affine:
+        y64 = y64 * nw + nb
+    ref_y, ref_mean, ref_rstd = layer_norm_fwd(x, nw.float() if affine else None,
+                                               nb.float() if affine else None, eps, dt)  # fmt: skip
+    for resident, (xhat, mean, rstd, pre) in got.items():
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(rstd, ref_rstd, rtol=1e-5, atol=0)
+        assert_2x_rule(xhat, ref_y, y64, f"LN(x) (resident={resident})")
+        pre64 = xhat.double() @ w.double().t() + b.double()
+        pre_dt = torch.addmm(b.float(), xhat.float(), w.float().t()).to(dt)
+        assert_2x_rule(pre, pre_dt, pre64, f"pre-activation (resident={resident})")
 
 
 def test_plan_choice():
@@ -152,8 +203,8 @@ def test_finish_sums(dtype, R, N):
     part64 = torch.randn(R, N, dtype=torch.float64, device=DEVICE) * 3
     other64 = torch.randn(R + 3, 2 * N + 1, dtype=torch.float64, device=DEVICE)
     part, other = part64.float(), other64.float()
-    ours, ours_other = gemm.finish_sums((part, dtype), (other, torch.float32))
-    alone, none = gemm.finish_sums((part, dtype), (None, None))
+    ours, ours_other = utils.finish_sums((part, dtype), (other, torch.float32))
+    alone, none = utils.finish_sums((part, dtype), (None, None))
     assert none is None and torch.equal(alone, ours)
     assert ours.dtype == dtype and ours.shape == (N,) and ours_other.dtype == torch.float32
     assert_2x_rule(ours, part.sum(0).to(dtype), part64.sum(0), "sums")

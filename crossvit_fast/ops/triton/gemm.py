@@ -1,6 +1,6 @@
 """The GEMM launcher the block ops share: `fused_linear`, a GEMM with the fused epilogues (bias,
-erf-GELU / its gradient, residual, bias-gradient partial sums), and `finish_sums`, the one launch
-that finishes an op's partial column sums. Used by `mlp` (fc1, fc2 and fc2's dgrad) and
+erf-GELU / its gradient, residual, bias-gradient partial sums; `utils.finish_sums` finishes
+those in one launch). Used by `mlp` (fc1, fc2 and fc2's dgrad) and
 `self_attention` (proj and its dgrad, the qkv dgrad); a shared piece, not an op (README, Layout).
 
 Two kernels behind one launcher, chosen per call by shape (`fused_linear`'s plan):
@@ -12,7 +12,7 @@ Two kernels behind one launcher, chosen per call by shape (`fused_linear`'s plan
   instead of cdiv(N, BLOCK_N) times: for fc1 (N = 3C) and fc2's dgrad (N = 3C, A the fp32 dy)
   that is most of what the tiled kernel issues beyond W.
 
-Ladder: kernels -> launcher `fused_linear` / `finish_sums` (no registered op of their own: they
+Ladder: kernels -> launcher `fused_linear` (no registered op of its own: it
 run inside the block ops' `triton_op`s).
 """
 
@@ -24,9 +24,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import utils
+from .layer_norm import layer_norm_fwd
 from .utils import (
     dot_flags,
-    dot_in_fp32,
     gelu_erf,
     gelu_erf_grad,
     gemm_configs,
@@ -42,9 +42,8 @@ __all__ = [
     "GELU_BWD",
     "GELU_FWD",
     "GELU_NONE",
-    "finish_block_sums",
-    "finish_sums",
     "fused_linear",
+    "norm_linear",
     "sum_rows",
 ]
 
@@ -196,13 +195,56 @@ def _fused_linear_epilogue(
 
 
 @triton.jit
+def _norm_rows(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, offs_m, m64, m_mask, K, stride_xm,
+               stride_xk, eps, cdt: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """LayerNorm of this program's rows of x (K wide) in 64-column chunks, two reads of x: the
+    statistics in one pass (Chan's combination of each chunk's mean and centred sum of squares:
+    as exact as `_layer_norm_fwd_kernel`'s two passes over a whole row, without a third read),
+    then y = (x - mean) * rstd * w + b rounded to cdt -> y (M, K) contiguous; mean / rstd fp32."""
+    CHUNK: tl.constexpr = 64 if BLOCK_K > 64 else BLOCK_K
+    mean = tl.zeros((BLOCK_M,), tl.float32)
+    m2 = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in tl.static_range(0, BLOCK_K, CHUNK):
+        kc = k0 + tl.arange(0, CHUNK)
+        mask = m_mask[:, None] & (kc < K)[None, :]
+        x = tl.load(x_ptr + m64[:, None] * stride_xm + kc[None, :] * stride_xk, mask=mask,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        n_c = tl.maximum(tl.minimum(K - k0, CHUNK), 0).to(tl.float32)  # valid columns (0: padding)
+        n_a = tl.minimum(K, k0).to(tl.float32)  # columns combined so far
+        c_mean = tl.sum(x, axis=1) / tl.maximum(n_c, 1.0)
+        xc = tl.where(mask, x - c_mean[:, None], 0.0)
+        delta = c_mean - mean
+        share = n_c / tl.maximum(n_a + n_c, 1.0)
+        mean += delta * share
+        m2 += tl.sum(xc * xc, axis=1) + delta * delta * n_a * share
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    tl.store(mean_ptr + offs_m, mean, mask=m_mask)
+    tl.store(rstd_ptr + offs_m, rstd, mask=m_mask)
+    for k0 in tl.static_range(0, BLOCK_K, CHUNK):
+        kc = k0 + tl.arange(0, CHUNK)
+        kmask = kc < K
+        mask = m_mask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + m64[:, None] * stride_xm + kc[None, :] * stride_xk, mask=mask,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        y = (x - mean[:, None]) * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + m64[:, None] * K + kc[None, :], round_to(y, cdt, EMULATE), mask=mask)
+
+
+@triton.jit
 def _resident_linear_kernel(
     a_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr, asum_ptr, csum_ptr, aout_ptr,
+    nw_ptr, nb_ptr, mean_ptr, rstd_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
-    stride_as, stride_cs,
+    stride_as, stride_cs, eps,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
-    A_SUM: tl.constexpr, C_SUM: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
+    A_SUM: tl.constexpr, C_SUM: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
     EMULATE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -218,6 +260,8 @@ def _resident_linear_kernel(
     once spills on sm_90 (255 registers), the rounded 16-bit tile is half of it. The bar.sync
     (`debug_barrier`) orders the program's own stores before that load; `.cg` reads it from L2.
     A_SUM (column sums of A rounded, this program's partial row) comes from the same chunks.
+    NORM: A is LayerNorm(a) (weight nw, bias nb, `eps`), computed here in the same way
+    (`_norm_rows`): LN(a) -> aout (the op's saved LN output), its statistics -> mean / rstd.
     """
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,7 +274,13 @@ def _resident_linear_kernel(
     row0 = pid_m * SUM_ROWS
     n_rows = tl.cdiv(M, MIN_BLOCK_M)
     tile = m_mask[:, None] & k_mask[None, :]
-    if a_ptr.dtype.element_ty != cdt:
+    if NORM:
+        _norm_rows(a_ptr, aout_ptr, nw_ptr, nb_ptr, mean_ptr, rstd_ptr, offs_m, m64, m_mask, K,
+                   stride_am, stride_ak, eps, cdt, HAS_NW, HAS_NB, EMULATE, BLOCK_M, BLOCK_K)  # fmt: skip
+        tl.debug_barrier()
+        a = tl.load(aout_ptr + m64[:, None] * K + ks[None, :], mask=tile, other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+    elif a_ptr.dtype.element_ty != cdt:
         CHUNK: tl.constexpr = 64 if BLOCK_K > 64 else BLOCK_K
         for k0 in tl.static_range(0, BLOCK_K, CHUNK):
             kc = k0 + tl.arange(0, CHUNK)
@@ -267,38 +317,6 @@ def _resident_linear_kernel(
             stride_cm, stride_rm, stride_rn, stride_xm, stride_cs, cdt, HAS_BIAS, GELU,
             STORE_AUX, HAS_RES, C_SUM, EMULATE, SUM_ROWS, BLOCK_M, BLOCK_N, 1,
         )  # fmt: skip
-
-
-@triton.jit
-def _partial_sums_kernel(
-    a_ptr, out_a_ptr, Ra, Na, stride_a, b_ptr, out_b_ptr, Rb, Nb, stride_b,
-    HAS_B: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """out_a[n] = sum_r a[r, n] by the first cdiv(Na, BLOCK_N) programs, out_b from b (HAS_B)
-    by the rest: partial column sums (an op's bias gradients, its LayerNorm's dgamma / dbeta)
-    finished and cast to each output's dtype in one launch."""
-    pid = tl.program_id(0)
-    n_a = tl.cdiv(Na, BLOCK_N)
-    if pid < n_a:
-        _column_sums(a_ptr, out_a_ptr, Ra, Na, stride_a, pid, EMULATE, BLOCK_R, BLOCK_N)
-    elif HAS_B:
-        _column_sums(b_ptr, out_b_ptr, Rb, Nb, stride_b, pid - n_a, EMULATE, BLOCK_R, BLOCK_N)
-
-
-@triton.jit
-def _column_sums(part_ptr, out_ptr, R, N, stride_r, col_block, EMULATE: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """`_partial_sums_kernel`'s columns [col_block * BLOCK_N, ...): fp32 sums in a fixed row
-    order (deterministic), rounded once to out's dtype."""
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < N
-    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & mask_n[None, :]
-        acc += tl.load(part_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-    total = round_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, EMULATE)
-    tl.store(out_ptr + cols, total, mask=mask_n)
 
 
 # -- configs -------------------------------------------------------------------------------------
@@ -359,35 +377,6 @@ def sum_rows(M: int) -> int:
     return triton.cdiv(M, MIN_BLOCK_M)
 
 
-def finish_sums(*parts: tuple[Tensor | None, torch.dtype | None]) -> list[Tensor | None]:
-    """One or two (part, dtype) pairs: part (R, N) fp32 partial rows, unit column stride -> its
-    column sums (N,) in dtype (`part.sum(0).to(dtype)`), all in one launch; a None part gives
-    None (e.g. an op's bias and LayerNorm partial sums, `layer_norm_bwd(finish=False)`)."""
-    given = [(p, d) for p, d in parts if p is not None]
-    assert len(given) <= 2, "finish_sums: at most two buffers in one launch"
-    outs = [p.new_empty(p.shape[1], dtype=d) for p, d in given]
-    blocks = sum(triton.cdiv(p.shape[1], 32) for p, _ in given)
-    if blocks:
-        a, out_a = given[0][0], outs[0]
-        b, out_b = (given[1][0], outs[1]) if len(given) == 2 else (None, None)
-        launch(
-            _partial_sums_kernel, (blocks,), a, out_a, *a.shape, a.stride(0),
-            b, out_b, *(b.shape if b is not None else (0, 0)),
-            b.stride(0) if b is not None else 0, HAS_B=b is not None,
-            EMULATE=dot_in_fp32(), BLOCK_R=64, BLOCK_N=32,
-        )  # fmt: skip
-    it = iter(outs)
-    return [None if p is None else next(it) for p, _ in parts]
-
-
-def finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C) -> tuple:
-    """A block op's LayerNorm partial rows (`layer_norm_bwd(finish=False)`) and GEMM bias partial
-    sums, each or None -> (dnorm (n, C) in the norm's dtype, dbiases in cdt): one launch."""
-    norm = norm_weight if norm_weight is not None else norm_bias
-    dnorm, db = finish_sums((norm_parts, None if norm is None else norm.dtype), (bias_parts, cdt))
-    return (dnorm.view(-1, C) if dnorm is not None else None), db
-
-
 def _resident_plan(M: int, K: int, segs: int, w: Tensor, a: Tensor) -> bool:
     """Whether `fused_linear` runs the resident kernel: one A segment, 16-bit compute, K small
     enough for A's rows to stay in shared memory, and enough row blocks to give every SM one
@@ -413,6 +402,7 @@ def fused_linear(
     a_sum: Tensor | None = None,
     c_sum: Tensor | None = None,
     a_out: Tensor | None = None,
+    norm: tuple | None = None,
 ) -> Tensor:
     """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
     `_fused_linear_kernel`; returns `out`.
@@ -425,12 +415,14 @@ def fused_linear(
     stride: pre-activation written (gelu=GELU_FWD, when given) or read (GELU_BWD).
     a_sum (sum_rows(M), K) / c_sum (sum_rows(M), N), unit column stride (column slices of one
     buffer may share a `.sum(0)`): fp32 (torch.empty: every row is written), receiving partial
-    column sums of a / out; `finish_sums` (sum and cast, one launch) or `.sum(0)` finishes them.
+    column sums of a / out; `utils.finish_sums` (sum and cast, one launch) or `.sum(0)` finishes them.
     a_out (M, K) contiguous, w's dtype: receives a rounded to it (the GEMM's A as it ran).
     Plan (`_resident_plan`): the resident kernel for one A segment, 16-bit w, K <= 512 and at
     least one 128-row block per SM; else the tiled kernel. Same rounding points and epilogue;
     only the fp32 accumulation order over K differs (one dot over the padded K vs 64-deep
     steps): tests/ops/test_gemm.py holds both to the 2x rule.
+    norm: (weight, bias, eps, mean, rstd), resident plan only (`norm_linear`): A = LN(a), written
+    to a_out, its statistics to mean / rstd.
     """
     segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
     a = segs[0]
@@ -441,22 +433,24 @@ def fused_linear(
     if M == 0 or N == 0:
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
-    if _resident_plan(M, K, len(segs), w, a):
-        if a.dtype == w.dtype and a_out is not None:  # A as it ran is A itself
+    if norm is not None or _resident_plan(M, K, len(segs), w, a):
+        nw, nb, eps, mean, rstd = norm if norm is not None else (None, None, 0.0, None, None)
+        if norm is None and a.dtype == w.dtype and a_out is not None:  # A as it ran: A itself
             a_out.copy_(a)
-        elif a.dtype != w.dtype and a_out is None:  # the kernel rounds A through it (see there)
-            a_out = a.new_empty((M, K), dtype=w.dtype)
+        elif norm is None and a.dtype != w.dtype and a_out is None:  # rounded through it
+            a_out = a.new_empty((M, K), dtype=w.dtype)  # (see the kernel; NORM: LN(a) there)
         args = (
-            a, w, out, bias, res, aux, a_sum, c_sum, a_out, M, N, K,
+            a, w, out, bias, res, aux, a_sum, c_sum, a_out, nw, nb, mean, rstd, M, N, K,
             a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
             res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
             aux.stride(0) if aux is not None else 0,
             a_sum.stride(0) if a_sum is not None else 0,
-            c_sum.stride(0) if c_sum is not None else 0,
+            c_sum.stride(0) if c_sum is not None else 0, float(eps),
         )  # fmt: skip
         flags = dict(
             HAS_BIAS=bias is not None, GELU=gelu, STORE_AUX=aux is not None,
             HAS_RES=res is not None, A_SUM=a_sum is not None, C_SUM=c_sum is not None,
+            NORM=norm is not None, HAS_NW=nw is not None, HAS_NB=nb is not None,
             MIN_BLOCK_M=MIN_BLOCK_M, BLOCK_K=next_pow2(K), **dot_flags(w.dtype),
         )  # fmt: skip
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
@@ -479,6 +473,33 @@ def fused_linear(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_fused_linear_tuned, grid, *args, **flags)
     return out
+
+
+def norm_linear(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    w: Tensor,
+    out: Tensor,
+    **epilogue,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """out = LayerNorm(x) @ w.T with `fused_linear`'s epilogue (keyword arguments); returns
+    (LN(x) (M, K) in w's dtype, mean, rstd (M,) fp32), what the op saves for backward.
+
+    x: (M, K) any float dtype / strides; w: (N, K). Resident plan: the GEMM normalises its own
+    rows (`_norm_rows`: x read twice from L2 and once from DRAM, no LayerNorm launch); else
+    `layer_norm_fwd` and the tiled GEMM."""
+    M, K = x.shape
+    if not _resident_plan(M, K, 1, w, x):
+        xhat, mean, rstd = layer_norm_fwd(x, norm_weight, norm_bias, eps, w.dtype)
+        fused_linear(xhat, w, out, transpose_w=True, **epilogue)
+        return xhat, mean, rstd
+    xhat = x.new_empty((M, K), dtype=w.dtype)
+    mean, rstd = (x.new_empty(M, dtype=torch.float32) for _ in range(2))
+    norm = (norm_weight, norm_bias, eps, mean, rstd)
+    fused_linear(x, w, out, transpose_w=True, a_out=xhat, norm=norm, **epilogue)
+    return xhat, mean, rstd
 
 
 # -- cost formula (bytes loaded + stored by the programs, FLOPs) for `crossvit_fast.cost` ---------
@@ -505,13 +526,6 @@ def _fused_linear_bytes(a: dict, meta: dict, tm: int, tn: int) -> int:
     return b
 
 
-@register_cost("_partial_sums_kernel")
-def _cost_partial_sums(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
-    """The partial rows read once, the sums written once (each buffer)."""
-    b = a["Ra"] * a["Na"] * esize(a["a_ptr"]) + a["Na"] * esize(a["out_a_ptr"])
-    return b + a["Rb"] * a["Nb"] * esize(a["b_ptr"]) + a["Nb"] * esize(a["out_b_ptr"]), 0
-
-
 @register_cost("_fused_linear_kernel")
 def _cost_fused_linear(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]:
     """Every program streams its BLOCK_M rows of A and BLOCK_N columns of W over all of K: A is
@@ -524,12 +538,19 @@ def _cost_fused_linear(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]
 
 @register_cost("_resident_linear_kernel")
 def _cost_resident_linear(a: dict, meta: dict, grid: tuple) -> tuple[int, int, int]:
-    """A read once (a 16-bit copy written and read back when A is not in w's dtype), W once per
-    row block, the epilogue's tensors once. DRAM: W once (L2 keeps it for every row block), the
-    read-back of A's copy an L2 hit (the program's own rows, just written)."""
+    """A read once (a 16-bit copy written and read back when A is not in w's dtype; NORM: x read
+    twice, LN(x) written and read back, its statistics and affine), W once per row block, the
+    epilogue's tensors once. DRAM: W once (L2 keeps it for every row block); the second read
+    of x and the read-back of A's copy are L2 hits (the program's own rows, just touched)."""
     M, N, K = a["M"], a["N"], a["K"]
     tm = cdiv(M, meta["BLOCK_M"])
-    copy = M * K * esize(a["aout_ptr"]) if a["a_ptr"].dtype != a["w_ptr"].dtype else 0
+    copied = meta["NORM"] or a["a_ptr"].dtype != a["w_ptr"].dtype
+    copy = M * K * esize(a["aout_ptr"]) if copied else 0
     flags = {**meta, "A_OUT": copy > 0}
     issued = _fused_linear_bytes(a, flags, tm, 1) + copy
-    return issued, 2 * M * N * K, _fused_linear_bytes(a, flags, 1, 1)
+    dram = _fused_linear_bytes(a, flags, 1, 1)
+    if meta["NORM"]:
+        affine = K * (esize(a["nw_ptr"]) + esize(a["nb_ptr"]))
+        issued += M * K * esize(a["a_ptr"]) + 8 * M + tm * affine
+        dram += 8 * M + affine
+    return issued, 2 * M * N * K, dram

@@ -6,16 +6,16 @@ GELU-gradient / residual / bias-gradient epilogues), `layer_norm_fwd/bwd` -> ops
 functional `mlp` (reference signature, minus dropout).
 
 Forward (M = tokens x batch rows, C = width, Hd = hidden):
-  1. LayerNorm (`layer_norm_fwd`): one read of x (fp32 in CrossViT's residual stream), LN(x)
-     written once in the compute dtype (saved: it is also dW1's operand) with the row statistics.
-  2. fc1: epilogue + bias, the pre-activation saved for backward (training only), exact-erf
-     GELU, the hidden activation written once in the compute dtype.
+  1-2. LayerNorm + fc1 (`norm_linear`): LN(x) written once in the compute dtype (saved: it is
+     also dW1's operand) with the row statistics; fc1's epilogue + bias, the pre-activation
+     saved for backward (training only), exact-erf GELU, the hidden activation written once in
+     the compute dtype. At C <= 512 this is one launch: the resident GEMM (gemm.py) normalises
+     its own 128 rows of x (fp32 in CrossViT's residual stream: one DRAM read) and keeps them
+     for every column slab of W1; otherwise `layer_norm_fwd`, then the tiled GEMM.
   3. fc2: epilogue + bias + residual (x), written once in the output dtype.
   Eager PyTorch writes and re-reads the pre-activation, GELU's output and fc2's output
   separately; here the only (M, Hd) traffic is writing the hidden activation (plus the
-  pre-activation when training) and reading it once. Why LN(x) is written rather than applied
-  in fc1's prologue: it is dW1's operand anyway, and at C <= 512 fc1 runs the resident GEMM
-  (gemm.py), which reads its rows of LN(x) once and keeps them for every column slab of W1.
+  pre-activation when training) and reading it once.
 
 Backward:
   1. Triton dgrad of fc2 (the resident GEMM at C <= 512: the fp32 dy read once):
@@ -42,9 +42,9 @@ from torch import Tensor
 
 from ...backends import MlpParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
-from .gemm import GELU_BWD, GELU_FWD, finish_block_sums, fused_linear, sum_rows
-from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
-from .utils import register_op
+from .gemm import GELU_BWD, GELU_FWD, fused_linear, norm_linear, sum_rows
+from .layer_norm import as_rows, layer_norm_bwd, split_norm_grads
+from .utils import finish_block_sums, register_op
 
 __all__ = ["OPS", "mlp"]
 
@@ -78,18 +78,12 @@ def _mlp_op(
     cdt = fc1_weight.dtype
     x2 = as_rows(x)
     M = x2.shape[0]
-    xhat, mean, rstd = layer_norm_fwd(x2, norm_weight, norm_bias, eps, cdt)
     hidden = x.new_empty((M, Hd), dtype=cdt)
     act = x.new_empty((M, Hd) if save_act else (0,), dtype=cdt)
-    fused_linear(
-        xhat,
-        fc1_weight,
-        hidden,
-        transpose_w=True,
-        bias=fc1_bias,
-        gelu=GELU_FWD,
-        aux=act if save_act else None,
-    )
+    xhat, mean, rstd = norm_linear(
+        x2, norm_weight, norm_bias, eps, fc1_weight, hidden,
+        bias=fc1_bias, gelu=GELU_FWD, aux=act if save_act else None,
+    )  # fmt: skip
     out = x.new_empty(x.shape, dtype=_out_dtype(x, cdt, residual))
     fused_linear(
         hidden,

@@ -30,9 +30,9 @@ from torch import Tensor
 
 from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
-from .gemm import finish_block_sums, fused_linear, sum_rows
+from .gemm import fused_linear, sum_rows
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
-from .utils import empty, register_op
+from .utils import empty, finish_block_sums, register_op
 
 __all__ = ["OPS", "self_attention"]
 

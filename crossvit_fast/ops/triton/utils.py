@@ -40,6 +40,8 @@ __all__ = [
     "dot_in_fp32",
     "dot_precision",
     "empty",
+    "finish_block_sums",
+    "finish_sums",
     "force_configs",
     "gelu_erf",
     "gelu_erf_grad",
@@ -278,6 +280,70 @@ def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
 
 
+# -- partial column sums: the bias / LayerNorm-affine gradients of the block ops ---------------
+
+
+@triton.jit
+def _partial_sums_kernel(
+    a_ptr, out_a_ptr, Ra, Na, stride_a, b_ptr, out_b_ptr, Rb, Nb, stride_b,
+    HAS_B: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out_a[n] = sum_r a[r, n] by the first cdiv(Na, BLOCK_N) programs, out_b from b (HAS_B)
+    by the rest: partial column sums (an op's bias gradients, its LayerNorm's dgamma / dbeta)
+    finished and cast to each output's dtype in one launch."""
+    pid = tl.program_id(0)
+    n_a = tl.cdiv(Na, BLOCK_N)
+    if pid < n_a:
+        _column_sums(a_ptr, out_a_ptr, Ra, Na, stride_a, pid, EMULATE, BLOCK_R, BLOCK_N)
+    elif HAS_B:
+        _column_sums(b_ptr, out_b_ptr, Rb, Nb, stride_b, pid - n_a, EMULATE, BLOCK_R, BLOCK_N)
+
+
+@triton.jit
+def _column_sums(part_ptr, out_ptr, R, N, stride_r, col_block, EMULATE: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`_partial_sums_kernel`'s columns [col_block * BLOCK_N, ...): fp32 sums in a fixed row
+    order (deterministic), rounded once to out's dtype."""
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & mask_n[None, :]
+        acc += tl.load(part_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+    total = round_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, EMULATE)
+    tl.store(out_ptr + cols, total, mask=mask_n)
+
+
+def finish_sums(*parts: tuple[Tensor | None, torch.dtype | None]) -> list[Tensor | None]:
+    """One or two (part, dtype) pairs: part (R, N) fp32 partial rows, unit column stride -> its
+    column sums (N,) in dtype (`part.sum(0).to(dtype)`), all in one launch; a None part gives
+    None (e.g. an op's bias and LayerNorm partial sums, `layer_norm_bwd(finish=False)`)."""
+    given = [(p, d) for p, d in parts if p is not None]
+    assert len(given) <= 2, "finish_sums: at most two buffers in one launch"
+    outs = [p.new_empty(p.shape[1], dtype=d) for p, d in given]
+    blocks = sum(triton.cdiv(p.shape[1], 32) for p, _ in given)
+    if blocks:
+        a, out_a = given[0][0], outs[0]
+        b, out_b = (given[1][0], outs[1]) if len(given) == 2 else (None, None)
+        launch(
+            _partial_sums_kernel, (blocks,), a, out_a, *a.shape, a.stride(0),
+            b, out_b, *(b.shape if b is not None else (0, 0)),
+            b.stride(0) if b is not None else 0, HAS_B=b is not None,
+            EMULATE=dot_in_fp32(), BLOCK_R=64, BLOCK_N=32,
+        )  # fmt: skip
+    it = iter(outs)
+    return [None if p is None else next(it) for p, _ in parts]
+
+
+def finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C) -> tuple:
+    """A block op's LayerNorm partial rows (`layer_norm_bwd(finish=False)`) and GEMM bias partial
+    sums, each or None -> (dnorm (n, C) in the norm's dtype, dbiases in cdt): one launch."""
+    norm = norm_weight if norm_weight is not None else norm_bias
+    dnorm, db = finish_sums((norm_parts, None if norm is None else norm.dtype), (bias_parts, cdt))
+    return (dnorm.view(-1, C) if dnorm is not None else None), db
+
+
 # -- cost formulas (the `python -m crossvit_fast cost` ledger) -------------------------------------
 
 # kernel name -> f(args: {arg name: value}, meta: constexprs incl. the config, grid: 3-tuple)
@@ -303,3 +369,10 @@ def esize(t) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
+
+
+@register_cost("_partial_sums_kernel")
+def _cost_partial_sums(a: dict, meta: dict, grid: tuple) -> tuple[int, int]:
+    """The partial rows read once, the sums written once (each buffer)."""
+    b = a["Ra"] * a["Na"] * esize(a["a_ptr"]) + a["Na"] * esize(a["out_a_ptr"])
+    return b + a["Rb"] * a["Nb"] * esize(a["b_ptr"]) + a["Nb"] * esize(a["out_b_ptr"]), 0
