@@ -357,8 +357,9 @@ _fused_linear_tuned = triton.autotune(
 
 # The resident plan: BLOCK_M = 128 rows of A held in shared memory (128 KB at K = 512, 16 bits)
 # plus W slabs of BLOCK_N columns, double-buffered at 32 columns (64 KB at K = 512) or single at
-# 64: 192-213 KB of shared memory, 74-174 registers, no spills on sm_90 (toolchain tier). The
-# tiled kernel's 128 x 256 tiles would not fit beside the resident A.
+# 64: at most 213 KB of shared memory at K = 512 (a 64-column slab double-buffered needed 278 KB)
+# and no spills; the toolchain tier compiles every variant and config for sm_90 and checks both.
+# The tiled kernel's 128 x 256 tiles would not fit beside the resident A.
 RESIDENT_MAX_K = 512
 _RESIDENT_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
