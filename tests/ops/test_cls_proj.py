@@ -170,5 +170,15 @@ def test_cls_proj_opcheck():
     _, gelu = torch.ops.crossvit_fast.cls_proj(*d, EPS)
     torch.library.opcheck(
         torch.ops.crossvit_fast.cls_proj_backward.default,
-        (torch.randn(3, 24, device=DEVICE), d[0], gelu, d[1], d[2], d[3], EPS, True),
+        (
+            torch.randn(3, 24, device=DEVICE),
+            d[0],
+            gelu,
+            d[1],
+            d[2],
+            d[3],
+            EPS,
+            True,
+            torch.bfloat16,
+        ),
     )

@@ -53,15 +53,18 @@ def _cls_proj_backward_op(
     weight: Tensor,
     eps: float,
     has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx (M, C_in), dW (C_out, C_in), sums) with sums fp32 = dgamma | dbeta [| db]."""
+    bias_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx (M, C_in), dW (C_out, C_in), dnorm (2 C_in,) fp32 = dgamma | dbeta, db
+    (C_out,) in bias_dtype; (0,) without a bias)."""
     dy = dy.to(weight.dtype)
     dg = dy @ weight
     dw = dy.t() @ g
-    dx, sums = cls_norm_bwd(
-        x, dg, norm_weight, norm_bias, eps, gelu=True, extras=(dy,) if has_bias else ()
+    extras = (dy,) if has_bias else ()
+    dx, dnorm, db = cls_norm_bwd(
+        x, dg, norm_weight, norm_bias, eps, gelu=True, extras=extras, extras_dtype=bias_dtype
     )
-    return dx, dw, sums
+    return dx, dw, dnorm, db if db is not None else dnorm.new_empty(0, dtype=bias_dtype)
 
 
 def _cls_proj_setup(ctx, inputs, output) -> None:
@@ -80,8 +83,11 @@ def _cls_proj_backward(ctx, dy, _):
     x, g, nw, nb, weight = ctx.saved_tensors
     C = x.shape[1]
     has_bias = ctx.dtypes[2] is not None
-    dx, dw, sums = _cls_proj_backward_op(dy, x, g, nw, nb, weight, ctx.eps, has_bias)
-    grads = (sums[:C], sums[C : 2 * C], sums[2 * C :])
+    bias_dtype = ctx.dtypes[2] or torch.float32
+    dx, dw, dnorm, db = _cls_proj_backward_op(
+        dy, x, g, nw, nb, weight, ctx.eps, has_bias, bias_dtype
+    )
+    grads = (dnorm[:C], dnorm[C:], db)
     g_nw, g_nb, g_b = (None if t is None else s.to(t) for s, t in zip(grads, ctx.dtypes))
     return input_grads(name, x=dx, norm_weight=g_nw, norm_bias=g_nb, weight=dw, bias=g_b)
 

@@ -452,10 +452,12 @@ def _cross_attention_backward_op(
     wq: Tensor, wk: Tensor, wv: Tensor, proj_weight: Tensor,
     n0: Tensor, q: Tensor, kt: Tensor, u: Tensor, ut: Tensor, lse: Tensor, o: Tensor, stats: Tensor,
     num_heads: int, eps: float, residual: bool, dres: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Returns (dcls, dtokens, dwq, dwk, dwv, dwo, sums) with sums (5C,) fp32 = dgamma | dbeta |
-    db_o | db_v | db_q (db_k is exactly 0). dres (B, 1 + N, C), any strides: added into dtokens'
-    rows 1.. (row 0 stays 0), for `fusion_stage`."""
+    bias_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns (dcls, dtokens, dwq, dwk, dwv, dwo, dnorm, dbias) with dnorm (2C,) fp32 = dgamma |
+    dbeta and dbias (3C,) in bias_dtype = db_o | db_v | db_q (db_k is exactly 0). dres
+    (B, 1 + N, C), any strides: added into dtokens' rows 1.. (row 0 stays 0), for
+    `fusion_stage`."""
     B, C = cls.shape
     H, d = num_heads, C // num_heads
     N1 = tokens.shape[1]
@@ -494,7 +496,7 @@ def _cross_attention_backward_op(
     dwk = torch.bmm(_head_view(q, H).transpose(1, 2), dkt).reshape(C, C)
     dwq = dq.t() @ n0
     dn0.addmm_(dq, wq)  # dL/dLN(cls): attention part + W_q^T dq
-    dcls, sums = cls_norm_bwd(
+    dcls, dnorm, dbias = cls_norm_bwd(
         cls,
         dn0,
         norm_weight,
@@ -504,8 +506,9 @@ def _cross_attention_backward_op(
         res=dout if residual else None,
         pre=part,
         extras=(dy, do, dq),
+        extras_dtype=bias_dtype,
     )
-    return dcls, dtokens, dwq, dwk, dwv, dwo, sums
+    return dcls, dtokens, dwq, dwk, dwv, dwo, dnorm, dbias
 
 
 def _cross_attention_setup(ctx, inputs, output) -> None:
@@ -528,16 +531,16 @@ def _cross_attention_backward(ctx, dout, *_):
     # `fusion_stage` runs this backward with a stand-in ctx that may carry the tokens' other
     # gradient (`dres`); autograd's ctx never has one.
     dres = getattr(ctx, "dres", None)
-    dcls, dtok, dwq, dwk, dwv, dwo, sums = _cross_attention_backward_op(
-        dout, *saved, *ctx.args, dres
-    )
-    dnw, dnb, tail = sums[:C], sums[C : 2 * C], sums[2 * C :]  # tail: db_o | db_v | db_q
     bias_dtypes = {ctx.dtypes[i] for i in (2, 4, 5)}  # b_q, b_v, b_o
-    if len(bias_dtypes) == 1 and None not in bias_dtypes:
-        tail = tail.to(ctx.dtypes[2])  # one cast for the three bias gradients, not three
-    dbo, dbv, dbq = (tail[i * C : (i + 1) * C] for i in range(3))
+    # one dtype for the three: the reduction's launch casts them (else fp32, cast below)
+    one = next(iter(bias_dtypes)) if len(bias_dtypes) == 1 else None
+    dcls, dtok, dwq, dwk, dwv, dwo, dnorm, tail = _cross_attention_backward_op(
+        dout, *saved, *ctx.args, dres, one or torch.float32
+    )
+    dnw, dnb = dnorm[:C], dnorm[C:]
+    dbo, dbv, dbq = (tail[i * C : (i + 1) * C] for i in range(3))  # tail: db_o | db_v | db_q
     # b_k shifts every logit of a head equally: exactly 0
-    dbk = sums.new_zeros(C, dtype=ctx.dtypes[3] or sums.dtype)
+    dbk = dnorm.new_zeros(C, dtype=ctx.dtypes[3] or dnorm.dtype)
     g_nw, g_nb, g_bq, g_bk, g_bv, g_bo = (
         None if t is None else g.to(t) for g, t in zip((dnw, dnb, dbq, dbk, dbv, dbo), ctx.dtypes)
     )

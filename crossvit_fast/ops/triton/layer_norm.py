@@ -27,6 +27,7 @@ from ..common import check_param_dtype, check_tensor, layer_norm_out_dtype
 from .utils import (
     dot_in_fp32,
     empty,
+    finish_sums,
     gelu_erf,
     gelu_erf_grad,
     launch,
@@ -439,20 +440,24 @@ def cls_norm_bwd(
     res: Tensor | None = None,
     pre: Tensor | None = None,
     extras: tuple[Tensor, ...] = (),
-) -> tuple[Tensor, Tensor]:
+    extras_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Backward of `cls_norm_fwd`. x, dy: (M, C); res: (M, C) added to dx; pre: (M, S, 2, C)
     fp32 partial (dgamma, dbeta) of the same LayerNorm from other rows; extras: up to 3 tensors
-    (M, CE) whose column sums are wanted (bias gradients).
+    (M, CE) whose column sums are wanted (bias gradients), returned in `extras_dtype` (the bias
+    dtype: the cast rides in the reduction's launch).
 
-    Returns dx (M, C) in x.dtype and sums (2C + len(extras) * CE,) fp32 = dgamma | dbeta |
-    colsum(extras[0]) | ... — reduced from per-program partials in a fixed order.
+    Returns dx (M, C) in x.dtype, dnorm (2C,) fp32 = dgamma | dbeta and dextras
+    (len(extras) * CE,) = colsum(extras[0]) | ... (None without extras), each reduced from
+    per-program partials in a fixed order, both in one launch.
     """
     M, C = x.shape
     CE = extras[0].shape[1] if extras else 0
     width = 2 * C + len(extras) * CE
     dx = x.new_empty((M, C))
     if M == 0:
-        return dx, x.new_zeros((width,), dtype=torch.float32)
+        dext = x.new_zeros((width - 2 * C,), dtype=extras_dtype) if extras else None
+        return dx, x.new_zeros((2 * C,), dtype=torch.float32), dext
     block_m, _, num_warps = _row_tiles(max(C, CE), 2048)  # rows of both tiles fit registers
     block_c = next_pow2(max(C, 16))
     P = triton.cdiv(M, block_m)
@@ -471,7 +476,10 @@ def cls_norm_bwd(
         BLOCK_E=next_pow2(max(CE, 16)), num_warps=num_warps,
     )  # fmt: skip
     # P <= M / BLOCK_M rows: one small deterministic reduction for every LN / bias gradient
-    return dx, part.sum(0)
+    dnorm, dext = finish_sums(
+        (part[:, : 2 * C], torch.float32), (part[:, 2 * C :] if extras else None, extras_dtype)
+    )
+    return dx, dnorm, dext
 
 
 # -- registered ops ------------------------------------------------------------------------------
