@@ -9,12 +9,10 @@ Ladder: `_layer_norm_fwd_kernel` / `_layer_norm_bwd_kernel` -> launchers `layer_
 `layer_norm_bwd` -> ops `crossvit_fast::layer_norm` / `crossvit_fast::layer_norm_backward`
 (autograd registered on the first) -> functional `layer_norm` (reference signature).
 
-Memory plan (both on persistent grids of G ~ 4 x SMs programs, each loading w / b once).
-Forward: one read of x, one write of y and of the fp32 (mean, rstd) per row (8 bytes a row,
-saved for backward). Backward: one read of x and dy, one write of dx; the weight / bias
-gradients are reduced per program into fp32 partial rows (`G x C`) that one small `sum(0)` (or
-the caller, `finish=False`) finishes — deterministic, no atomics.
-"""
+Memory plan (persistent grids of G ~ 4 x SMs programs, each loading w / b once). Forward: x read
+once, y and the fp32 (mean, rstd) of each row written once. Backward: x and dy read once, dx
+written once; dw / db reduced per program into fp32 (G, C) partials that one small `sum(0)` (or
+the caller, `finish=False`) finishes: deterministic, no atomics."""
 
 from __future__ import annotations
 
@@ -444,13 +442,9 @@ def cls_norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Backward of `cls_norm_fwd`. x, dy: (M, C); res: (M, C) added to dx; pre: (M, S, 2, C)
     fp32 partial (dgamma, dbeta) of the same LayerNorm from other rows; extras: up to 3 tensors
-    (M, CE) whose column sums are wanted (bias gradients), returned in `extras_dtype` (the bias
-    dtype: the cast rides in the reduction's launch).
-
-    Returns dx (M, C) in x.dtype, dnorm (2C,) fp32 = dgamma | dbeta and dextras
-    (len(extras) * CE,) = colsum(extras[0]) | ... (None without extras), each reduced from
-    per-program partials in a fixed order, both in one launch.
-    """
+    (M, CE) whose column sums are wanted (bias gradients). Returns dx (M, C) in x.dtype, dnorm
+    (2C,) fp32 = dgamma | dbeta and dextras = colsum(extras[0]) | ... in extras_dtype (None
+    without extras): per-program partials reduced in a fixed order, both in one launch."""
     M, C = x.shape
     CE = extras[0].shape[1] if extras else 0
     width = 2 * C + len(extras) * CE
@@ -475,10 +469,8 @@ def cls_norm_bwd(
         HAS_PRE=pre is not None, NUM_E=len(extras), BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_E=next_pow2(max(CE, 16)), num_warps=num_warps,
     )  # fmt: skip
-    # P <= M / BLOCK_M rows: one small deterministic reduction for every LN / bias gradient
-    dnorm, dext = finish_sums(
-        (part[:, : 2 * C], torch.float32), (part[:, 2 * C :] if extras else None, extras_dtype)
-    )
+    rest = part[:, 2 * C :] if extras else None  # P <= M / BLOCK_M rows; a fixed-order sum
+    dnorm, dext = finish_sums((part[:, : 2 * C], torch.float32), (rest, extras_dtype))
     return dx, dnorm, dext
 
 
