@@ -35,6 +35,7 @@ OPS = (
     "token_assemble",  # dagger stem output -> flatten + CLS + pos embed
     "self_attention",  # ViT block: x + proj(MHSA(LN1(x)))
     "mlp",  # ViT block: x + fc2(GELU(fc1(LN2(x))))
+    "block",  # a whole ViT block (self_attention, then mlp) as one op
     "cls_proj",  # projs / revert_projs: Linear(GELU(LN(cls)))
     "cross_attention",  # CrossAttentionBlock on the CLS query (K/V-free in fast backends)
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step
@@ -104,6 +105,21 @@ CrossAttentionParams = _normed(
 )
 
 
+class BlockParams(NamedTuple):
+    """A whole ViT block (`block`): its attention half's group, then its MLP half's."""
+
+    attn: SelfAttentionParams
+    mlp: MlpParams
+
+
+def block_params(flat) -> BlockParams:
+    """BlockParams from a block's 12 parameters listed flat (6 + 6, in the groups' field order)."""
+    flat = tuple(flat)
+    if len(flat) != 12:
+        raise ValueError(f"expected 12 block parameters (6 + 6), got {len(flat)}")
+    return BlockParams(SelfAttentionParams(*flat[:6]), MlpParams(*flat[6:]))
+
+
 class ClsProjParams(NamedTuple):
     """projs[i] / revert_projs[i]: LayerNorm affine (C_in,) or None, Linear (C_out, C_in) + bias."""
 
@@ -148,6 +164,7 @@ def fusion_params(flat) -> FusionParams:
 _GROUPED = {
     "mlp": (1, 6, MlpParams._make),
     "self_attention": (1, 6, SelfAttentionParams._make),
+    "block": (1, 12, block_params),
     "cls_proj": (1, 4, ClsProjParams._make),
     "cross_attention": (2, 10, CrossAttentionParams._make),
     "cross_fusion": (2, 18, fusion_params),

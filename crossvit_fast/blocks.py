@@ -4,8 +4,9 @@ and parameters, with timm's forwards, each run through the backend table (`cross
 Every module here holds the model's `OpSets` by reference (`CrossViT` hands its own to each), so a
 submodule called on its own (`model.blocks[0].blocks[0][0](x)`) runs the model's backend.
 
-* `Block` and `CrossAttentionBlock` run each half as one fused table op (LayerNorm + sub-layer +
-  residual: `self_attention`, `mlp`, `cross_attention`).
+* `Block` runs as one table op (`block`: both halves, each LayerNorm + sub-layer + residual), or
+  with drop-path or dropout active as its two halves (`self_attention`, `mlp`);
+  `CrossAttentionBlock` as `cross_attention`.
 * The sub-layers `Attention`, `Mlp` and `CrossAttention` have timm's forward too (input already
   normalised, no residual): the table's `attention_layer`, `mlp_layer`, `cross_attention_layer`.
 * Forward hooks: hooks on a block fire as in timm. Hooks (forward or backward) on a block's norms or
@@ -180,14 +181,18 @@ class Block(TableModule):
             x = x + drop_path(a(self.norm1(x)), rate, t)
             return x + drop_path(m(self.norm2(x)), rate, t)
         ops = self.opset(x, ops)
-        params = backends.SelfAttentionParams(
+        attn = backends.SelfAttentionParams(
             *ln_params(self.norm1), *linear_params(ops.param, a.qkv, a.proj)
         )
+        ffn = backends.MlpParams(*ln_params(self.norm2), *linear_params(ops.param, m.fc1, m.fc2))
+        if not t or max(rate, m.drop, *a.rates().values()) == 0:
+            # The whole block as one op: its backward finishes the MLP's LayerNorm gradient in
+            # the attention's first GEMM (a Triton backend's; others compose the two halves).
+            return ops.block(x, backends.BlockParams(attn, ffn), a.num_heads, self.eps)
         op = table_op(ops, "self_attention", t, **a.rates())
-        x = _residual_op(op, x, (params, a.num_heads, self.eps), rate, t)
-        params = backends.MlpParams(*ln_params(self.norm2), *linear_params(ops.param, m.fc1, m.fc2))
+        x = _residual_op(op, x, (attn, a.num_heads, self.eps), rate, t)
         op = table_op(ops, "mlp", t, mlp_drop=m.drop)
-        return _residual_op(op, x, (params, self.eps), rate, t)
+        return _residual_op(op, x, (ffn, self.eps), rate, t)
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}"

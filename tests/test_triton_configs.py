@@ -15,7 +15,7 @@ import torch
 
 from crossvit_fast.backends import flat_args
 from crossvit_fast.ops import reference
-from crossvit_fast.ops.triton import gemm, mlp, patch_embed, self_attention, utils
+from crossvit_fast.ops.triton import block, gemm, mlp, patch_embed, self_attention, utils
 
 from .conftest import HAS_GPU
 from .numerics import check_against_reference
@@ -68,6 +68,15 @@ def _mlp_resident_case():
     return (flat_eps("mlp", mlp.mlp), flat_eps("mlp", reference.mlp), inputs)
 
 
+def _block_resident_case():
+    # a whole block at 520 rows: the resident proj dgrad also finishes the MLP's LayerNorm
+    # backward in its prologue (DNORM), besides fc1 and fc2's dgrad
+    C, Hd = 96, 200
+    attn = [*_norm(C), *_linear(3 * C, C), *_linear(C, C)]
+    inputs = [_r(2, 260, C, scale=2) + 0.5, *attn, *_norm(C), *_linear(Hd, C), *_linear(C, Hd)]
+    return (flat_eps("block", block.block, 3), flat_eps("block", reference.block, 3), inputs)
+
+
 def _attention_case():
     C = 96  # 3 heads of 32
     inputs = [_r(2, 9, C, scale=2) + 0.5, *_norm(C), *_linear(3 * C, C), *_linear(C, C)]
@@ -96,6 +105,7 @@ OPS = {
     "mlp": (gemm._fused_linear_tuned, _mlp_case),
     "self_attention": (gemm._fused_linear_tuned, _attention_case),
     "mlp_resident": (gemm._resident_linear_tuned, _mlp_resident_case),
+    "block_resident": (gemm._resident_linear_tuned, _block_resident_case),
     "patch_embed": (patch_embed._patch_embed_fwd_tuned, _patch_embed_case),
 }
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..backends import (
     OPS,
     AttentionLayerParams,
+    BlockParams,
     ClsProjParams,
     CrossAttentionLayerParams,
     CrossAttentionParams,
@@ -113,6 +114,19 @@ def self_attention(
     n = layer_norm(x, params.norm_weight, params.norm_bias, eps)
     layer = AttentionLayerParams._make(params[2:])
     return _add_residual(x, attention_layer(n, layer, num_heads, attn_drop, proj_drop), residual)
+
+
+def block(
+    x: Tensor, params: BlockParams, num_heads: int, eps: float, *, attend=None, feed=None
+) -> Tensor:
+    """timm's Block without drop-path or dropout: `mlp(self_attention(x))`, both with the
+    residual. x: (B, N, C); params: `BlockParams`. `attend` / `feed`: the `self_attention` /
+    `mlp` to compose (a backend without a block op of its own passes its own; default this
+    module's)."""
+    attend = self_attention if attend is None else attend
+    feed = mlp if feed is None else feed
+    attn, ffn = as_params(BlockParams, params)
+    return feed(attend(x, attn, num_heads, eps), ffn, eps)
 
 
 def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:

@@ -29,12 +29,12 @@ def _forced_plan(resident: bool):
     """Inside: fused_linear takes the resident (True) or the tiled plan; yields the list of what
     the real plan rule said for each call (a case must be one the resident plan takes)."""
     chosen: list[bool] = []
-    real = gemm._resident_plan
-    gemm._resident_plan = lambda *a: chosen.append(real(*a)) or (resident and chosen[-1])
+    real = gemm.resident_plan
+    gemm.resident_plan = lambda *a: chosen.append(real(*a)) or (resident and chosen[-1])
     try:
         yield chosen
     finally:
-        gemm._resident_plan = real
+        gemm.resident_plan = real
 
 
 def _run(resident: bool, *args, **kw):
@@ -158,14 +158,60 @@ def test_norm_linear_normalises_in_the_resident_kernel(K, affine, x_dtype):
         assert_2x_rule(pre, pre_dt, pre64, f"pre-activation (resident={resident})")
 
 
+@pytest.mark.parametrize(
+    "K, affine, dx_dtype",
+    [(224, True, torch.float32), (96, False, torch.float32), (96, True, torch.bfloat16)],
+)
+def test_dnorm_prologue_finishes_the_layer_norm_backward(K, affine, dx_dtype):
+    # A dgrad whose A is dres + LayerNorm-backward(dn), made in its own prologue (the block op's
+    # proj dgrad finishing the MLP's LayerNorm backward): dx, the rounded A, its column sums and
+    # the dgamma / dbeta partial rows against torch's LayerNorm backward (fp32) and float64.
+    from crossvit_fast.ops.triton.layer_norm import layer_norm_fwd
+
+    N, dt, eps = 96, torch.bfloat16, 1e-6
+    x = (_r(M, K) * 3 + 40).to(dx_dtype)
+    nw, nb = (_r(K) * 0.3 + 1, _r(K) * 0.1) if affine else (None, None)
+    dn, dres, w = _r(M, K, dtype=dt), _r(M, K).to(dx_dtype), _r(K, N, dtype=dt) * K**-0.5
+    f32 = lambda t: t.float() if t is not None else None
+    _, mean, rstd = layer_norm_fwd(x, f32(nw), f32(nb), eps, None)
+    n = 2 if affine else 0
+    dx = torch.empty(M, K, dtype=dx_dtype, device=DEVICE)
+    a_out = torch.empty(M, K, dtype=dt, device=DEVICE) if dx_dtype != dt else None
+    parts = torch.empty(gemm.sum_rows(M), max(n, 1) * K, device=DEVICE)
+    a_sum = torch.empty(gemm.sum_rows(M), K, device=DEVICE)
+    out = torch.empty(M, N, dtype=dt, device=DEVICE)
+    dnorm = (x, f32(nw), f32(nb), mean, rstd, dres, dx, parts)
+    with _forced_plan(True):
+        gemm.fused_linear(dn, w, out, transpose_w=False, a_sum=a_sum, a_out=a_out, dnorm=dnorm)
+
+    def ln_grads(dtype):
+        leaf = lambda t: t.to(dtype, copy=True).requires_grad_()
+        xs = leaf(x)
+        ws, bs = (leaf(t) if affine else None for t in (nw, nb))
+        y = torch.nn.functional.layer_norm(xs, (K,), ws, bs, eps)
+        y.backward(dn.to(dtype))
+        dxs = (xs.grad + dres.to(dtype)).to(dx_dtype if dtype != torch.float64 else dtype)
+        return dxs, (ws.grad, bs.grad) if affine else ()
+
+    (dx64, norm64), (dx32, norm32) = ln_grads(torch.float64), ln_grads(torch.float32)
+    assert_2x_rule(dx, dx32, dx64, "dx")
+    a = dx if a_out is None else a_out
+    assert torch.equal(a, dx.to(dt))  # A: dx rounded to nearest even, as torch's cast
+    torch.testing.assert_close(a_sum.sum(0), a.float().sum(0), rtol=1e-5, atol=1e-3)
+    for got, want32, want64, name in zip(parts.sum(0).view(-1, K), norm32, norm64, "wb"):
+        assert_2x_rule(got, want32, want64, f"dnorm {name}")
+    out64 = a.double() @ w.double()
+    assert_2x_rule(out, (a.float() @ w.float()).to(dt), out64, "dgrad")
+
+
 def test_plan_choice():
     w16 = torch.empty(8, 96, dtype=torch.bfloat16, device=DEVICE)
     w32, a = torch.empty(8, 96, device=DEVICE), torch.empty(1, 1, device=DEVICE)
-    assert gemm._resident_plan(M, 96, 1, w16, a)
-    assert not gemm._resident_plan(M, 96, 1, w32, a)  # fp32 compute: the tiled kernel
-    assert not gemm._resident_plan(M, 96, 3, w16, a)  # q / k / v segments
-    assert not gemm._resident_plan(M, 1024, 1, w16, a)  # K over 512: A's rows do not fit
-    assert not gemm._resident_plan(M - 136, 96, 1, w16, a)  # a row block short: tiled
+    assert gemm.resident_plan(M, 96, 1, w16, a)
+    assert not gemm.resident_plan(M, 96, 1, w32, a)  # fp32 compute: the tiled kernel
+    assert not gemm.resident_plan(M, 96, 3, w16, a)  # q / k / v segments
+    assert not gemm.resident_plan(M, 1024, 1, w16, a)  # K over 512: A's rows do not fit
+    assert not gemm.resident_plan(M - 136, 96, 1, w16, a)  # a row block short: tiled
 
 
 @pytest.mark.parametrize("dtype, amp", [(torch.bfloat16, None), (torch.float32, torch.bfloat16)])
@@ -173,8 +219,8 @@ def test_block_ops_through_the_resident_plan(monkeypatch, dtype, amp):
     # mlp and self_attention at >= M rows (B x 260 tokens): fc1, fc2's dgrad, proj and its dgrad
     # take the resident plan; the 2x rule for the output and every gradient, bf16 and AMP.
     ran = []
-    real = gemm._resident_plan
-    monkeypatch.setattr(gemm, "_resident_plan", lambda *a: ran.append(real(*a)) or ran[-1])
+    real = gemm.resident_plan
+    monkeypatch.setattr(gemm, "resident_plan", lambda *a: ran.append(real(*a)) or ran[-1])
     C = 96
     r = lambda *s, scale=1.0: torch.randn(*s, dtype=torch.float64, device=DEVICE) * scale
     norm = [r(C, scale=0.3) + 1, r(C, scale=0.1)]

@@ -263,6 +263,12 @@ def patch_embed(
         )
 
 
+def block(x, params, num_heads, eps):
+    """The reference's block over this backend's `self_attention` and `mlp` (no block kernel
+    here)."""
+    return reference.block(x, params, num_heads, eps, attend=self_attention, feed=mlp)
+
+
 def fusion_stage(ys, params, num_heads, eps, cls_only=False):
     """The reference's stage over this backend's `cross_fusion` (no stage kernel here: the
     token gradients are summed by autograd, as the ops compose)."""
@@ -274,6 +280,7 @@ OPS = {
     "token_assemble": token_assemble,
     "self_attention": self_attention,
     "mlp": mlp,
+    "block": block,
     "cls_proj": cls_proj,
     "cross_attention": cross_attention,
     "cross_fusion": cross_fusion,

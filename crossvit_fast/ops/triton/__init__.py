@@ -40,6 +40,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "layer_norm",
     "mlp",
     "self_attention",
+    "block",
     "patch_embed",
     "token_assemble",
     "cross_attention",

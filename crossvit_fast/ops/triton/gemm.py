@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import utils
 from .layer_norm import layer_norm_fwd
+from .norm_rows import norm_rows, norm_rows_bwd
 from .utils import (
     dot_flags,
     gelu_erf,
@@ -44,6 +45,7 @@ __all__ = [
     "GELU_NONE",
     "fused_linear",
     "norm_linear",
+    "resident_plan",
     "sum_rows",
 ]
 
@@ -195,56 +197,15 @@ def _fused_linear_epilogue(
 
 
 @triton.jit
-def _norm_rows(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, offs_m, m64, m_mask, K, stride_xm,
-               stride_xk, eps, cdt: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-               EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """LayerNorm of this program's rows of x (K wide) in 64-column chunks, two reads of x: the
-    statistics in one pass (Chan's combination of each chunk's mean and centred sum of squares:
-    as exact as `_layer_norm_fwd_kernel`'s two passes over a whole row, without a third read),
-    then y = (x - mean) * rstd * w + b rounded to cdt -> y (M, K) contiguous; mean / rstd fp32."""
-    CHUNK: tl.constexpr = 64 if BLOCK_K > 64 else BLOCK_K
-    mean = tl.zeros((BLOCK_M,), tl.float32)
-    m2 = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in tl.static_range(0, BLOCK_K, CHUNK):
-        kc = k0 + tl.arange(0, CHUNK)
-        mask = m_mask[:, None] & (kc < K)[None, :]
-        x = tl.load(x_ptr + m64[:, None] * stride_xm + kc[None, :] * stride_xk, mask=mask,
-                    other=0.0).to(tl.float32)  # fmt: skip
-        n_c = tl.maximum(tl.minimum(K - k0, CHUNK), 0).to(tl.float32)  # valid columns (0: padding)
-        n_a = tl.minimum(K, k0).to(tl.float32)  # columns combined so far
-        c_mean = tl.sum(x, axis=1) / tl.maximum(n_c, 1.0)
-        xc = tl.where(mask, x - c_mean[:, None], 0.0)
-        delta = c_mean - mean
-        share = n_c / tl.maximum(n_a + n_c, 1.0)
-        mean += delta * share
-        m2 += tl.sum(xc * xc, axis=1) + delta * delta * n_a * share
-    rstd = 1.0 / tl.sqrt(m2 / K + eps)
-    tl.store(mean_ptr + offs_m, mean, mask=m_mask)
-    tl.store(rstd_ptr + offs_m, rstd, mask=m_mask)
-    for k0 in tl.static_range(0, BLOCK_K, CHUNK):
-        kc = k0 + tl.arange(0, CHUNK)
-        kmask = kc < K
-        mask = m_mask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + m64[:, None] * stride_xm + kc[None, :] * stride_xk, mask=mask,
-                    other=0.0).to(tl.float32)  # fmt: skip
-        y = (x - mean[:, None]) * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + m64[:, None] * K + kc[None, :], round_to(y, cdt, EMULATE), mask=mask)
-
-
-@triton.jit
 def _resident_linear_kernel(
     a_ptr, w_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr, asum_ptr, csum_ptr, aout_ptr,
-    nw_ptr, nb_ptr, mean_ptr, rstd_ptr,
+    nw_ptr, nb_ptr, mean_ptr, rstd_ptr, lnx_ptr, dres_ptr, dx_ptr, npart_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_rm, stride_rn, stride_xm,
-    stride_as, stride_cs, eps,
+    stride_as, stride_cs, stride_lx, stride_dr, stride_np, eps,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
-    A_SUM: tl.constexpr, C_SUM: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
-    HAS_NB: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
+    A_SUM: tl.constexpr, C_SUM: tl.constexpr, NORM: tl.constexpr, DNORM: tl.constexpr,
+    HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
     EMULATE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -261,7 +222,10 @@ def _resident_linear_kernel(
     (`debug_barrier`) orders the program's own stores before that load; `.cg` reads it from L2.
     A_SUM (column sums of A rounded, this program's partial row) comes from the same chunks.
     NORM: A is LayerNorm(a) (weight nw, bias nb, `eps`), computed here in the same way
-    (`_norm_rows`): LN(a) -> aout (the op's saved LN output), its statistics -> mean / rstd.
+    (`norm_rows`): LN(a) -> aout (the op's saved LN output), its statistics -> mean / rstd.
+    DNORM: A is dres + LayerNorm-backward(a) (`norm_rows_bwd`: a = the gradient of LN(lnx)'s
+    output, LayerNorm weight nw (HAS_NW), lnx's mean / rstd; HAS_NW / HAS_NB also ask for the
+    dgamma / dbeta partial rows -> npart): A -> dx (and rounded -> aout), then loaded back.
     """
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -275,8 +239,16 @@ def _resident_linear_kernel(
     n_rows = tl.cdiv(M, MIN_BLOCK_M)
     tile = m_mask[:, None] & k_mask[None, :]
     if NORM:
-        _norm_rows(a_ptr, aout_ptr, nw_ptr, nb_ptr, mean_ptr, rstd_ptr, offs_m, m64, m_mask, K,
+        norm_rows(a_ptr, aout_ptr, nw_ptr, nb_ptr, mean_ptr, rstd_ptr, offs_m, m64, m_mask, K,
                    stride_am, stride_ak, eps, cdt, HAS_NW, HAS_NB, EMULATE, BLOCK_M, BLOCK_K)  # fmt: skip
+        tl.debug_barrier()
+        a = tl.load(aout_ptr + m64[:, None] * K + ks[None, :], mask=tile, other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+    elif DNORM:
+        norm_rows_bwd(a_ptr, lnx_ptr, dres_ptr, dx_ptr, aout_ptr, nw_ptr, mean_ptr, rstd_ptr,
+                      asum_ptr, npart_ptr, offs_m, m64, m_mask, K, stride_am, stride_lx,
+                      stride_dr, stride_as, stride_np, row0, n_rows, cdt, HAS_NW, A_SUM, HAS_NW,
+                      HAS_NB, SUM_ROWS, EMULATE, BLOCK_M, BLOCK_K)  # fmt: skip
         tl.debug_barrier()
         a = tl.load(aout_ptr + m64[:, None] * K + ks[None, :], mask=tile, other=0.0,
                     cache_modifier=".cg")  # fmt: skip
@@ -378,7 +350,7 @@ def sum_rows(M: int) -> int:
     return triton.cdiv(M, MIN_BLOCK_M)
 
 
-def _resident_plan(M: int, K: int, segs: int, w: Tensor, a: Tensor) -> bool:
+def resident_plan(M: int, K: int, segs: int, w: Tensor, a: Tensor) -> bool:
     """Whether `fused_linear` runs the resident kernel: one A segment, 16-bit compute, K small
     enough for A's rows to stay in shared memory, and enough row blocks to give every SM one
     (otherwise the tiled kernel's rows x columns grid is the one that fills the GPU)."""
@@ -404,6 +376,7 @@ def fused_linear(
     c_sum: Tensor | None = None,
     a_out: Tensor | None = None,
     norm: tuple | None = None,
+    dnorm: tuple | None = None,
 ) -> Tensor:
     """out (M, N) = a (M, K) @ (w.T if transpose_w else w) with the fused extras of
     `_fused_linear_kernel`; returns `out`.
@@ -418,12 +391,17 @@ def fused_linear(
     buffer may share a `.sum(0)`): fp32 (torch.empty: every row is written), receiving partial
     column sums of a / out; `utils.finish_sums` (sum and cast, one launch) or `.sum(0)` finishes them.
     a_out (M, K) contiguous, w's dtype: receives a rounded to it (the GEMM's A as it ran).
-    Plan (`_resident_plan`): the resident kernel for one A segment, 16-bit w, K <= 512 and at
+    Plan (`resident_plan`): the resident kernel for one A segment, 16-bit w, K <= 512 and at
     least one 128-row block per SM; else the tiled kernel. Same rounding points and epilogue;
     only the fp32 accumulation order over K differs (one dot over the padded K vs 64-deep
     steps): tests/ops/test_gemm.py holds both to the 2x rule.
     norm: (weight, bias, eps, mean, rstd), resident plan only (`norm_linear`): A = LN(a), written
     to a_out, its statistics to mean / rstd.
+    dnorm: (lnx, weight, bias, mean, rstd, dres, dx, parts), resident plan only (`resident`):
+    A = dres + the LayerNorm backward of a (the gradient of LN(lnx)'s output; lnx, dres (M, K)
+    unit column stride, mean / rstd its fp32 statistics), written to dx ((M, K) contiguous, the
+    input gradient) and, rounded, to a_out (given when dx is not in w's dtype); parts
+    (sum_rows(M), n * K) fp32 receives the dweight | dbias partial rows of the affine present.
     """
     segs = tuple(a) if isinstance(a, (tuple, list)) else (a,)
     a = segs[0]
@@ -434,24 +412,31 @@ def fused_linear(
     if M == 0 or N == 0:
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
-    if norm is not None or _resident_plan(M, K, len(segs), w, a):
+    if norm is not None or dnorm is not None or resident_plan(M, K, len(segs), w, a):
         nw, nb, eps, mean, rstd = norm if norm is not None else (None, None, 0.0, None, None)
-        if norm is None and a.dtype == w.dtype and a_out is not None:  # A as it ran: A itself
+        lnx = dres = dx = parts = None
+        if dnorm is not None:
+            lnx, nw, nb, mean, rstd, dres, dx, parts = dnorm
+            a_out = dx if dx.dtype == w.dtype else a_out  # the kernel loads A back from a_out
+        elif norm is None and a.dtype == w.dtype and a_out is not None:  # A as it ran: A itself
             a_out.copy_(a)
         elif norm is None and a.dtype != w.dtype and a_out is None:  # rounded through it
             a_out = a.new_empty((M, K), dtype=w.dtype)  # (see the kernel; NORM: LN(a) there)
         args = (
-            a, w, out, bias, res, aux, a_sum, c_sum, a_out, nw, nb, mean, rstd, M, N, K,
-            a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
+            a, w, out, bias, res, aux, a_sum, c_sum, a_out, nw, nb, mean, rstd, lnx, dres, dx,
+            parts, M, N, K, a.stride(0), a.stride(1), stride_wk, stride_wn, out.stride(0),
             res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
             aux.stride(0) if aux is not None else 0,
             a_sum.stride(0) if a_sum is not None else 0,
-            c_sum.stride(0) if c_sum is not None else 0, float(eps),
+            c_sum.stride(0) if c_sum is not None else 0,
+            *((lnx.stride(0), dres.stride(0), parts.stride(0)) if dnorm else (0, 0, 0)),
+            float(eps),
         )  # fmt: skip
         flags = dict(
             HAS_BIAS=bias is not None, GELU=gelu, STORE_AUX=aux is not None,
             HAS_RES=res is not None, A_SUM=a_sum is not None, C_SUM=c_sum is not None,
-            NORM=norm is not None, HAS_NW=nw is not None, HAS_NB=nb is not None,
+            NORM=norm is not None, DNORM=dnorm is not None, HAS_NW=nw is not None,
+            HAS_NB=nb is not None,
             MIN_BLOCK_M=MIN_BLOCK_M, BLOCK_K=next_pow2(K), **dot_flags(w.dtype),
         )  # fmt: skip
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
@@ -489,10 +474,10 @@ def norm_linear(
     (LN(x) (M, K) in w's dtype, mean, rstd (M,) fp32), what the op saves for backward.
 
     x: (M, K) any float dtype / strides; w: (N, K). Resident plan: the GEMM normalises its own
-    rows (`_norm_rows`: x read twice from L2 and once from DRAM, no LayerNorm launch); else
+    rows (`norm_rows`: x read twice from L2 and once from DRAM, no LayerNorm launch); else
     `layer_norm_fwd` and the tiled GEMM."""
     M, K = x.shape
-    if not _resident_plan(M, K, 1, w, x):
+    if not resident_plan(M, K, 1, w, x):
         xhat, mean, rstd = layer_norm_fwd(x, norm_weight, norm_bias, eps, w.dtype)
         fused_linear(xhat, w, out, transpose_w=True, **epilogue)
         return xhat, mean, rstd
@@ -545,6 +530,8 @@ def _cost_resident_linear(a: dict, meta: dict, grid: tuple) -> tuple[int, int, i
     of x and the read-back of A's copy are L2 hits (the program's own rows, just touched)."""
     M, N, K = a["M"], a["N"], a["K"]
     tm = cdiv(M, meta["BLOCK_M"])
+    if meta["DNORM"]:
+        return _cost_dnorm_prologue(a, meta, tm)
     copied = meta["NORM"] or a["a_ptr"].dtype != a["w_ptr"].dtype
     copy = M * K * esize(a["aout_ptr"]) if copied else 0
     flags = {**meta, "A_OUT": copy > 0}
@@ -554,4 +541,21 @@ def _cost_resident_linear(a: dict, meta: dict, grid: tuple) -> tuple[int, int, i
         affine = K * (esize(a["nw_ptr"]) + esize(a["nb_ptr"]))
         issued += M * K * esize(a["a_ptr"]) + 8 * M + tm * affine
         dram += 8 * M + affine
+    return issued, 2 * M * N * K, dram
+
+
+def _cost_dnorm_prologue(a: dict, meta: dict, tm: int) -> tuple[int, int, int]:
+    """DNORM: dn and lnx read twice (row sums, then dx), dres once, dx written once (and its
+    rounded copy when dx is not in w's dtype), A read back, the statistics, the LayerNorm weight
+    per program and pass, the dgamma / dbeta partial rows. DRAM: each tensor once (the second
+    pass and the read-back are the program's own rows, L2 hits)."""
+    M, N, K = a["M"], a["N"], a["K"]
+    e = M * K
+    separate = a["dx_ptr"].dtype != a["w_ptr"].dtype  # dx and the rounded A are two tensors
+    flags = {**meta, "A_OUT": separate}
+    parts = 4 * cdiv(M, MIN_BLOCK_M) * K * (int(meta["HAS_NW"]) + int(meta["HAS_NB"]))
+    once = e * (esize(a["lnx_ptr"]) + esize(a["dres_ptr"]) + esize(a["dx_ptr"])) + 8 * M + parts
+    issued = _fused_linear_bytes(a, flags, tm, 1) + once + e * esize(a["a_ptr"])
+    issued += e * esize(a["lnx_ptr"]) + e * esize(a["aout_ptr"]) + 2 * tm * K * esize(a["nw_ptr"])
+    dram = _fused_linear_bytes(a, flags, 1, 1) + once + K * esize(a["nw_ptr"])
     return issued, 2 * M * N * K, dram

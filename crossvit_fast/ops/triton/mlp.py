@@ -44,7 +44,7 @@ from ...backends import MlpParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
 from .gemm import GELU_BWD, GELU_FWD, fused_linear, norm_linear, sum_rows
 from .layer_norm import as_rows, layer_norm_bwd, split_norm_grads
-from .utils import finish_block_sums, register_op
+from .utils import finish_block_sums, register_op, saves
 
 __all__ = ["OPS", "mlp"]
 
@@ -56,8 +56,7 @@ def _out_dtype(x: Tensor, cdt: torch.dtype, residual: bool) -> torch.dtype:
     return torch.promote_types(x.dtype, cdt) if residual else cdt
 
 
-@register_op("crossvit_fast::mlp")
-def _mlp_op(
+def mlp_forward(
     x: Tensor,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
@@ -96,6 +95,44 @@ def _mlp_op(
     return out, mean, rstd, xhat, act, hidden
 
 
+_mlp_op = register_op("crossvit_fast::mlp")(mlp_forward)
+
+
+def mlp_grads(
+    dy: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    xhat: Tensor,
+    act: Tensor,
+    hidden: Tensor,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Backward steps 1-2 (the module docstring), everything but the LayerNorm backward: dy (M, C)
+    rows of the output gradient -> (dxhat (M, C) the gradient of LN(x) in the compute dtype,
+    dW1, dW2, the [fc2 | fc1] bias partial rows), None where `needs` (as `mlp_backward`'s) does
+    not ask. The block op finishes dxhat in its next GEMM's prologue; `mlp_backward` here."""
+    _, _, _, need_w1, need_b1, need_w2, need_b2 = needs
+    M, C = dy.shape
+    Hd = fc1_weight.shape[0]
+    cdt = fc1_weight.dtype
+    # 1. da = (dy @ W2) * GELU'(a); column sums give both bias gradients.
+    da = dy.new_empty((M, Hd), dtype=cdt)
+    # Both bias gradients' partial sums side by side ([fc2 | fc1] columns): one reduction.
+    sums = dy.new_empty((sum_rows(M), C * need_b2 + Hd * need_b1), dtype=torch.float32)
+    b2_sum = sums[:, :C] if need_b2 else None
+    b1_sum = sums[:, C * need_b2 :] if need_b1 else None
+    dy16 = dy.new_empty((M, C), dtype=cdt) if need_w2 and dy.dtype != cdt else None
+    fused_linear(
+        dy, fc2_weight, da, transpose_w=False, aux=act, gelu=GELU_BWD, a_sum=b2_sum,
+        c_sum=b1_sum, a_out=dy16,
+    )  # fmt: skip
+    # 2. cuBLAS for the plain GEMMs (see the module docstring).
+    dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else None
+    dxhat = torch.mm(da, fc1_weight)
+    dw1 = torch.mm(da.t(), xhat) if need_w1 else None
+    return dxhat, dw1, dw2, sums if need_b1 or need_b2 else None
+
+
 @register_op("crossvit_fast::mlp_backward")
 def _mlp_backward_op(
     dout: Tensor,
@@ -117,49 +154,19 @@ def _mlp_backward_op(
     requested ones (one reduction finishes both); `needs`
     flags (x, norm weight, norm bias, fc1 weight, fc1 bias, fc2 weight, fc2 bias); an unneeded
     gradient comes back empty."""
-    _, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = needs
+    need_nw, need_nb = needs[1:3]
     C = x.shape[-1]
-    Hd = fc1_weight.shape[0]
-    cdt = fc1_weight.dtype
     x2, dy = as_rows(x), as_rows(dout)
-    M = x2.shape[0]
     empty = lambda: x.new_empty(0)  # a distinct placeholder each time: outputs must not alias
-    # 1. da = (dy @ W2) * GELU'(a); column sums give both bias gradients.
-    da = x.new_empty((M, Hd), dtype=cdt)
-    # Both bias gradients' partial sums side by side ([fc2 | fc1] columns): one reduction.
-    sums = x.new_empty((sum_rows(M), C * need_b2 + Hd * need_b1), dtype=torch.float32)
-    b2_sum = sums[:, :C] if need_b2 else None
-    b1_sum = sums[:, C * need_b2 :] if need_b1 else None
-    dy16 = x.new_empty((M, C), dtype=cdt) if need_w2 and dy.dtype != cdt else None
-    fused_linear(
-        dy,
-        fc2_weight,
-        da,
-        transpose_w=False,
-        aux=act,
-        gelu=GELU_BWD,
-        a_sum=b2_sum,
-        c_sum=b1_sum,
-        a_out=dy16,
-    )
-    # 2. cuBLAS for the plain GEMMs (see the module docstring).
-    dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else empty()
-    dxhat = torch.mm(da, fc1_weight)
+    dxhat, dw1, dw2, bias_parts = mlp_grads(dy, fc1_weight, fc2_weight, xhat, act, hidden, needs)
     # 3. LayerNorm backward + residual gradient.
     dx, norm_parts, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
         finish=False,
     )  # fmt: skip
-    dw1 = torch.mm(da.t(), xhat) if need_w1 else empty()
-    bias_parts = sums if need_b1 or need_b2 else None
+    cdt = fc1_weight.dtype
     dnorm, db = finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C)
-    return (
-        dx.view(x.shape),
-        dnorm if dnorm is not None else empty(),
-        dw1,
-        dw2,
-        db if db is not None else empty(),
-    )
+    return tuple(t if t is not None else empty() for t in (dx.view(x.shape), dnorm, dw1, dw2, db))
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -201,6 +208,22 @@ _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 # -- functional ----------------------------------------------------------------------------------
 
 
+def mlp_args(x: Tensor, params: MlpParams) -> tuple:
+    """`mlp`'s checks (its docstring), then the op's parameter arguments: the LayerNorm affine as
+    given and the GEMM weights / biases in the compute dtype (what autocast does to F.linear's
+    arguments). Also the `block` op's second half."""
+    params = as_params(MlpParams, params)
+    check_tensor("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x: expected shape (B, N, C), got {tuple(x.shape)}")
+    C = x.shape[-1]
+    check_tensor("fc1_weight", params.fc1_weight, ndim=2, like=x)
+    Hd = params.fc1_weight.shape[0]
+    check_params(params, x, (C,), (C,), (Hd, C), (Hd,), (C, Hd), (C,))
+    cdt = compute_dtype(x, **params._asdict())
+    return (*params[:2], *(cast(t, cdt) for t in params[2:]))
+
+
 def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tensor:
     """ViT block MLP half: `x + fc2(GELU_erf(fc1(LN(x))))` (`residual=False`: without `x +`).
 
@@ -210,22 +233,8 @@ def mlp(x: Tensor, params: MlpParams, eps: float, residual: bool = True) -> Tens
     the output dtype is the reference's (promote(x, autocast dtype) with the residual, else the
     autocast dtype). Batch 0 returns an empty result.
     """
-    params = as_params(MlpParams, params)
-    norm_weight, norm_bias, fc1_weight = params[:3]
-    check_tensor("x", x)
-    if x.ndim < 2:
-        raise ValueError(f"x: expected shape (B, N, C), got {tuple(x.shape)}")
-    C = x.shape[-1]
-    check_tensor("fc1_weight", fc1_weight, ndim=2, like=x)
-    Hd = fc1_weight.shape[0]
-    check_params(params, x, (C,), (C,), (Hd, C), (Hd,), (C, Hd), (C,))
-    cdt = compute_dtype(x, **params._asdict())
-    # what autocast does to F.linear's arguments (the LayerNorm affine stays as it is)
-    args = (norm_weight, norm_bias, *(cast(t, cdt) for t in params[2:]))
-    save_act = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *args)
-    )
-    return torch.ops.crossvit_fast.mlp(x, *args, float(eps), bool(residual), save_act)[0]
+    args = mlp_args(x, params)
+    return torch.ops.crossvit_fast.mlp(x, *args, float(eps), bool(residual), saves(x, *args))[0]
 
 
 OPS = {"mlp": mlp}

@@ -30,9 +30,9 @@ from torch import Tensor
 
 from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
-from .gemm import fused_linear, sum_rows
+from .gemm import fused_linear, resident_plan, sum_rows
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
-from .utils import empty, finish_block_sums, register_op
+from .utils import empty, finish_block_sums, register_op, saves
 
 __all__ = ["OPS", "self_attention"]
 
@@ -97,8 +97,7 @@ def _rows(t: Tensor) -> Tensor:
 # -- registered ops -------------------------------------------------------------------------------
 
 
-@register_op("crossvit_fast::self_attention")
-def _self_attention_op(
+def attention_forward(
     x: Tensor,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
@@ -142,6 +141,87 @@ def _self_attention_op(
     return out, mean, rstd, xhat, qkv, o, saved
 
 
+_self_attention_op = register_op("crossvit_fast::self_attention")(attention_forward)
+
+
+def attention_grads(
+    dout: Tensor,
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    qkv_weight: Tensor,
+    proj_weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    xhat: Tensor,
+    qkv: Tensor,
+    o: Tensor,
+    sdpa_saved: list[Tensor],
+    num_heads: int,
+    residual: bool,
+    needs: list[bool],
+    after: tuple | None = None,
+) -> tuple:
+    """Backward steps 1-4 (the module docstring) with the sums unfinished: (dx rows (M, C), the
+    LayerNorm's partial rows, dW_qkv, dW_proj, the [proj | qkv] bias partial rows, `after`'s
+    LayerNorm partial rows); None where `needs` (as `self_attention_backward`'s) does not ask.
+
+    after: the block op's MLP LayerNorm backward, still to do: (x_mid, weight, bias, mean, rstd,
+    dxhat (M, C)). dout is then the block output's gradient, and this half's output gradient
+    dy = dout + LN-backward(dxhat) is made by the proj dgrad's own prologue (resident plan:
+    written once, never read back by a separate launch), else by `layer_norm_bwd` first."""
+    need_nw, need_nb, need_wqkv, need_bqkv, need_wp, need_bp = needs
+    B, N, C = x.shape
+    cdt = qkv_weight.dtype
+    x2, dy = as_rows(x), as_rows(dout)
+    M = x2.shape[0]
+    # 1. proj: do = dy @ W_proj (bias gradient from dy's tiles), dW_proj = dy^T o.
+    do = x.new_empty((M, C), dtype=cdt)
+    # Both bias gradients' partial sums side by side ([proj | qkv] columns): one reduction.
+    sums = x.new_empty((sum_rows(M), C * need_bp + 3 * C * need_bqkv), dtype=torch.float32)
+    bp_sum = sums[:, :C] if need_bp else None
+    after_parts = None
+    if after is not None and resident_plan(M, C, 1, proj_weight, dy):
+        lnx, aw, ab, amean, arstd, dn = after
+        lnx, dy = lnx.contiguous(), dy.contiguous()  # (the prologue takes unit column strides)
+        d_mid = x.new_empty((M, C), dtype=lnx.dtype)
+        dy16 = x.new_empty((M, C), dtype=cdt) if d_mid.dtype != cdt else None
+        n_aff = int(aw is not None) + int(ab is not None)
+        after_parts = x.new_empty((sum_rows(M), max(n_aff, 1) * C), dtype=torch.float32)
+        dnorm = (lnx, aw, ab, amean, arstd, dy, d_mid, after_parts)
+        fused_linear(dn, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16, dnorm=dnorm)
+        dy, after_parts = d_mid, after_parts if n_aff else None
+        dy16 = dy if dy16 is None else dy16
+    else:
+        if after is not None:
+            lnx, aw, ab, amean, arstd, dn = after
+            dy, after_parts, _ = layer_norm_bwd(
+                lnx, aw, ab, amean, arstd, dn, dy, True, True, finish=False
+            )
+        dy16 = x.new_empty((M, C), dtype=cdt) if need_wp and dy.dtype != cdt else None
+        fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16)
+    dwp = torch.mm((dy if dy16 is None else dy16).t(), _rows(o)) if need_wp else None
+    # 2. SDPA backward on the in-place q / k / v views.
+    q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
+    dq, dk, dv = (
+        _rows(g) for g in sdpa_backward(_heads(do, B, N, num_heads), q, k, v, o, sdpa_saved)
+    )
+    # 3. dLN(x) = [dq | dk | dv] @ W_qkv, read as three K-segments; qkv-bias gradient alongside.
+    dxhat = x.new_empty((M, C), dtype=cdt)
+    bqkv_sum = sums[:, C * need_bp :] if need_bqkv else None
+    fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
+    # 4. LayerNorm backward + the residual gradient.
+    dx, norm_parts, _ = layer_norm_bwd(
+        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
+        finish=False,
+    )  # fmt: skip
+    dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else None
+    for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
+        torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
+    bias_parts = sums if need_bp or need_bqkv else None
+    return dx, norm_parts, dwqkv, dwp, bias_parts, after_parts
+
+
 @register_op("crossvit_fast::self_attention_backward")
 def _self_attention_backward_op(
     dout: Tensor,
@@ -165,44 +245,14 @@ def _self_attention_backward_op(
     [dproj_bias | dqkv_bias] for the requested ones (one reduction finishes both); `needs`
     flags (norm weight, norm bias, qkv weight, qkv bias, proj weight, proj bias); an unneeded
     gradient comes back empty."""
-    need_nw, need_nb, need_wqkv, need_bqkv, need_wp, need_bp = needs
-    B, N, C = x.shape
-    cdt = qkv_weight.dtype
-    x2, dy = as_rows(x), as_rows(dout)
-    M = x2.shape[0]
-    # 1. proj: do = dy @ W_proj (bias gradient from dy's tiles), dW_proj = dy^T o.
-    do = x.new_empty((M, C), dtype=cdt)
-    # Both bias gradients' partial sums side by side ([proj | qkv] columns): one reduction.
-    sums = x.new_empty((sum_rows(M), C * need_bp + 3 * C * need_bqkv), dtype=torch.float32)
-    bp_sum = sums[:, :C] if need_bp else None
-    dy16 = x.new_empty((M, C), dtype=cdt) if need_wp and dy.dtype != cdt else None
-    fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16)
-    dwp = torch.mm((dy if dy16 is None else dy16).t(), _rows(o)) if need_wp else empty(x)
-    # 2. SDPA backward on the in-place q / k / v views.
-    q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
-    dq, dk, dv = (
-        _rows(g) for g in sdpa_backward(_heads(do, B, N, num_heads), q, k, v, o, sdpa_saved)
-    )
-    # 3. dLN(x) = [dq | dk | dv] @ W_qkv, read as three K-segments; qkv-bias gradient alongside.
-    dxhat = x.new_empty((M, C), dtype=cdt)
-    bqkv_sum = sums[:, C * need_bp :] if need_bqkv else None
-    fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
-    # 4. LayerNorm backward + the residual gradient.
-    dx, norm_parts, _ = layer_norm_bwd(
-        x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
-        finish=False,
+    dx, norm_parts, dwqkv, dwp, bias_parts, _ = attention_grads(
+        dout, x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, xhat, qkv, o,
+        sdpa_saved, num_heads, residual, needs,
     )  # fmt: skip
-    dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else empty(x)
-    for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
-        torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
-    bias_parts = sums if need_bp or need_bqkv else None
+    cdt, C = qkv_weight.dtype, x.shape[-1]
     dnorm, db = finish_block_sums(norm_parts, norm_weight, norm_bias, bias_parts, cdt, C)
-    return (
-        dx.view(x.shape),
-        dnorm if dnorm is not None else empty(x),
-        dwqkv,
-        dwp,
-        db if db is not None else empty(x),
+    return tuple(
+        t if t is not None else empty(x) for t in (dx.view(x.shape), dnorm, dwqkv, dwp, db)
     )
 
 
@@ -243,6 +293,20 @@ _self_attention_op.register_autograd(_self_attention_backward, setup_context=_se
 # -- functional ------------------------------------------------------------------------------------
 
 
+def attention_args(x: Tensor, params: SelfAttentionParams, num_heads: int) -> tuple:
+    """`self_attention`'s checks (its docstring), then the op's parameter arguments: the LayerNorm
+    affine as given and the GEMM weights / biases in the compute dtype (what autocast does to
+    F.linear's arguments). Also the `block` op's first half."""
+    params = as_params(SelfAttentionParams, params)
+    check_tensor("x", x, ndim=3)
+    C = x.shape[-1]
+    if not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
+        raise ValueError(f"num_heads: expected a positive int dividing C = {C}, got {num_heads!r}")
+    check_params(params, x, (C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))
+    cdt = compute_dtype(x, **params._asdict())
+    return (*params[:2], *(cast(t, cdt) for t in params[2:]))
+
+
 def self_attention(
     x: Tensor, params: SelfAttentionParams, num_heads: int, eps: float, residual: bool = True
 ) -> Tensor:
@@ -253,21 +317,9 @@ def self_attention(
     (C, C); norm / biases may be None. Dtype rules as `mlp` (autocast: GEMMs and SDPA in the
     autocast dtype, LayerNorm in fp32).
     """
-    params = as_params(SelfAttentionParams, params)
-    norm_weight, norm_bias = params[:2]
-    check_tensor("x", x, ndim=3)
-    C = x.shape[-1]
-    if not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
-        raise ValueError(f"num_heads: expected a positive int dividing C = {C}, got {num_heads!r}")
-    check_params(params, x, (C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))
-    cdt = compute_dtype(x, **params._asdict())
-    # what autocast does to F.linear's arguments (the LayerNorm affine stays as it is)
-    gemm = tuple(cast(t, cdt) for t in params[2:])
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, norm_weight, norm_bias, *gemm)
-    )
+    args = attention_args(x, params, num_heads)
     return torch.ops.crossvit_fast.self_attention(
-        x, norm_weight, norm_bias, *gemm, num_heads, float(eps), bool(residual), save
+        x, *args, num_heads, float(eps), bool(residual), saves(x, *args)
     )[0]
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "prune_by_dtype",
     "register_op",
     "round_to",
+    "saves",
     "sm_count",
 ]
 
@@ -83,6 +84,12 @@ def register_op(name: str):
         return op
 
     return deco
+
+
+def saves(*tensors: Tensor | None) -> bool:
+    """Whether an op called on `tensors` must save for backward: grad mode on and one of them
+    requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def input_grads(name: str, **grads) -> tuple:
