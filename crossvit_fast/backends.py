@@ -36,6 +36,7 @@ OPS = (
     "self_attention",  # ViT block: x + proj(MHSA(LN1(x)))
     "mlp",  # ViT block: x + fc2(GELU(fc1(LN2(x))))
     "block",  # a whole ViT block (self_attention, then mlp) as one op
+    "blocks",  # a branch's blocks of one stage, in order, as one op
     "cls_proj",  # projs / revert_projs: Linear(GELU(LN(cls)))
     "cross_attention",  # CrossAttentionBlock on the CLS query (K/V-free in fast backends)
     "cross_fusion",  # projs -> cross_attention -> revert_projs, one whole fusion step

@@ -181,11 +181,8 @@ class Block(TableModule):
             x = x + drop_path(a(self.norm1(x)), rate, t)
             return x + drop_path(m(self.norm2(x)), rate, t)
         ops = self.opset(x, ops)
-        attn = backends.SelfAttentionParams(
-            *ln_params(self.norm1), *linear_params(ops.param, a.qkv, a.proj)
-        )
-        ffn = backends.MlpParams(*ln_params(self.norm2), *linear_params(ops.param, m.fc1, m.fc2))
-        if not t or max(rate, m.drop, *a.rates().values()) == 0:
+        attn, ffn = self.params(ops)
+        if self.whole():
             # The whole block as one op: its backward finishes the MLP's LayerNorm gradient in
             # the attention's first GEMM (a Triton backend's; others compose the two halves).
             return ops.block(x, backends.BlockParams(attn, ffn), a.num_heads, self.eps)
@@ -193,6 +190,22 @@ class Block(TableModule):
         x = _residual_op(op, x, (attn, a.num_heads, self.eps), rate, t)
         op = table_op(ops, "mlp", t, mlp_drop=m.drop)
         return _residual_op(op, x, (ffn, self.eps), rate, t)
+
+    def params(self, ops) -> backends.BlockParams:
+        """The block's parameters as the table ops take them (GEMM ones through `ops.param`)."""
+        a, m = self.attn, self.mlp
+        return backends.BlockParams(
+            backends.SelfAttentionParams(
+                *ln_params(self.norm1), *linear_params(ops.param, a.qkv, a.proj)
+            ),
+            backends.MlpParams(*ln_params(self.norm2), *linear_params(ops.param, m.fc1, m.fc2)),
+        )
+
+    def whole(self) -> bool:
+        """Whether the block runs as one op (`block`, `blocks`): no hooks on its parts (checked
+        by the caller of forward) and no active drop-path or dropout."""
+        rates = (self.drop_path, self.mlp.drop, *self.attn.rates().values())
+        return not self.training or max(rates) == 0
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}"

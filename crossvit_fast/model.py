@@ -120,6 +120,18 @@ class MultiScaleBlock(TableModule):
         return self.grad_checkpointing and torch.is_grad_enabled()
 
     def _run_blocks(self, x: Tensor, seq: nn.Sequential, ops) -> Tensor:
+        if (
+            len(seq) > 1
+            and not self._checkpointing()
+            and all(
+                blk.whole() and not hooked(blk, blk.norm1, blk.attn, blk.norm2, blk.mlp)
+                for blk in seq
+            )
+        ):
+            # A branch's blocks as one op: every LayerNorm gradient between two blocks is
+            # finished inside the GEMM that reads it (a Triton backend's `blocks`).
+            heads = seq[0].attn.num_heads
+            return ops.blocks(x, [blk.params(ops) for blk in seq], heads, seq[0].eps)
         for blk in seq:
             # Non-reentrant checkpoint: only the block input is kept; the block (and its
             # drop-path draws: the RNG state is restored) is replayed in backward.

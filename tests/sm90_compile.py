@@ -192,7 +192,9 @@ def main() -> None:
     for name, kwargs, batches in chosen:
         # Two stages: the first's fusion_stage re-assembles the tokens (the cross-attention
         # backward sums the stage output's gradient in, HAS_DRES), the last's returns CLS rows.
-        depth = ((1, 1, 0), (1, 1, 0))
+        # The second branch's two blocks in the first stage run as one `blocks` op (the fc2
+        # dgrad finishing the next block's LN1 backward, DNORM with the GELU gradient).
+        depth = ((1, 2, 0), (1, 1, 0))
         cfg = crossvit_fast.CrossViTConfig(depth=depth, num_classes=10, **kwargs)
         for dt_name in opts.dtypes.split(","):
             dtype, amp = _DTYPES[dt_name]

@@ -102,10 +102,11 @@ _CASES = [
     # 145 + 65 rows at batch 2: the token pass splits each sample (flash-decoding) and merges
     ("split-B2-fp32", dict(embed_dim=(32, 48), img_size=(48, 32), patch_size=(4, 4)), 2, None),
     # 4 x 145 = 580 rows of the first branch in bf16: its fc1, proj and dgrads take the resident
-    # GEMM (>= one 128-row block per pretend SM), the second branch's 260 rows the tiled one
+    # GEMM (>= one 128-row block per pretend SM), the second branch's 260 rows the tiled one;
+    # its two blocks run as one `blocks` op (the fc2 dgrad finishing the next block's LN1)
     (
         "resident-B4-bf16",
-        dict(embed_dim=(32, 48), img_size=(48, 32), patch_size=(4, 4)),
+        dict(embed_dim=(32, 48), img_size=(48, 32), patch_size=(4, 4), depth=((2, 2, 0),)),
         4,
         torch.bfloat16,
     ),

@@ -129,6 +129,18 @@ def block(
     return feed(attend(x, attn, num_heads, eps), ffn, eps)
 
 
+def blocks(
+    x: Tensor, params: list[BlockParams], num_heads: int, eps: float, *, step=None
+) -> Tensor:
+    """A branch's blocks of one stage, one after the other: each a `block`. x: (B, N, C);
+    params: one `BlockParams` per block. `step`: the `block` to compose (a backend without a
+    `blocks` op of its own passes its `block`; default this module's)."""
+    step = block if step is None else step
+    for p in params:
+        x = step(x, p, num_heads, eps)
+    return x
+
+
 def cls_proj(x: Tensor, params: ClsProjParams, eps: float) -> Tensor:
     """CrossViT `projs` / `revert_projs`: `Linear(GELU_erf(LN(x)))`. x: (..., C_in) -> (..., C_out)."""
     norm_weight, norm_bias, weight, bias = as_params(ClsProjParams, params)

@@ -44,7 +44,7 @@ def prologue_calls(monkeypatch):
     calls = []
     real = gemm.fused_linear
     monkeypatch.setattr(
-        "crossvit_fast.ops.triton.self_attention.fused_linear",
+        "crossvit_fast.ops.triton.gemm.fused_linear",
         lambda *a, **kw: calls.append(kw.get("dnorm") is not None) or real(*a, **kw),
     )
     return calls
@@ -128,7 +128,7 @@ def test_block_op_and_backward_opcheck():
     dout = torch.randn(2, 3, 32, device=DEVICE)
     bargs = (
         dout, x.detach(), x_mid, n1w, n1b, wqkv.detach(), wp, n2w, n2b, w1, w2, *saved,
-        sdpa_saved, 4, [True] * 12,
+        sdpa_saved, 4, [True] * 12, [], False,
     )  # fmt: skip
     opcheck_backward("block", bargs)
 

@@ -269,6 +269,11 @@ def block(x, params, num_heads, eps):
     return reference.block(x, params, num_heads, eps, attend=self_attention, feed=mlp)
 
 
+def blocks(x, params, num_heads, eps):
+    """The reference's `blocks` over this backend's `block`."""
+    return reference.blocks(x, params, num_heads, eps, step=block)
+
+
 def fusion_stage(ys, params, num_heads, eps, cls_only=False):
     """The reference's stage over this backend's `cross_fusion` (no stage kernel here: the
     token gradients are summed by autograd, as the ops compose)."""
@@ -281,6 +286,7 @@ OPS = {
     "self_attention": self_attention,
     "mlp": mlp,
     "block": block,
+    "blocks": blocks,
     "cls_proj": cls_proj,
     "cross_attention": cross_attention,
     "cross_fusion": cross_fusion,

@@ -41,6 +41,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "mlp",
     "self_attention",
     "block",
+    "blocks",
     "patch_embed",
     "token_assemble",
     "cross_attention",

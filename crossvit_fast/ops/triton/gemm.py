@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import utils
-from .layer_norm import layer_norm_fwd
+from .layer_norm import layer_norm_bwd, layer_norm_fwd
 from .norm_rows import norm_rows, norm_rows_bwd
 from .utils import (
     dot_flags,
@@ -46,6 +46,7 @@ __all__ = [
     "fused_linear",
     "norm_linear",
     "resident_plan",
+    "residual_dgrad",
     "sum_rows",
 ]
 
@@ -459,6 +460,42 @@ def fused_linear(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_fused_linear_tuned, grid, *args, **flags)
     return out
+
+
+def residual_dgrad(
+    dy: Tensor,
+    w: Tensor,
+    out: Tensor,
+    after: tuple | None = None,
+    need_a16: bool = True,
+    **epilogue,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """out = A @ w (a dgrad: w (K, N) as is) with `fused_linear`'s epilogue, A (M, K) the output
+    gradient of a residual sub-layer: dy itself, or with `after` = (lnx, weight, bias, mean,
+    rstd, dn) dy + the LayerNorm backward of dn (the gradient of LN(lnx)'s output: the pre-norm
+    sub-layer that follows), made in the GEMM's prologue on the resident plan (`dnorm`), else
+    by `layer_norm_bwd` first. Returns (A in dy's / lnx's dtype, A rounded to w's dtype (the
+    weight gradient's operand: A itself when that is its dtype; None if not `need_a16` and not
+    made anyway), the LayerNorm's [dweight | dbias] partial rows of the affine present, or
+    None)."""
+    M, K = dy.shape
+    if after is not None:
+        lnx, aw, ab, mean, rstd, dn = after
+        lnx = lnx.reshape(M, K)
+    if after is not None and resident_plan(M, K, 1, w, dy):
+        a = dy.new_empty((M, K), dtype=lnx.dtype)
+        a16 = dy.new_empty((M, K), dtype=w.dtype) if a.dtype != w.dtype else a
+        n = int(aw is not None) + int(ab is not None)
+        parts = dy.new_empty((sum_rows(M), max(n, 1) * K), dtype=torch.float32)
+        dnorm = (lnx.contiguous(), aw, ab, mean, rstd, dy.contiguous(), a, parts)
+        fused_linear(dn, w, out, transpose_w=False, a_out=a16, dnorm=dnorm, **epilogue)
+        return a, a16, parts if n else None
+    parts = None
+    if after is not None:
+        dy, parts, _ = layer_norm_bwd(lnx, aw, ab, mean, rstd, dn, dy, True, True, finish=False)
+    a16 = dy.new_empty((M, K), dtype=w.dtype) if need_a16 and dy.dtype != w.dtype else None
+    fused_linear(dy, w, out, transpose_w=False, a_out=a16, **epilogue)
+    return dy, (dy if a16 is None and dy.dtype == w.dtype else a16), parts
 
 
 def norm_linear(

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ...backends import MlpParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
-from .gemm import GELU_BWD, GELU_FWD, fused_linear, norm_linear, sum_rows
+from .gemm import GELU_BWD, GELU_FWD, fused_linear, norm_linear, residual_dgrad, sum_rows
 from .layer_norm import as_rows, layer_norm_bwd, split_norm_grads
 from .utils import finish_block_sums, register_op, saves
 
@@ -106,11 +106,15 @@ def mlp_grads(
     act: Tensor,
     hidden: Tensor,
     needs: list[bool],
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    after: tuple | None = None,
+) -> tuple:
     """Backward steps 1-2 (the module docstring), everything but the LayerNorm backward: dy (M, C)
     rows of the output gradient -> (dxhat (M, C) the gradient of LN(x) in the compute dtype,
-    dW1, dW2, the [fc2 | fc1] bias partial rows), None where `needs` (as `mlp_backward`'s) does
-    not ask. The block op finishes dxhat in its next GEMM's prologue; `mlp_backward` here."""
+    dW1, dW2, the [fc2 | fc1] bias partial rows, dy, `after`'s LayerNorm partial rows), None
+    where `needs` (as `mlp_backward`'s) does not ask. `after`: a following block's LayerNorm
+    backward still to do, finished by fc2's dgrad (`gemm.residual_dgrad`; dy is then that
+    block's input gradient, returned). The block ops finish dxhat in their next GEMM's
+    prologue; `mlp_backward` here."""
     _, _, _, need_w1, need_b1, need_w2, need_b2 = needs
     M, C = dy.shape
     Hd = fc1_weight.shape[0]
@@ -121,16 +125,14 @@ def mlp_grads(
     sums = dy.new_empty((sum_rows(M), C * need_b2 + Hd * need_b1), dtype=torch.float32)
     b2_sum = sums[:, :C] if need_b2 else None
     b1_sum = sums[:, C * need_b2 :] if need_b1 else None
-    dy16 = dy.new_empty((M, C), dtype=cdt) if need_w2 and dy.dtype != cdt else None
-    fused_linear(
-        dy, fc2_weight, da, transpose_w=False, aux=act, gelu=GELU_BWD, a_sum=b2_sum,
-        c_sum=b1_sum, a_out=dy16,
-    )  # fmt: skip
+    dy, dy16, after_parts = residual_dgrad(
+        dy, fc2_weight, da, after, need_w2, aux=act, gelu=GELU_BWD, a_sum=b2_sum, c_sum=b1_sum
+    )
     # 2. cuBLAS for the plain GEMMs (see the module docstring).
-    dw2 = torch.mm((dy if dy16 is None else dy16).t(), hidden) if need_w2 else None
+    dw2 = torch.mm(dy16.t(), hidden) if need_w2 else None
     dxhat = torch.mm(da, fc1_weight)
     dw1 = torch.mm(da.t(), xhat) if need_w1 else None
-    return dxhat, dw1, dw2, sums if need_b1 or need_b2 else None
+    return dxhat, dw1, dw2, sums if need_b1 or need_b2 else None, dy, after_parts
 
 
 @register_op("crossvit_fast::mlp_backward")
@@ -158,7 +160,9 @@ def _mlp_backward_op(
     C = x.shape[-1]
     x2, dy = as_rows(x), as_rows(dout)
     empty = lambda: x.new_empty(0)  # a distinct placeholder each time: outputs must not alias
-    dxhat, dw1, dw2, bias_parts = mlp_grads(dy, fc1_weight, fc2_weight, xhat, act, hidden, needs)
+    dxhat, dw1, dw2, bias_parts, _, _ = mlp_grads(
+        dy, fc1_weight, fc2_weight, xhat, act, hidden, needs
+    )
     # 3. LayerNorm backward + residual gradient.
     dx, norm_parts, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,

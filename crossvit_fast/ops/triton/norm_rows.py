@@ -1,9 +1,9 @@
 """The LayerNorm prologues of the resident GEMM (`gemm._resident_linear_kernel`): a shared piece,
-not an op. Each works on one program's BLOCK_M rows of a (M, K) matrix in 64-column chunks, so
+not an op. Each works on one program's BLOCK_M rows of a (M, K) matrix in column chunks, so
 no whole fp32 tile is live at once (the resident A already holds most of the registers' budget).
 
 * `norm_rows` (forward, `NORM`): A = LayerNorm(x), the GEMM's input computed by the GEMM itself.
-* `norm_rows_bwd` (backward, `DNORM`): A = dres + LayerNorm-backward(dn), the input gradient of a
+* `norm_rows_bwd` (backward, `DNORM`, 32-column chunks): A = dres + LayerNorm-backward(dn), the input gradient of a
   pre-norm residual sub-layer: the GEMM that consumes it (the previous sub-layer's dgrad) is what
   finishes it, so that gradient is written once and never read back by a separate launch.
 """
@@ -93,12 +93,14 @@ def norm_rows_bwd(dn_ptr, x_ptr, dres_ptr, dx_ptr, aout_ptr, w_ptr, mean_ptr, rs
     A_SUM: column sums of A as rounded -> asum row `row0`. DW / DB: this program's partial
     dgamma = sum(dn * xhat) / dbeta = sum(dn) -> part[row0, :K] / part[row0, DW * K:], zeros in
     its other SUM_ROWS - 1 rows (every row written: no zero fill)."""
-    CHUNK: tl.constexpr = 64 if BLOCK_K > 64 else BLOCK_K
+    # 32 columns at a time in loops that are not unrolled: the forward's 64-column unrolled
+    # passes spilled on sm_90 here (five chunk tiles live at once, the next chunk's loads hoisted)
+    CHUNK: tl.constexpr = 32 if BLOCK_K > 32 else BLOCK_K
     mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
     rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
     c1 = tl.zeros((BLOCK_M,), tl.float32)
     c2 = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in tl.static_range(0, BLOCK_K, CHUNK):
+    for k0 in range(0, BLOCK_K, CHUNK):
         kc = k0 + tl.arange(0, CHUNK)
         _, xhat, g, _ = _chunk_bwd(dn_ptr, x_ptr, w_ptr, mean, rstd, m64, m_mask, kc, K,
                                    stride_dn, stride_x, HAS_W)  # fmt: skip
@@ -109,11 +111,16 @@ def norm_rows_bwd(dn_ptr, x_ptr, dres_ptr, dx_ptr, aout_ptr, w_ptr, mean_ptr, rs
     db_col = 0  # dbeta's first column in part
     if DW:
         db_col = K
-    for k0 in tl.static_range(0, BLOCK_K, CHUNK):
+    for k0 in range(0, BLOCK_K, CHUNK):
         kc = k0 + tl.arange(0, CHUNK)
         kmask = kc < K
         dn, xhat, g, mask = _chunk_bwd(dn_ptr, x_ptr, w_ptr, mean, rstd, m64, m_mask, kc, K,
                                        stride_dn, stride_x, HAS_W)  # fmt: skip
+        # The column sums first, so that dn is dead before dx and dres are live (registers).
+        if DW:
+            tl.store(part_ptr + row0 * stride_part + kc, tl.sum(dn * xhat, axis=0), mask=kmask)
+        if DB:
+            tl.store(part_ptr + row0 * stride_part + db_col + kc, tl.sum(dn, axis=0), mask=kmask)
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         dres = tl.load(dres_ptr + m64[:, None] * stride_r + kc[None, :], mask=mask, other=0.0)
         dx = round_to(dx + dres.to(tl.float32), dx_ptr.dtype.element_ty, EMULATE)
@@ -124,10 +131,6 @@ def norm_rows_bwd(dn_ptr, x_ptr, dres_ptr, dx_ptr, aout_ptr, w_ptr, mean_ptr, rs
             tl.store(aout_ptr + m64[:, None] * K + kc[None, :], a, mask=mask)
         if A_SUM:
             tl.store(asum_ptr + row0 * stride_as + kc, tl.sum(a.to(tl.float32), axis=0), mask=kmask)
-        if DW:
-            tl.store(part_ptr + row0 * stride_part + kc, tl.sum(dn * xhat, axis=0), mask=kmask)
-        if DB:
-            tl.store(part_ptr + row0 * stride_part + db_col + kc, tl.sum(dn, axis=0), mask=kmask)
     cols = tl.arange(0, BLOCK_K)
     for r in tl.static_range(1, SUM_ROWS):
         zmask = (cols < K) & (cols * 0 + row0 + r < n_rows)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ...backends import SelfAttentionParams, as_params
 from ..common import cast, check_params, check_tensor, compute_dtype
-from .gemm import fused_linear, resident_plan, sum_rows
+from .gemm import fused_linear, residual_dgrad, sum_rows
 from .layer_norm import as_rows, layer_norm_bwd, layer_norm_fwd, split_norm_grads
 from .utils import empty, finish_block_sums, register_op, saves
 
@@ -161,6 +161,7 @@ def attention_grads(
     residual: bool,
     needs: list[bool],
     after: tuple | None = None,
+    defer: bool = False,
 ) -> tuple:
     """Backward steps 1-4 (the module docstring) with the sums unfinished: (dx rows (M, C), the
     LayerNorm's partial rows, dW_qkv, dW_proj, the [proj | qkv] bias partial rows, `after`'s
@@ -169,7 +170,9 @@ def attention_grads(
     after: the block op's MLP LayerNorm backward, still to do: (x_mid, weight, bias, mean, rstd,
     dxhat (M, C)). dout is then the block output's gradient, and this half's output gradient
     dy = dout + LN-backward(dxhat) is made by the proj dgrad's own prologue (resident plan:
-    written once, never read back by a separate launch), else by `layer_norm_bwd` first."""
+    written once, never read back by a separate launch), else by `layer_norm_bwd` first
+    (`gemm.residual_dgrad`). defer: step 4 is left to the caller (the GEMM before this block
+    finishes it): (dy, dxhat) come back in place of (dx, the LayerNorm's partial rows)."""
     need_nw, need_nb, need_wqkv, need_bqkv, need_wp, need_bp = needs
     B, N, C = x.shape
     cdt = qkv_weight.dtype
@@ -180,27 +183,8 @@ def attention_grads(
     # Both bias gradients' partial sums side by side ([proj | qkv] columns): one reduction.
     sums = x.new_empty((sum_rows(M), C * need_bp + 3 * C * need_bqkv), dtype=torch.float32)
     bp_sum = sums[:, :C] if need_bp else None
-    after_parts = None
-    if after is not None and resident_plan(M, C, 1, proj_weight, dy):
-        lnx, aw, ab, amean, arstd, dn = after
-        lnx, dy = lnx.contiguous(), dy.contiguous()  # (the prologue takes unit column strides)
-        d_mid = x.new_empty((M, C), dtype=lnx.dtype)
-        dy16 = x.new_empty((M, C), dtype=cdt) if d_mid.dtype != cdt else None
-        n_aff = int(aw is not None) + int(ab is not None)
-        after_parts = x.new_empty((sum_rows(M), max(n_aff, 1) * C), dtype=torch.float32)
-        dnorm = (lnx, aw, ab, amean, arstd, dy, d_mid, after_parts)
-        fused_linear(dn, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16, dnorm=dnorm)
-        dy, after_parts = d_mid, after_parts if n_aff else None
-        dy16 = dy if dy16 is None else dy16
-    else:
-        if after is not None:
-            lnx, aw, ab, amean, arstd, dn = after
-            dy, after_parts, _ = layer_norm_bwd(
-                lnx, aw, ab, amean, arstd, dn, dy, True, True, finish=False
-            )
-        dy16 = x.new_empty((M, C), dtype=cdt) if need_wp and dy.dtype != cdt else None
-        fused_linear(dy, proj_weight, do, transpose_w=False, a_sum=bp_sum, a_out=dy16)
-    dwp = torch.mm((dy if dy16 is None else dy16).t(), _rows(o)) if need_wp else None
+    dy, dy16, after_parts = residual_dgrad(dy, proj_weight, do, after, need_wp, a_sum=bp_sum)
+    dwp = torch.mm(dy16.t(), _rows(o)) if need_wp else None
     # 2. SDPA backward on the in-place q / k / v views.
     q, k, v = (_heads(t, B, N, num_heads) for t in qkv.split(C, dim=1))
     dq, dk, dv = (
@@ -210,15 +194,17 @@ def attention_grads(
     dxhat = x.new_empty((M, C), dtype=cdt)
     bqkv_sum = sums[:, C * need_bp :] if need_bqkv else None
     fused_linear((dq, dk, dv), qkv_weight, dxhat, transpose_w=False, a_sum=bqkv_sum)
+    dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else None
+    for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
+        torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
+    bias_parts = sums if need_bp or need_bqkv else None
+    if defer:
+        return dy, dxhat, dwqkv, dwp, bias_parts, after_parts
     # 4. LayerNorm backward + the residual gradient.
     dx, norm_parts, _ = layer_norm_bwd(
         x2, norm_weight, norm_bias, mean, rstd, dxhat, dy if residual else None, need_nw, need_nb,
         finish=False,
     )  # fmt: skip
-    dwqkv = x.new_empty((3 * C, C), dtype=cdt) if need_wqkv else None
-    for i, g in enumerate((dq, dk, dv) if need_wqkv else ()):  # each into its rows: no cat
-        torch.mm(g.t(), xhat, out=dwqkv[i * C : (i + 1) * C])
-    bias_parts = sums if need_bp or need_bqkv else None
     return dx, norm_parts, dwqkv, dwp, bias_parts, after_parts
 
 
