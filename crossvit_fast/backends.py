@@ -196,7 +196,7 @@ BACKENDS = tuple(_BACKEND_MODULES)
 # `backend="auto"`: for each op, the first available backend (in this order) that implements it.
 # The order is the cost ranking: the cost ledger (`python -m crossvit_fast cost`, H100 model)
 # estimates every Triton op at or below the reference's cost for the same work (a CrossViT-18
-# training step: 0.59x the time, 0.46x the launches, 0.56x the DRAM bytes); the `cuda` backend's
+# training step: 0.54x the time, 0.42x the launches, 0.53x the DRAM bytes); the `cuda` backend's
 # kernels are correctness-first and have no cost model, so they serve only ops Triton lacks;
 # the reference serves the rest. `benchmarks/gpu_session.sh` measures the same per op on a GPU
 # (bench_<op>.py, each backend side by side) and is what should reorder this table.
