@@ -53,10 +53,11 @@ def _patch_for_fake_cuda() -> None:
     torch.cuda.device = lambda device: contextlib.nullcontext()  # the launchers' device guard
 
 
-def _config(multi_conv: bool = False):
-    # crossvit_tiny_240's widths / heads (ratio 4) at one block per branch.
+def _config(multi_conv: bool = False, **kw):
+    # crossvit_tiny_240's widths / heads (ratio 4); the second branch's two blocks run as one
+    # `blocks` op (its autograd Function over the `block` ops is traced too).
     return crossvit_fast.model_config(
-        "crossvit_tiny_240", depth=((1, 1, 0),), num_classes=10, multi_conv=multi_conv
+        "crossvit_tiny_240", depth=((1, 2, 0),), num_classes=10, multi_conv=multi_conv, **kw
     )
 
 
@@ -129,17 +130,25 @@ def _to_fake_cuda(mode: FakeTensorMode, value):
     return value
 
 
-def _cuda_sdpa_saved(mode: FakeTensorMode, args: tuple) -> tuple:
-    """self_attention_backward's SDPA tensors as the CUDA kernels save them (the CPU run
-    recorded the CPU kernel's): the forward kernel run on the fake CUDA q / k / v."""
+# backward op -> positions of (x, qkv, the SDPA saved tensors, num_heads) in its arguments
+_SDPA_ARGS = {
+    "crossvit_fast::self_attention_backward": (1, 9, 11, 12),
+    "crossvit_fast::block_backward": (1, 14, 21, 22),
+}
+
+
+def _cuda_sdpa_saved(mode: FakeTensorMode, name: str, args: tuple) -> tuple:
+    """A backward op's SDPA tensors as the CUDA kernels save them (the CPU run recorded the CPU
+    kernel's): the forward kernel run on the fake CUDA q / k / v."""
     from crossvit_fast.ops.triton.self_attention import _heads, sdpa_forward
 
-    x, qkv, heads = args[1], args[9], args[12]
+    ix, iqkv, isaved, iheads = _SDPA_ARGS[name]
+    x, qkv, heads = args[ix], args[iqkv], args[iheads]
     B, N, C = x.shape
     with mode:
         q, k, v = (_heads(t, B, N, heads) for t in qkv.split(C, dim=1))
         _, saved = sdpa_forward(q, k, v)
-    return (*args[:11], saved, *args[12:])
+    return (*args[:isaved], saved, *args[isaved + 1 :])
 
 
 def main() -> None:
@@ -147,7 +156,12 @@ def main() -> None:
     out = {"graphs": {}, "kernels": {}, "backward_ops": {}, "errors": {}}
     cpu_model = crossvit_fast.CrossViT(_config(), backend="triton")
     dagger = crossvit_fast.CrossViT(_config(multi_conv=True), backend="triton")  # token_assemble
-    calls = {**_backward_op_inputs(dagger), **_backward_op_inputs(cpu_model)}
+    # drop-path active: the blocks run as their two halves (`self_attention`, `mlp`)
+    halves = crossvit_fast.CrossViT(_config(drop_path_rate=0.1), backend="triton")
+    calls = {
+        **_backward_op_inputs(halves), **_backward_op_inputs(dagger),
+        **_backward_op_inputs(cpu_model),
+    }  # fmt: skip
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model = cpu_model.eval().to("cuda")
@@ -162,8 +176,8 @@ def main() -> None:
     for name, (op, args, kwargs) in sorted(calls.items()):
         try:
             fargs, fkwargs = _to_fake_cuda(mode, args), _to_fake_cuda(mode, kwargs)
-            if name == "crossvit_fast::self_attention_backward":
-                fargs = _cuda_sdpa_saved(mode, fargs)
+            if name in _SDPA_ARGS:
+                fargs = _cuda_sdpa_saved(mode, name, fargs)
             with mode:
                 _, out["backward_ops"][name] = _compile_and_count(
                     lambda *a, op=op, kw=fkwargs: op(*a, **kw), *fargs
