@@ -9,8 +9,9 @@ finishes it in its prologue (`after`): the gradient between the two blocks is wr
 (it is fc2's A, and the MLP's LayerNorm backward reads it as its residual gradient) and never
 read back by a LayerNorm launch of its own. Within each block the MLP's LayerNorm backward is
 finished by the proj dgrad in the same way (`block`). Only the first block's LN1 backward is a
-launch of its own. Per crossvit_18 stage at B = 256 (large branch, 6 blocks) that is 5 launches
-and 5 reads of an (M, C) fp32 gradient fewer than six `block` ops.
+launch of its own. Per crossvit_18 stage at B = 256 (large branch, 6 blocks) that is 5
+LayerNorm launches and 5 reads of an (M, C) fp32 gradient fewer than six `block` ops, and one
+partial-sums launch more (the first block finishes three LayerNorms' sums, `block_backward`).
 
 Ladder: `_Blocks` (autograd Function over the `block` / `block_backward` ops) -> functional
 `blocks` (the reference signature). Drop-path, dropout, hooks and gradient checkpointing are not
